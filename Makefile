@@ -1,0 +1,45 @@
+# The two set-up commands of the README. Each creates .venv when absent and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A plain `torch` requirement pulls a multi-GB CUDA build; pin the CPU wheel by default.
+TORCH_SPEC ?= torch==2.13.0
+# Peer packages compared side by side in tests and benchmarks; their own deps (lightning) are not needed.
+PEERS := zclip==1.0.0 autoclip==0.2.1
+
+.PHONY: demo test lint typecheck pytest bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.demo-installed: $(PY) pyproject.toml
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[cli,lab,report]"
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.demo-installed
+	$(PY) -m pip install -q -e ".[cli,lab,report,dev]"
+	$(PY) -m pip install -q --no-deps $(PEERS)
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(VENV)/bin/gradguard lab --quick
+
+lint: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: $(VENV)/.dev-installed
+	$(VENV)/bin/mypy
+
+pytest: $(VENV)/.dev-installed
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck pytest
+
+bench: $(VENV)/.dev-installed
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,34 @@
+"""gradguard keeps deep-network training stable.
+
+It measures every gradient in one fused pass, clips with fixed or adaptive policies,
+and reproduces the classic results about vanishing and exploding gradients in a lab.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from gradguard.clip import AGC, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip, clip_
+from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError
+from gradguard.stats import GradStats, grad_stats
+
+try:
+    __version__ = version("gradguard")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "AGC",
+    "AutoClip",
+    "ClipPolicy",
+    "ConfigError",
+    "GradGuardError",
+    "GradStats",
+    "NormClip",
+    "UnsupportedModelError",
+    "ValueClip",
+    "ZClip",
+    "__version__",
+    "clip_",
+    "grad_stats",
+]

@@ -1,0 +1,563 @@
+"""Clipping policies: each maps one step's :class:`~gradguard.stats.GradStats` to a scale.
+
+A policy is a small object with ``clip_(stats) -> scale``, ``state_dict()`` and
+``load_state_dict()``. Everything happens on the device with no host sync; the scale is
+a 0-d fp32 tensor in ``[0, 1]``: the factor by which the global gradient norm shrank.
+A step whose norm is not finite is left to the guard (skip, zero or raise): policies
+return a scale of 1 for it and keep it out of their state, so one NaN cannot poison an
+EMA or a quantile sketch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from gradguard import _foreach
+from gradguard.errors import ConfigError
+from gradguard.stats import GradStats, NamedParameters, grad_stats
+
+#: Added to the norm before dividing, as torch's ``clip_grad_norm_`` does.
+NORM_EPS = 1e-6
+
+
+@runtime_checkable
+class ClipPolicy(Protocol):
+    """What the guard needs from a clipping policy."""
+
+    def clip_(self, stats: GradStats) -> Tensor:
+        """Clip the gradients behind ``stats`` in place; return the scale in [0, 1]."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the policy's mutable state (config lives in the constructor)."""
+        ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore state produced by :meth:`state_dict`."""
+        ...
+
+
+def _positive(name: str, value: float, *, allow_inf: bool = False) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and (value > 0 and (allow_inf or math.isfinite(value))):
+        return float(value)
+    expect = "a positive number" + (" or math.inf" if allow_inf else "")
+    raise ConfigError(f"{name} must be {expect}, got {value!r}.")
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not low < value < high:
+        raise ConfigError(f"{name} must lie strictly between {low} and {high}, got {value!r}.")
+    return float(value)
+
+
+def _choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+    return value
+
+
+def _check_keys(policy: object, state_dict: Mapping[str, Any], keys: set[str]) -> None:
+    if set(state_dict) != keys:
+        raise ConfigError(
+            f"{type(policy).__name__}.load_state_dict expects keys {sorted(keys)}, got "
+            f"{sorted(state_dict)}: was this state saved from another policy?"
+        )
+
+
+def _scale_for(threshold: Tensor, total: Tensor) -> Tensor:
+    """``min(1, threshold / (total + eps))``, and 1 where ``total`` is not finite."""
+    scale = torch.clamp(threshold / (total + NORM_EPS), max=1.0)
+    return torch.where(torch.isfinite(total), scale, torch.ones_like(scale))
+
+
+class _GlobalNormPolicy:
+    """Shared shape of the policies that scale every gradient by one factor."""
+
+    def _threshold(self, total: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _total(self, stats: GradStats) -> Tensor:
+        return stats.total
+
+    def clip_(self, stats: GradStats) -> Tensor:
+        """Scale every gradient by ``min(1, threshold / norm)``; return that scale."""
+        total = self._total(stats)
+        scale = _scale_for(self._threshold(total), total)
+        _foreach.scale_(stats.grad_groups, scale)
+        return scale
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the policy's state: empty for a stateless policy."""
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore state; a stateless policy accepts only an empty mapping."""
+        _check_keys(self, state_dict, set())
+
+
+class NormClip(_GlobalNormPolicy):
+    """Rescale all gradients together so their global norm is at most ``max_norm``.
+
+    The classic remedy for exploding gradients (Pascanu, Mikolov & Bengio 2013, "On the
+    difficulty of training recurrent neural networks"): ``g <- g * min(1, max_norm /
+    (||g|| + 1e-6))``, the same rule and epsilon as ``torch.nn.utils.clip_grad_norm_``.
+    Choose it when you know a sensible bound (e.g. 1.0 for transformers). Unlike torch's,
+    the norm accumulates in fp32: fp16 gradients whose fp16 norm overflows (1,000
+    elements of 1e4) are scaled correctly instead of being zeroed.
+
+    Args:
+        max_norm: the largest global norm allowed.
+        norm_type: the p of the p-norm (2 uses the fused statistics; others, including
+            ``math.inf``, cost one more pass over the gradients).
+    """
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        self.max_norm = _positive("max_norm", max_norm)
+        self.norm_type = _positive("norm_type", norm_type, allow_inf=True)
+        self._threshold_cache: dict[torch.device, Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"NormClip(max_norm={self.max_norm}, norm_type={self.norm_type})"
+
+    def _total(self, stats: GradStats) -> Tensor:
+        if self.norm_type == 2.0:
+            return stats.total
+        norms = [
+            _foreach.stacked_norms(group, self.norm_type).to(stats.total.device)
+            for group in stats.grad_groups
+            if group
+        ]
+        if not norms:
+            return torch.zeros((), device=stats.total.device)
+        return torch.linalg.vector_norm(torch.cat(norms), self.norm_type)
+
+    def _threshold(self, total: Tensor) -> Tensor:
+        cached = self._threshold_cache.get(total.device)
+        if cached is None:
+            cached = torch.tensor(self.max_norm, dtype=torch.float32, device=total.device)
+            self._threshold_cache[total.device] = cached
+        return cached
+
+
+class ValueClip:
+    """Clamp every gradient element to ``[-clip_value, clip_value]``.
+
+    Value clipping (the seeds' "gradient value clipping"; ``clip_grad_value_`` in torch)
+    bounds each coordinate and so changes the gradient's direction; prefer
+    :class:`NormClip` unless single coordinates explode. Costs one more pass than the
+    others: the clipped norm is measured after clamping to report the scale.
+
+    Args:
+        clip_value: the largest absolute value an element may keep.
+    """
+
+    def __init__(self, clip_value: float) -> None:
+        self.clip_value = _positive("clip_value", clip_value)
+
+    def __repr__(self) -> str:
+        return f"ValueClip(clip_value={self.clip_value})"
+
+    def clip_(self, stats: GradStats) -> Tensor:
+        """Clamp in place; return the clipped global norm over the original, in [0, 1]."""
+        _foreach.clamp_(stats.grad_groups, -self.clip_value, self.clip_value)
+        device = stats.total.device
+        norms = [_foreach.stacked_norms(g).to(device) for g in stats.grad_groups if g]
+        clipped = torch.linalg.vector_norm(torch.cat(norms)) if norms else torch.zeros((), device=device)
+        ratio = torch.clamp(clipped / stats.total, 0.0, 1.0)
+        good = torch.isfinite(stats.total) & (stats.total > 0)
+        return torch.where(good, ratio, torch.ones_like(ratio))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the policy's state: value clipping keeps none."""
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore state; only an empty mapping fits."""
+        _check_keys(self, state_dict, set())
+
+
+class _DeviceState:
+    """Named state tensors created on the device at first use; round-trip through dicts."""
+
+    def __init__(self, factory: dict[str, tuple[tuple[int, ...], torch.dtype, float]]) -> None:
+        self._factory = factory
+        self._tensors: dict[str, Tensor] = {}
+
+    def get(self, device: torch.device) -> dict[str, Tensor]:
+        if not self._tensors or next(iter(self._tensors.values())).device != device:
+            if self._tensors:
+                self._tensors = {k: v.to(device) for k, v in self._tensors.items()}
+            else:
+                self._tensors = {
+                    k: torch.full(shape, fill, dtype=dtype, device=device)
+                    for k, (shape, dtype, fill) in self._factory.items()
+                }
+        return self._tensors
+
+    def set(self, tensors: dict[str, Tensor]) -> None:
+        self._tensors = tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self._tensors:
+            self.get(torch.device("cpu"))
+        return {k: v.detach().clone() for k, v in self._tensors.items()}
+
+    def load_state_dict(self, owner: object, state_dict: Mapping[str, Any]) -> None:
+        _check_keys(owner, state_dict, set(self._factory))
+        loaded: dict[str, Tensor] = {}
+        for key, (shape, dtype, _) in self._factory.items():
+            value = torch.as_tensor(state_dict[key])
+            if tuple(value.shape) != shape:
+                raise ConfigError(
+                    f"{type(owner).__name__} state {key!r} has shape {tuple(value.shape)}, "
+                    f"expected {shape}: it was saved with a different configuration."
+                )
+            loaded[key] = value.detach().clone().to(dtype)
+        self._tensors = loaded
+
+
+class AutoClip(_GlobalNormPolicy):
+    """Clip to the ``percentile``-th percentile of every global norm seen so far.
+
+    Seetharaman, Wichern, Pardo, Le Roux 2020, "AutoClip: Adaptive gradient clipping for
+    source separation networks": no threshold to tune, it follows the run's own scale.
+    The history is kept in O(1) memory and O(1) time per step by a log-spaced histogram
+    (``bins_per_octave`` bins per factor of 2 from 2^-128 to 2^128, linear
+    interpolation in log space within a bin) instead of a growing list; its rank error
+    is a fraction of one bin's mass. The current norm enters the history before the
+    threshold is read, as in the paper's code. Choose it when you do not know a good
+    fixed bound; 10 is the paper's default percentile.
+
+    Args:
+        percentile: in (0, 100].
+        bins_per_octave: resolution of the sketch.
+    """
+
+    LOG2_LOW = -128.0
+    LOG2_HIGH = 128.0
+
+    def __init__(self, percentile: float = 10.0, bins_per_octave: int = 32) -> None:
+        if not isinstance(percentile, int | float) or not 0 < percentile <= 100:
+            raise ConfigError(f"percentile must lie in (0, 100], got {percentile!r}.")
+        if not isinstance(bins_per_octave, int) or bins_per_octave < 1:
+            raise ConfigError(f"bins_per_octave must be a positive int, got {bins_per_octave!r}.")
+        self.percentile = float(percentile)
+        self.bins_per_octave = bins_per_octave
+        self.num_bins = int((self.LOG2_HIGH - self.LOG2_LOW) * bins_per_octave)
+        self._state = _DeviceState(
+            {
+                "counts": ((self.num_bins,), torch.float64, 0.0),
+                "count": ((), torch.float64, 0.0),
+            }
+        )
+
+    def __repr__(self) -> str:
+        return f"AutoClip(percentile={self.percentile}, bins_per_octave={self.bins_per_octave})"
+
+    def observe(self, total: Tensor) -> None:
+        """Add one global norm to the history (ignored when not finite)."""
+        state = self._state.get(total.device)
+        finite = torch.isfinite(total)
+        safe = torch.where(finite, total, torch.ones_like(total)).float()
+        position = (torch.log2(safe.clamp(min=1e-38)) - self.LOG2_LOW) * self.bins_per_octave
+        index = position.floor().clamp(0, self.num_bins - 1).long().reshape(1)
+        state["counts"].index_add_(0, index, finite.double().reshape(1))
+        state["count"].add_(finite.double())
+
+    def threshold(self, device: torch.device) -> Tensor:
+        """The current percentile of the history (``inf`` while it is empty)."""
+        state = self._state.get(device)
+        counts, count = state["counts"], state["count"]
+        target = count * (self.percentile / 100.0)
+        cumulative = counts.cumsum(0)
+        k = torch.searchsorted(cumulative, target.reshape(1)).clamp(max=self.num_bins - 1)
+        in_bin = counts[k]
+        before = cumulative[k] - in_bin
+        fraction = ((target - before) / in_bin.clamp(min=1.0)).clamp(0.0, 1.0)
+        log2_value = self.LOG2_LOW + (k.double() + fraction) / self.bins_per_octave
+        value = torch.exp2(log2_value).float().reshape(())
+        return torch.where(count > 0, value, torch.full_like(value, math.inf))
+
+    def _threshold(self, total: Tensor) -> Tensor:
+        self.observe(total)
+        return self.threshold(total.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the histogram counts and the number of norms seen (constant size)."""
+        return self._state.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a history saved by :meth:`state_dict` with the same ``bins_per_octave``."""
+        self._state.load_state_dict(self, state_dict)
+
+
+class ZClip(_GlobalNormPolicy):
+    """Clip norms that are outliers against an EMA of mean and variance (z-score).
+
+    Kumar, Owen, Ashraf et al. 2025, "ZClip: Adaptive spike mitigation for LLM
+    pre-training". The first ``warmup_steps`` finite norms initialise the mean and
+    (population) variance; after that, with ``z = (g - mean) / (std + 1e-6)``:
+
+    * ``mode="zscore"``, ``clip_option="adaptive_scaling"`` (default): when
+      ``z > z_thresh`` clip to ``clip_factor * (mean + z_thresh * std / (z / z_thresh))``,
+      so larger outliers are clipped harder;
+    * ``mode="zscore"``, ``clip_option="mean"``: clip outliers to the mean;
+    * ``mode="percentile"``: clip whenever ``g > mean + z_thresh * std``.
+
+    The EMA (``alpha``) is then updated with the clipped value (the raw norm when not
+    clipped), unless ``skip_update_on_spike``. ``max_grad_norm``, if given, also caps the
+    norm at every step, warm-up included. Defaults are the paper's. Choose it for long
+    runs whose norm drifts, where spikes are rare events relative to the recent past.
+    Unlike the ``zclip`` package, it never syncs with the host and a non-finite norm
+    never enters the EMA.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        mode: Literal["zscore", "percentile"] = "zscore",
+        clip_option: Literal["adaptive_scaling", "mean"] = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        max_grad_norm: float | None = None,
+        skip_update_on_spike: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        self.alpha = _in_range("alpha", alpha, 0.0, 1.0)
+        self.z_thresh = _positive("z_thresh", z_thresh)
+        if not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ConfigError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}.")
+        self.warmup_steps = warmup_steps
+        self.mode = _choice("mode", mode, ("zscore", "percentile"))
+        self.clip_option = _choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
+        self.clip_factor = _positive("clip_factor", clip_factor)
+        self.max_grad_norm = None if max_grad_norm is None else _positive("max_grad_norm", max_grad_norm)
+        self.skip_update_on_spike = bool(skip_update_on_spike)
+        self.eps = _positive("eps", eps)
+        self._state = _DeviceState(
+            {
+                name: ((), torch.float32, 0.0)
+                for name in ("seen", "warmup_mean", "warmup_m2", "mean", "var")
+            }
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, warmup_steps={self.warmup_steps},"
+            f" mode={self.mode!r}, clip_option={self.clip_option!r}, clip_factor={self.clip_factor},"
+            f" max_grad_norm={self.max_grad_norm})"
+        )
+
+    def _outlier_threshold(self, g: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (is_spike, threshold to clip a spike to)."""
+        if self.mode == "percentile":
+            threshold = mean + self.z_thresh * std
+            return g > threshold, threshold
+        z = (g - mean) / (std + self.eps)
+        if self.clip_option == "mean":
+            return z > self.z_thresh, mean
+        eta = z / self.z_thresh
+        return z > self.z_thresh, (mean + self.z_thresh * std / eta) * self.clip_factor
+
+    def _threshold(self, total: Tensor) -> Tensor:
+        s = self._state.get(total.device)
+        finite = torch.isfinite(total)
+        g = torch.where(finite, total, torch.zeros_like(total)).float()
+        warming = s["seen"] < self.warmup_steps
+
+        # Warm-up: Welford's running mean and M2 (the package keeps a list; same numbers).
+        seen = s["seen"] + 1
+        delta = g - s["warmup_mean"]
+        warmup_mean = s["warmup_mean"] + delta / seen
+        warmup_m2 = s["warmup_m2"] + delta * (g - warmup_mean)
+        completes = seen >= self.warmup_steps
+
+        # After warm-up: the z-score rule against the EMA.
+        std = s["var"].sqrt()
+        spike, spike_threshold = self._outlier_threshold(g, s["mean"], std)
+        value = torch.where(spike, spike_threshold, g)
+        ema_mean = self.alpha * s["mean"] + (1 - self.alpha) * value
+        ema_var = self.alpha * s["var"] + (1 - self.alpha) * (value - ema_mean) ** 2
+        update = ~spike if self.skip_update_on_spike else torch.ones_like(spike)
+
+        warm_update = finite & warming
+        ema_update = finite & ~warming & update
+        self._state.set(
+            {
+                "seen": torch.where(warm_update, seen, s["seen"]),
+                "warmup_mean": torch.where(warm_update, warmup_mean, s["warmup_mean"]),
+                "warmup_m2": torch.where(warm_update, warmup_m2, s["warmup_m2"]),
+                "mean": torch.where(
+                    warm_update & completes,
+                    warmup_mean,
+                    torch.where(ema_update, ema_mean, s["mean"]),
+                ),
+                "var": torch.where(
+                    warm_update & completes,
+                    warmup_m2 / seen,
+                    torch.where(ema_update, ema_var, s["var"]),
+                ),
+            }
+        )
+        inf = torch.full_like(g, math.inf)
+        threshold = torch.where(warming, inf, torch.where(spike, spike_threshold, inf))
+        if self.max_grad_norm is not None:
+            threshold = threshold.clamp(max=self.max_grad_norm)
+        return threshold
+
+    @property
+    def mean(self) -> Tensor:
+        """EMA of the gradient norm (0 until warm-up completes)."""
+        return self._state.state_dict()["mean"]
+
+    @property
+    def var(self) -> Tensor:
+        """EMA of the gradient norm's variance (0 until warm-up completes)."""
+        return self._state.state_dict()["var"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return warm-up progress and the EMA mean and variance."""
+        return self._state.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore state saved by :meth:`state_dict`."""
+        self._state.load_state_dict(self, state_dict)
+
+
+def unitwise_norm(t: Tensor) -> Tensor:
+    """Norm per unit: per output row/channel (dim 0) for ndim > 1, whole tensor otherwise.
+
+    Assumes the output dimension comes first, as in ``nn.Linear`` and ``nn.ConvNd``.
+    """
+    if t.ndim <= 1:
+        return torch.linalg.vector_norm(t, dtype=torch.float32)
+    dims = tuple(range(1, t.ndim))
+    return torch.linalg.vector_norm(t, dim=dims, keepdim=True, dtype=torch.float32)
+
+
+class AGC:
+    """Adaptive gradient clipping, unit by unit, relative to the weight's norm.
+
+    Brock, De, Smith, Simonyan 2021, "High-performance large-scale image recognition
+    without normalization" (NFNets): for each unit i (a row of a linear weight, an output
+    channel of a conv; a whole vector for biases and gains),
+    ``G_i <- clipping * max(||W_i||, eps) / ||G_i|| * G_i`` when
+    ``||G_i|| / max(||W_i||, eps) > clipping``. The final classifier is excluded by
+    default, as in the paper. Choose it for normalizer-free or very deep networks and
+    large batches; the paper's best ``clipping`` falls as batch size grows
+    (0.01 suits batches of a few thousand).
+
+    Args:
+        clipping: the largest ratio of gradient to weight norm a unit may keep.
+        eps: floor on the weight norm, so zero-initialised weights can still move.
+        exclude: ``None`` excludes the last layer (in registration order) that owns a
+            matrix; otherwise fnmatch patterns over parameter or layer names, e.g.
+            ``("head.*",)``, and ``()`` clips everything.
+    """
+
+    def __init__(
+        self, clipping: float = 0.01, eps: float = 1e-3, exclude: Sequence[str] | None = None
+    ) -> None:
+        self.clipping = _positive("clipping", clipping)
+        self.eps = _positive("eps", eps)
+        if isinstance(exclude, str):
+            raise ConfigError(
+                f"exclude must be a sequence of name patterns, got the string {exclude!r}; "
+                f"write exclude=({exclude!r},)."
+            )
+        self.exclude = None if exclude is None else tuple(exclude)
+        self._plan_key: tuple[str, ...] | None = None
+        self._plan: tuple[bool, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"AGC(clipping={self.clipping}, eps={self.eps}, exclude={self.exclude})"
+
+    def _excluded(self, stats: GradStats) -> tuple[bool, ...]:
+        if self._plan_key is stats.names:
+            return self._plan
+        if self.exclude is None:
+            matrix_layers = [
+                layer
+                for layer, param in zip(
+                    (n.rpartition(".")[0] for n in stats.names), stats.params, strict=True
+                )
+                if param.ndim > 1
+            ]
+            last = matrix_layers[-1] if matrix_layers else None
+            plan = tuple(n.rpartition(".")[0] == last for n in stats.names)
+        else:
+            patterns = self.exclude
+            plan = tuple(
+                any(
+                    fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n.rpartition(".")[0], p)
+                    for p in patterns
+                )
+                for n in stats.names
+            )
+        self._plan_key, self._plan = stats.names, plan
+        return plan
+
+    def clip_(self, stats: GradStats) -> Tensor:
+        """Clip unit by unit in place; return the clipped global norm over the original."""
+        excluded = self._excluded(stats)
+        device = stats.total.device
+        positions: list[int] = []
+        new_squares: list[Tensor] = []
+        for i, (param, grad) in enumerate(zip(stats.params, stats.grads, strict=True)):
+            if grad is None or excluded[i] or grad.is_sparse:
+                continue
+            max_norm = unitwise_norm(param.detach()).clamp(min=self.eps) * self.clipping
+            grad_norm = unitwise_norm(grad)
+            factor = torch.where(
+                grad_norm > max_norm, max_norm / grad_norm.clamp(min=NORM_EPS), 1.0
+            )
+            grad.mul_(factor.to(grad.dtype))
+            positions.append(i)
+            new_squares.append((grad_norm * factor).square().sum().to(device))
+        if not positions:
+            return torch.ones((), device=device)
+        after = stats.per_tensor.clone()
+        index = torch.tensor(positions, dtype=torch.long, device=device)
+        after.index_copy_(0, index, torch.stack(new_squares).sqrt())
+        ratio = torch.clamp(torch.linalg.vector_norm(after) / stats.total, 0.0, 1.0)
+        good = torch.isfinite(stats.total) & (stats.total > 0)
+        return torch.where(good, ratio, torch.ones_like(ratio))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the policy's state: AGC keeps none."""
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore state; only an empty mapping fits."""
+        _check_keys(self, state_dict, set())
+
+
+def clip_(
+    model: nn.Module | NamedParameters, policy: ClipPolicy, stats: GradStats | None = None
+) -> Tensor:
+    """Measure the gradients (unless ``stats`` is given) and apply ``policy`` in place.
+
+    Returns:
+        The scale, a 0-d tensor in [0, 1] on the model's device.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> model.weight.grad = torch.tensor([[3.0, 4.0]])
+        >>> scale = clip_(model, NormClip(1.0))
+        >>> model.weight.grad
+        tensor([[0.6000, 0.8000]])
+    """
+    if not isinstance(policy, ClipPolicy):
+        raise ConfigError(
+            f"policy must be a clipping policy such as NormClip(1.0), got {type(policy).__name__}."
+        )
+    return policy.clip_(stats if stats is not None else grad_stats(model))

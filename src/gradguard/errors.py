@@ -1,0 +1,15 @@
+"""Errors raised by gradguard: each names the argument or parameter at fault and the fix."""
+
+from __future__ import annotations
+
+
+class GradGuardError(Exception):
+    """Base class of every error gradguard raises on purpose."""
+
+
+class ConfigError(GradGuardError, ValueError):
+    """A constructor or function argument is invalid; raised at construction, not mid-training."""
+
+
+class UnsupportedModelError(GradGuardError, TypeError):
+    """The object given in place of a model cannot be measured (no trainable parameters, no names)."""

@@ -1,0 +1,320 @@
+"""Gradient statistics in one fused pass: per-tensor, per-layer and global norms, finiteness.
+
+Everything downstream (clipping, detection, logging) reads these numbers, so they are
+computed once per step, on the device, with fp32 accumulation whatever the gradient dtype
+and without a host sync: ``torch._foreach_norm`` once per (device, dtype) group, then a
+handful of small kernels over the per-tensor norms.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import TypeAlias
+
+import torch
+from torch import Tensor, nn
+
+from gradguard import _foreach
+from gradguard.errors import UnsupportedModelError
+
+NamedParameters: TypeAlias = Iterable[tuple[str, Tensor]]
+ROOT_LAYER = "(root)"
+
+_get_grad = operator.attrgetter("grad")
+_get_requires_grad = operator.attrgetter("requires_grad")
+
+
+@dataclass(frozen=True, eq=False)
+class _Group:
+    """Trainable parameters sharing one (device, dtype): the unit of one fused kernel."""
+
+    positions: tuple[int, ...]
+    index: Tensor  # ``positions`` as an int64 tensor on the primary device
+
+
+@dataclass(frozen=True, eq=False)
+class _Layout:
+    """What grad_stats needs to know about a model, computed once and cached per module."""
+
+    params: tuple[Tensor, ...]
+    names: tuple[str, ...]
+    layer_names: tuple[str, ...]
+    layer_index: Tensor
+    device: torch.device
+    groups: tuple[_Group, ...]
+    all_params: tuple[Tensor, ...]
+    trainable_mask: tuple[bool, ...]
+
+    @property
+    def in_order(self) -> bool:
+        """True when one group holds every parameter in order: no scatter needed."""
+        return len(self.groups) == 1
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
+
+
+def layer_of(param_name: str) -> str:
+    """Return the name of the module owning ``param_name`` (``"a.b.weight"`` -> ``"a.b"``)."""
+    owner, dot, _ = param_name.rpartition(".")
+    return owner if dot else ROOT_LAYER
+
+
+def _named_parameters(source: nn.Module | NamedParameters) -> list[tuple[str, Tensor]]:
+    if isinstance(source, nn.Module):
+        return list(source.named_parameters())
+    if isinstance(source, Tensor) or not isinstance(source, Iterable):
+        raise UnsupportedModelError(
+            f"grad_stats expects an nn.Module or model.named_parameters(), got "
+            f"{type(source).__name__}. Pass the model itself (grad_stats(model)) or its "
+            "named_parameters()."
+        )
+    pairs = list(source)
+    for item in pairs:
+        if not (
+            isinstance(item, tuple)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], Tensor)
+        ):
+            raise UnsupportedModelError(
+                "grad_stats expects (name, parameter) pairs but got an item of type "
+                f"{type(item).__name__}. Pass model.named_parameters() rather than "
+                "model.parameters(), so per-layer norms can be named."
+            )
+    return pairs
+
+
+def _build_layout(pairs: list[tuple[str, Tensor]]) -> _Layout:
+    trainable = [(n, p) for n, p in pairs if p.requires_grad]
+    if not trainable:
+        detail = f"{len(pairs)} parameters, all frozen" if pairs else "no parameters"
+        raise UnsupportedModelError(
+            f"grad_stats found no trainable parameter ({detail}). Measure a model with at "
+            "least one parameter that has requires_grad=True (unfreeze it with "
+            "p.requires_grad_(True))."
+        )
+    names = tuple(n for n, _ in trainable)
+    params = tuple(p for _, p in trainable)
+    device = params[0].device
+    layer_names: list[str] = []
+    layer_pos: dict[str, int] = {}
+    layer_of_tensor: list[int] = []
+    for name in names:
+        layer = layer_of(name)
+        if layer not in layer_pos:
+            layer_pos[layer] = len(layer_names)
+            layer_names.append(layer)
+        layer_of_tensor.append(layer_pos[layer])
+    groups = tuple(
+        _Group(tuple(pos), torch.tensor(pos, dtype=torch.long, device=device))
+        for pos in _foreach.group_indices(params).values()
+    )
+    return _Layout(
+        params=params,
+        names=names,
+        layer_names=tuple(layer_names),
+        layer_index=torch.tensor(layer_of_tensor, dtype=torch.long, device=device),
+        device=device,
+        groups=groups,
+        all_params=tuple(p for _, p in pairs),
+        trainable_mask=tuple(p.requires_grad for _, p in pairs),
+    )
+
+
+def _layout_for(source: nn.Module | NamedParameters) -> _Layout:
+    if not isinstance(source, nn.Module):
+        return _build_layout(_named_parameters(source))
+    layout = _LAYOUTS.get(source)
+    if layout is not None and (
+        tuple(map(_get_requires_grad, layout.all_params)) == layout.trainable_mask
+        and layout.params[0].device == layout.device
+    ):
+        return layout
+    layout = _build_layout(_named_parameters(source))
+    _LAYOUTS[source] = layout
+    return layout
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the cached parameter layout of ``model``.
+
+    The layout is rebuilt by itself when a parameter is frozen or unfrozen, or the model
+    moves device; call this after registering new parameters on a model already measured.
+    """
+    _LAYOUTS.pop(model, None)
+
+
+@dataclass(frozen=True, eq=False)
+class GradStats:
+    """One step's gradient measurements, all as tensors on the model's device.
+
+    Reading any tensor field (``float(stats.total)``) is the caller's choice to sync.
+
+    Attributes:
+        per_tensor: fp32 L2 norm of each trainable parameter's gradient (0 where the grad
+            is None), in ``names`` order.
+        per_layer: fp32 L2 norm over each layer's parameters, in ``layer_names`` order; a
+            layer is the module owning the parameters, ordered by registration (depth).
+        total: fp32 global L2 norm over every gradient.
+        finite: bool, every gradient element is finite.
+        overflow: bool, every element is finite but a norm overflowed fp32 accumulation;
+            the norms were then recomputed robustly (scaled by the max-abs).
+        names: parameter names.
+        layer_names: layer names, e.g. ``encoder.layers.3.attn``.
+        resolved: whether non-finite norms have been told apart into ``finite=False``
+            (a NaN/Inf element) and ``overflow=True``; see :meth:`resolve`.
+    """
+
+    per_tensor: Tensor
+    per_layer: Tensor
+    total: Tensor
+    finite: Tensor
+    overflow: Tensor
+    names: tuple[str, ...]
+    layer_names: tuple[str, ...]
+    resolved: bool
+    grads: tuple[Tensor | None, ...] = field(repr=False)
+    params: tuple[Tensor, ...] = field(repr=False)
+    grad_groups: tuple[list[Tensor], ...] = field(repr=False)
+    layer_index: Tensor = field(repr=False)
+
+    def resolve(self) -> GradStats:
+        """Tell a NaN/Inf element apart from an overflowed norm; one host read.
+
+        The fused pass cannot tell, without a host sync, a gradient holding an Inf from a
+        finite gradient whose fp32 sum of squares overflowed (a 1e25 gradient). When the
+        global norm is finite (the common case) this is one host read and nothing else.
+        Otherwise each tensor with a non-finite norm is checked element-wise and, if
+        finite, its norm is recomputed as ``max|g| * ||g / max|g|||`` in fp64.
+        """
+        if self.resolved:
+            return self
+        if bool(self.finite):  # sync: one read, the documented cost of resolving
+            return replace(self, resolved=True)
+        return _resolve_nonfinite(self)
+
+
+def _resolve_nonfinite(stats: GradStats) -> GradStats:
+    per_tensor64 = stats.per_tensor.double()
+    all_finite = True
+    for i in torch.nonzero(~torch.isfinite(stats.per_tensor)).flatten().tolist():
+        grad = stats.grads[i]
+        if grad is None:  # a missing grad has norm 0: never here, kept for the type checker
+            continue
+        values = grad.coalesce()._values() if grad.is_sparse else grad
+        if not bool(torch.isfinite(values).all()):
+            all_finite = False
+            continue
+        max_abs = values.abs().max().double()
+        robust = torch.linalg.vector_norm(values.double() / max_abs) * max_abs
+        per_tensor64[i] = robust.to(per_tensor64.device)
+    sq64 = per_tensor64.square()
+    per_layer = (
+        torch.zeros(len(stats.layer_names), dtype=torch.float64, device=sq64.device)
+        .index_add_(0, stats.layer_index, sq64)
+        .sqrt()
+        .float()
+    )
+    device = stats.total.device
+    return replace(
+        stats,
+        per_tensor=per_tensor64.float(),
+        per_layer=per_layer,
+        total=sq64.sum().sqrt().float(),
+        finite=torch.tensor(all_finite, device=device),
+        overflow=torch.tensor(all_finite, device=device),
+        resolved=True,
+    )
+
+
+def _per_tensor_norms(layout: _Layout, grads: list[Tensor | None]) -> tuple[Tensor, tuple[list[Tensor], ...]]:
+    """Fused per-tensor fp32 norms in parameter order, and the present grads per group."""
+    if layout.in_order:
+        present = [g for g in grads if g is not None]
+        if len(present) == len(grads):
+            return _foreach.stacked_norms(present), (present,)
+    per_tensor = torch.zeros(len(grads), dtype=torch.float32, device=layout.device)
+    grad_groups: list[list[Tensor]] = []
+    for group in layout.groups:
+        present_pairs = [(i, g) for i in group.positions if (g := grads[i]) is not None]
+        positions = [i for i, _ in present_pairs]
+        group_grads = [g for _, g in present_pairs]
+        grad_groups.append(group_grads)
+        if not group_grads:
+            continue
+        norms = _foreach.stacked_norms(group_grads).to(layout.device)
+        index = (
+            group.index
+            if len(positions) == len(group.positions)
+            else torch.tensor(positions, dtype=torch.long, device=layout.device)
+        )
+        per_tensor.index_copy_(0, index, norms)
+    return per_tensor, tuple(grad_groups)
+
+
+def grad_stats(
+    model_or_named_parameters: nn.Module | NamedParameters, *, resolve: bool | None = None
+) -> GradStats:
+    """Measure the gradients of a model in one fused pass, without a host sync.
+
+    Args:
+        model_or_named_parameters: a module (its parameter layout is cached, so repeated
+            calls do no per-call work beyond collecting the ``.grad`` tensors and the fused
+            kernels) or an iterable of ``(name, parameter)`` pairs.
+        resolve: tell NaN/Inf elements apart from an overflowed norm (:meth:`GradStats.resolve`).
+            ``None`` (default) resolves when the gradients live on the CPU, where reading a
+            flag costs no device sync; on an accelerator the statistics stay sync-free and
+            ``finite`` is False for an overflowed norm until resolved.
+
+    Returns:
+        The statistics, as tensors on the device of the first trainable parameter.
+
+    Raises:
+        UnsupportedModelError: no trainable parameter, or an argument that is neither a
+            module nor named parameters.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1, bias=False)
+        >>> model.weight.grad = torch.tensor([[3.0, 0.0, 4.0]])
+        >>> grad_stats(model).total
+        tensor(5.)
+    """
+    layout = _layout_for(model_or_named_parameters)
+    grads: list[Tensor | None] = list(map(_get_grad, layout.params))
+    per_tensor, grad_groups = _per_tensor_norms(layout, grads)
+    squares = per_tensor.square()
+    total = squares.sum().sqrt()
+    per_layer = (
+        torch.zeros(len(layout.layer_names), dtype=torch.float32, device=layout.device)
+        .index_add_(0, layout.layer_index, squares)
+        .sqrt()
+    )
+    stats = GradStats(
+        per_tensor=per_tensor,
+        per_layer=per_layer,
+        total=total,
+        finite=torch.isfinite(total),
+        overflow=torch.zeros((), dtype=torch.bool, device=layout.device),
+        names=layout.names,
+        layer_names=layout.layer_names,
+        resolved=False,
+        grads=tuple(grads),
+        params=layout.params,
+        grad_groups=grad_groups,
+        layer_index=layout.layer_index,
+    )
+    if resolve or (resolve is None and layout.device.type == "cpu"):
+        return stats.resolve()
+    return stats
+
+
+def iter_grads(stats: GradStats) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """Yield ``(name, parameter, grad)`` for every parameter that has a gradient."""
+    for name, param, grad in zip(stats.names, stats.params, stats.grads, strict=True):
+        if grad is not None:
+            yield name, param, grad

@@ -1,0 +1,293 @@
+"""grad_stats against a per-tensor loop oracle, over dtypes, layouts and failure cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gradguard as gg
+from gradguard import stats as stats_module
+from gradguard.errors import UnsupportedModelError
+
+
+def loop_norms(model: nn.Module) -> dict[str, float]:
+    """Brute-force oracle: fp64 norm of each trainable parameter's grad, 0 when None."""
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = p.grad
+        if g is None:
+            out[name] = 0.0
+        else:
+            dense = g.to_dense() if g.is_sparse else g
+            out[name] = float(dense.double().norm())
+    return out
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.attn = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(torch.tanh(self.attn(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, d: int = 8, depth: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(depth))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+class Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = Encoder()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x) * self.scale
+
+
+def backward(model: nn.Module, n: int = 5) -> None:
+    torch.manual_seed(1)
+    model(torch.randn(n, 3)).square().sum().backward()
+
+
+def assert_matches_oracle(model: nn.Module, stats: gg.GradStats, rel: float = 1e-6) -> None:
+    oracle = loop_norms(model)
+    assert stats.names == tuple(oracle)
+    torch.testing.assert_close(
+        stats.per_tensor.double(), torch.tensor(list(oracle.values()), dtype=torch.float64), rtol=rel, atol=1e-12
+    )
+    per_layer: dict[str, float] = {}
+    for name, value in oracle.items():
+        layer = stats_module.layer_of(name)
+        per_layer[layer] = per_layer.get(layer, 0.0) + value**2
+    assert stats.layer_names == tuple(per_layer)
+    torch.testing.assert_close(
+        stats.per_layer.double(),
+        torch.tensor([math.sqrt(v) for v in per_layer.values()], dtype=torch.float64),
+        rtol=rel,
+        atol=1e-12,
+    )
+    total = math.sqrt(sum(v**2 for v in oracle.values()))
+    assert float(stats.total) == pytest.approx(total, rel=rel)
+
+
+def test_norms_match_loop_and_layers_are_named_by_owner_in_depth_order() -> None:
+    model = Wrapper()
+    backward(model)
+    stats = gg.grad_stats(model)
+    assert_matches_oracle(model, stats)
+    # named_parameters() order: a module's own parameters, then its children's.
+    assert stats.layer_names[:5] == (
+        "(root)",
+        "encoder.embed",
+        "encoder.layers.0.attn",
+        "encoder.layers.0.mlp.0",
+        "encoder.layers.0.mlp.2",
+    )
+    assert stats.layer_names[-1] == "encoder.head"
+    assert stats.per_tensor.dtype == torch.float32
+    assert bool(stats.finite)
+    assert not bool(stats.overflow)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_every_float_dtype_is_accumulated_in_fp32(dtype: torch.dtype) -> None:
+    model = Encoder().to(dtype)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    stats = gg.grad_stats(model)
+    assert stats.per_tensor.dtype == torch.float32
+    assert_matches_oracle(model, stats, rel=1e-5)
+
+
+def test_mixed_dtypes_form_several_groups_and_keep_parameter_order() -> None:
+    model = Encoder()
+    model.layers[1].to(torch.bfloat16)
+    model.layers[3].to(torch.float64)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    stats = gg.grad_stats(model)
+    assert len(stats_module._LAYOUTS[model].groups) == 3
+    assert_matches_oracle(model, stats, rel=1e-5)
+
+
+def test_none_grads_count_as_zero_and_frozen_parameters_are_left_out() -> None:
+    model = Encoder()
+    model.layers[0].requires_grad_(False)
+    backward(model)
+    model.layers[2].attn.weight.grad = None
+    stats = gg.grad_stats(model)
+    assert not any(name.startswith("layers.0.") for name in stats.names)
+    index = stats.names.index("layers.2.attn.weight")
+    assert float(stats.per_tensor[index]) == 0.0
+    assert_matches_oracle(model, stats)
+
+
+def test_sparse_and_zero_size_gradients() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 4, sparse=True)
+            self.empty = nn.Parameter(torch.zeros(0, 3))
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(idx)).sum() + self.empty.sum()
+
+    model = Model()
+    model(torch.tensor([1, 1, 5, 7])).backward()
+    assert model.emb.weight.grad is not None
+    assert model.emb.weight.grad.is_sparse
+    stats = gg.grad_stats(model)
+    assert_matches_oracle(model, stats)
+    assert float(stats.per_tensor[stats.names.index("empty")]) == 0.0
+
+
+def test_named_parameters_are_accepted() -> None:
+    model = Encoder()
+    backward(model)
+    by_module = gg.grad_stats(model)
+    by_pairs = gg.grad_stats(model.named_parameters())
+    assert by_pairs.names == by_module.names
+    torch.testing.assert_close(by_pairs.per_tensor, by_module.per_tensor)
+
+
+@pytest.mark.parametrize(
+    ("argument", "fix"),
+    [
+        (torch.ones(3), "Pass the model itself"),
+        (42, "Pass the model itself"),
+        ([torch.ones(3, requires_grad=True)], "named_parameters()"),
+    ],
+)
+def test_non_module_arguments_raise_with_the_fix(argument: object, fix: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=fix.replace("(", r"\(").replace(")", r"\)")):
+        gg.grad_stats(argument)  # type: ignore[arg-type]
+
+
+def test_model_without_trainable_parameters_raises() -> None:
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(gg.GradGuardError, match="all frozen.*requires_grad_"):
+        gg.grad_stats(frozen)
+    with pytest.raises(gg.GradGuardError, match="no parameters"):
+        gg.grad_stats(nn.ReLU())
+
+
+def test_fp32_gradient_of_1e25_overflows_but_reads_finite_with_the_true_norm() -> None:
+    model = nn.Linear(10, 1, bias=False)
+    model.weight.grad = torch.full((1, 10), 1e25)
+    fast = gg.grad_stats(model, resolve=False)
+    assert not bool(fast.finite)  # unresolved: an overflowed norm looks like an Inf
+    stats = gg.grad_stats(model)
+    assert bool(stats.finite)
+    assert bool(stats.overflow)
+    assert not torch.isnan(stats.total)
+    assert float(stats.total) == pytest.approx(1e25 * math.sqrt(10), rel=1e-6)
+    assert stats.resolved
+    again = fast.resolve()
+    assert bool(again.finite)
+    assert float(again.total) == pytest.approx(float(stats.total))
+
+
+def test_per_tensor_norms_whose_squares_overflow_are_combined_robustly() -> None:
+    model = nn.Sequential(nn.Linear(4, 1, bias=False), nn.Linear(4, 1, bias=False))
+    model[0].weight.grad = torch.full((1, 4), 1e19)  # norm 2e19 is finite, its square is not
+    model[1].weight.grad = torch.full((1, 4), 1.0)
+    stats = gg.grad_stats(model)
+    assert bool(stats.finite)
+    assert bool(stats.overflow)
+    assert float(stats.total) == pytest.approx(2e19, rel=1e-6)
+    assert float(stats.per_layer[0]) == pytest.approx(2e19, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nan_and_inf_elements_are_not_finite_and_not_overflow(bad: float) -> None:
+    model = Encoder()
+    backward(model)
+    model.layers[1].attn.weight.grad[0, 0] = bad  # type: ignore[index]
+    stats = gg.grad_stats(model)
+    assert not bool(stats.finite)
+    assert not bool(stats.overflow)
+
+
+def test_fp16_gradient_whose_fp16_norm_overflows_is_measured_in_fp32() -> None:
+    model = nn.Linear(1000, 1, bias=False).half()
+    model.weight.grad = torch.full((1, 1000), 1e4, dtype=torch.float16)
+    stats = gg.grad_stats(model)
+    assert bool(stats.finite)
+    assert not bool(stats.overflow)
+    assert float(stats.total) == pytest.approx(1e4 * math.sqrt(1000), rel=1e-6)
+
+
+def test_layout_is_cached_and_rebuilt_when_trainability_changes() -> None:
+    model = Encoder()
+    backward(model)
+    gg.grad_stats(model)
+    layout = stats_module._LAYOUTS[model]
+    gg.grad_stats(model)
+    assert stats_module._LAYOUTS[model] is layout
+    model.head.requires_grad_(False)
+    stats = gg.grad_stats(model)
+    assert stats_module._LAYOUTS[model] is not layout
+    assert "head.weight" not in stats.names
+    model.head.requires_grad_(True)
+    assert "head.weight" in gg.grad_stats(model).names
+    stats_module.forget(model)
+    assert model not in stats_module._LAYOUTS
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(
+        st.lists(st.integers(min_value=0, max_value=6), min_size=0, max_size=3),
+        min_size=1,
+        max_size=8,
+    ),
+    scale=st.floats(min_value=1e-6, max_value=1e6),
+    seed=st.integers(0, 2**16),
+)
+def test_property_norms_equal_the_loop_oracle(
+    shapes: list[list[int]], scale: float, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    model = nn.Module()
+    for i, shape in enumerate(shapes):
+        p = nn.Parameter(torch.empty(shape))
+        p.grad = torch.randn(shape, generator=generator) * scale
+        model.register_parameter(f"p{i}", p)
+    assert_matches_oracle(model, gg.grad_stats(model), rel=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grad_stats_does_not_sync_on_cuda() -> None:
+    model = Encoder().cuda()
+    model(torch.randn(5, 3, device="cuda")).sum().backward()
+    gg.grad_stats(model)  # builds and caches the layout (host->device copies of indices)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = gg.grad_stats(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not stats.resolved
+    assert_matches_oracle(model, stats, rel=1e-5)
