@@ -73,7 +73,10 @@ def assert_matches_oracle(model: nn.Module, stats: gg.GradStats, rel: float = 1e
     oracle = loop_norms(model)
     assert stats.names == tuple(oracle)
     torch.testing.assert_close(
-        stats.per_tensor.double(), torch.tensor(list(oracle.values()), dtype=torch.float64), rtol=rel, atol=1e-12
+        stats.per_tensor.double(),
+        torch.tensor(list(oracle.values()), dtype=torch.float64),
+        rtol=rel,
+        atol=1e-12,
     )
     per_layer: dict[str, float] = {}
     for name, value in oracle.items():

@@ -23,9 +23,20 @@ def group_indices(tensors: Sequence[Tensor]) -> dict[GroupKey, list[int]]:
     return groups
 
 
+def vector_norm(
+    t: Tensor,
+    ord: float = 2.0,
+    dim: tuple[int, ...] | None = None,
+    keepdim: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``torch.linalg.vector_norm`` with a typed result."""
+    out: Tensor = torch.linalg.vector_norm(t, ord, dim=dim, keepdim=keepdim, dtype=dtype)
+    return out
+
+
 def _one_norm(t: Tensor, ord: float, dtype: torch.dtype | None) -> Tensor:
-    values = t.coalesce()._values() if t.is_sparse else t
-    return torch.linalg.vector_norm(values, ord, dtype=dtype)
+    return vector_norm(t.coalesce()._values() if t.is_sparse else t, ord, dtype=dtype)
 
 
 def stacked_norms(tensors: list[Tensor], ord: float = 2.0) -> Tensor:
@@ -37,7 +48,7 @@ def stacked_norms(tensors: list[Tensor], ord: float = 2.0) -> Tensor:
     """
     out_dtype = None if tensors[0].dtype == torch.float64 else torch.float32
     try:
-        norms = torch._foreach_norm(tensors, ord, dtype=out_dtype)
+        norms = list(torch._foreach_norm(tensors, ord, dtype=out_dtype))
     except (RuntimeError, NotImplementedError):
         norms = [_one_norm(t, ord, out_dtype) for t in tensors]
     return torch.stack(norms).float()

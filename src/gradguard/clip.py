@@ -136,7 +136,7 @@ class NormClip(_GlobalNormPolicy):
         ]
         if not norms:
             return torch.zeros((), device=stats.total.device)
-        return torch.linalg.vector_norm(torch.cat(norms), self.norm_type)
+        return _foreach.vector_norm(torch.cat(norms), self.norm_type)
 
     def _threshold(self, total: Tensor) -> Tensor:
         cached = self._threshold_cache.get(total.device)
@@ -169,7 +169,9 @@ class ValueClip:
         _foreach.clamp_(stats.grad_groups, -self.clip_value, self.clip_value)
         device = stats.total.device
         norms = [_foreach.stacked_norms(g).to(device) for g in stats.grad_groups if g]
-        clipped = torch.linalg.vector_norm(torch.cat(norms)) if norms else torch.zeros((), device=device)
+        clipped = (
+            _foreach.vector_norm(torch.cat(norms)) if norms else torch.zeros((), device=device)
+        )
         ratio = torch.clamp(clipped / stats.total, 0.0, 1.0)
         good = torch.isfinite(stats.total) & (stats.total > 0)
         return torch.where(good, ratio, torch.ones_like(ratio))
@@ -204,7 +206,7 @@ class _DeviceState:
     def set(self, tensors: dict[str, Tensor]) -> None:
         self._tensors = tensors
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Tensor]:
         if not self._tensors:
             self.get(torch.device("cpu"))
         return {k: v.detach().clone() for k, v in self._tensors.items()}
@@ -339,21 +341,23 @@ class ZClip(_GlobalNormPolicy):
         self.mode = _choice("mode", mode, ("zscore", "percentile"))
         self.clip_option = _choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
         self.clip_factor = _positive("clip_factor", clip_factor)
-        self.max_grad_norm = None if max_grad_norm is None else _positive("max_grad_norm", max_grad_norm)
+        self.max_grad_norm = (
+            None if max_grad_norm is None else _positive("max_grad_norm", max_grad_norm)
+        )
         self.skip_update_on_spike = bool(skip_update_on_spike)
         self.eps = _positive("eps", eps)
         self._state = _DeviceState(
-            {
-                name: ((), torch.float32, 0.0)
-                for name in ("seen", "warmup_mean", "warmup_m2", "mean", "var")
-            }
+            dict.fromkeys(
+                ("seen", "warmup_mean", "warmup_m2", "mean", "var"), ((), torch.float32, 0.0)
+            )
         )
 
     def __repr__(self) -> str:
         return (
-            f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, warmup_steps={self.warmup_steps},"
-            f" mode={self.mode!r}, clip_option={self.clip_option!r}, clip_factor={self.clip_factor},"
-            f" max_grad_norm={self.max_grad_norm})"
+            f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, "
+            f"warmup_steps={self.warmup_steps}, mode={self.mode!r}, "
+            f"clip_option={self.clip_option!r}, clip_factor={self.clip_factor}, "
+            f"max_grad_norm={self.max_grad_norm})"
         )
 
     def _outlier_threshold(self, g: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
@@ -438,9 +442,9 @@ def unitwise_norm(t: Tensor) -> Tensor:
     Assumes the output dimension comes first, as in ``nn.Linear`` and ``nn.ConvNd``.
     """
     if t.ndim <= 1:
-        return torch.linalg.vector_norm(t, dtype=torch.float32)
+        return _foreach.vector_norm(t, dtype=torch.float32)
     dims = tuple(range(1, t.ndim))
-    return torch.linalg.vector_norm(t, dim=dims, keepdim=True, dtype=torch.float32)
+    return _foreach.vector_norm(t, dim=dims, keepdim=True, dtype=torch.float32)
 
 
 class AGC:
@@ -527,7 +531,7 @@ class AGC:
         after = stats.per_tensor.clone()
         index = torch.tensor(positions, dtype=torch.long, device=device)
         after.index_copy_(0, index, torch.stack(new_squares).sqrt())
-        ratio = torch.clamp(torch.linalg.vector_norm(after) / stats.total, 0.0, 1.0)
+        ratio = torch.clamp(_foreach.vector_norm(after) / stats.total, 0.0, 1.0)
         good = torch.isfinite(stats.total) & (stats.total > 0)
         return torch.where(good, ratio, torch.ones_like(ratio))
 

@@ -12,4 +12,4 @@ class ConfigError(GradGuardError, ValueError):
 
 
 class UnsupportedModelError(GradGuardError, TypeError):
-    """The object given in place of a model cannot be measured (no trainable parameters, no names)."""
+    """The object given as a model cannot be measured: no trainable parameter, or no names."""

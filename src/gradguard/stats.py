@@ -210,7 +210,7 @@ def _resolve_nonfinite(stats: GradStats) -> GradStats:
             all_finite = False
             continue
         max_abs = values.abs().max().double()
-        robust = torch.linalg.vector_norm(values.double() / max_abs) * max_abs
+        robust = _foreach.vector_norm(values.double() / max_abs) * max_abs
         per_tensor64[i] = robust.to(per_tensor64.device)
     sq64 = per_tensor64.square()
     per_layer = (
@@ -231,7 +231,9 @@ def _resolve_nonfinite(stats: GradStats) -> GradStats:
     )
 
 
-def _per_tensor_norms(layout: _Layout, grads: list[Tensor | None]) -> tuple[Tensor, tuple[list[Tensor], ...]]:
+def _per_tensor_norms(
+    layout: _Layout, grads: list[Tensor | None]
+) -> tuple[Tensor, tuple[list[Tensor], ...]]:
     """Fused per-tensor fp32 norms in parameter order, and the present grads per group."""
     if layout.in_order:
         present = [g for g in grads if g is not None]

@@ -1,0 +1,441 @@
+"""Clipping policies against torch, the zclip package, exact percentiles and the AGC formula."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gradguard as gg
+from gradguard.clip import unitwise_norm
+from gradguard.errors import ConfigError
+
+
+def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    ).to(dtype)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 3
+    return model
+
+
+def twin(model: nn.Module) -> nn.Module:
+    other = copy.deepcopy(model)
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        b.grad = None if a.grad is None else a.grad.clone()
+    return other
+
+
+def grads(model: nn.Module) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def global_norm(model: nn.Module) -> float:
+    return math.sqrt(
+        sum(float(p.grad.double().norm()) ** 2 for p in model.parameters() if p.grad is not None)
+    )
+
+
+# --- NormClip and ValueClip against torch ------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_normclip_equals_torch_clip_grad_norm_fp32(norm_type: float, max_norm: float) -> None:
+    ours = make_model()
+    ours[2].bias.grad = None  # None grads are skipped by both
+    ref = twin(ours)
+    scale = gg.clip_(ours, gg.NormClip(max_norm, norm_type=norm_type))
+    total = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm, norm_type, foreach=True)
+    assert float(scale) == pytest.approx(min(1.0, max_norm / (float(total) + 1e-6)), rel=1e-6)
+    for a, b in zip(grads(ours), grads(ref), strict=True):
+        if a is None or b is None:
+            assert a is None
+            assert b is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_normclip_bf16_equals_torch_on_the_same_values(norm_type: float) -> None:
+    """bf16: ours accumulates the norm in fp32; compare with torch run in fp32 on the same values.
+
+    torch's own bf16 path rounds the norm to bf16 first (up to 0.4 % off), so its
+    coefficient can differ from the exact one by a bf16 ulp; we check that too, loosely.
+    """
+    ours = make_model(torch.bfloat16)
+    ref32 = twin(ours).float()
+    for a, b in zip(ours.parameters(), ref32.parameters(), strict=True):
+        assert a.grad is not None
+        b.grad = a.grad.float()
+    ref16 = twin(ours)
+    scale = gg.clip_(ours, gg.NormClip(0.5, norm_type=norm_type))
+    total32 = torch.nn.utils.clip_grad_norm_(ref32.parameters(), 0.5, norm_type, foreach=True)
+    coef = min(1.0, 0.5 / (float(total32) + 1e-6))
+    assert float(scale) == pytest.approx(coef, rel=1e-6)
+    for p, r in zip(ours.parameters(), ref32.parameters(), strict=True):
+        assert p.grad is not None
+        assert r.grad is not None
+        expected = r.grad.to(torch.bfloat16).float()  # fp32 reference rounded once to bf16
+        torch.testing.assert_close(p.grad.float(), expected, rtol=1e-6, atol=0)
+    torch.nn.utils.clip_grad_norm_(ref16.parameters(), 0.5, norm_type, foreach=True)
+    for p, r in zip(ours.parameters(), ref16.parameters(), strict=True):
+        assert p.grad is not None
+        assert r.grad is not None
+        torch.testing.assert_close(p.grad.float(), r.grad.float(), rtol=2**-7, atol=0)
+
+
+def test_fp16_overflowing_norm_is_scaled_while_torch_zeroes_it() -> None:
+    ours = nn.Linear(1000, 1, bias=False).half()
+    ours.weight.grad = torch.full((1, 1000), 1e4, dtype=torch.float16)
+    ref = twin(ours)
+    gg.clip_(ours, gg.NormClip(1.0))
+    assert ours.weight.grad is not None
+    assert float(ours.weight.grad.float().norm()) == pytest.approx(1.0, rel=1e-3)
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0, foreach=True)
+    assert ref.weight.grad is not None
+    assert float(ref.weight.grad.float().abs().max()) == 0.0  # torch's fp16 norm is inf
+
+
+def test_normclip_rescales_an_fp32_gradient_whose_norm_overflows() -> None:
+    model = nn.Linear(10, 1, bias=False)
+    model.weight.grad = torch.full((1, 10), 1e25)
+    gg.clip_(model, gg.NormClip(1.0))
+    assert model.weight.grad is not None
+    assert float(model.weight.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_valueclip_equals_torch_clip_grad_value_(dtype: torch.dtype) -> None:
+    ours = make_model(dtype)
+    ours[0].weight.grad = None
+    ref = twin(ours)
+    original = global_norm(ours)
+    scale = gg.clip_(ours, gg.ValueClip(0.7))
+    torch.nn.utils.clip_grad_value_(ref.parameters(), 0.7)
+    for a, b in zip(grads(ours), grads(ref), strict=True):
+        if a is None or b is None:
+            assert a is None
+            assert b is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    ref_norm = global_norm(ref)
+    assert 0.0 < float(scale) < 1.0
+    assert float(scale) == pytest.approx(ref_norm / original, rel=1e-5)
+
+
+# --- ZClip against the zclip package ----------------------------------------------------
+
+
+def spiky_norms(n: int = 2000, seed: int = 3) -> list[float]:
+    rng = np.random.default_rng(seed)
+    base = np.exp(rng.normal(0.0, 0.25, n)) * np.linspace(2.0, 0.7, n)
+    spikes = rng.random(n) < 0.03
+    base[spikes] *= rng.uniform(3.0, 40.0, spikes.sum())
+    return [float(x) for x in base]
+
+
+def _import_zclip() -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the package imports FSDP1, deprecated in torch
+        import zclip
+
+    return zclip
+
+
+ZCLIP_CONFIGS: list[dict[str, Any]] = [
+    {},
+    {"clip_option": "mean"},
+    {"mode": "percentile", "z_thresh": 2.0},
+    {"max_grad_norm": 3.0, "warmup_steps": 10, "alpha": 0.9, "clip_factor": 0.7},
+]
+
+
+@pytest.mark.parametrize("config", ZCLIP_CONFIGS)
+def test_zclip_matches_the_zclip_package_step_by_step(config: dict[str, Any]) -> None:
+    zclip = _import_zclip()
+    package_config = {"max_grad_norm": None, **config}
+    peer = zclip.ZClip(**package_config)
+    ours = gg.ZClip(**config)
+    peer_model = nn.Linear(1, 1, bias=False)
+    our_model = nn.Linear(1, 1, bias=False)
+    clipped_steps = 0
+    for step, norm64 in enumerate(spiky_norms()):
+        norm = float(torch.tensor(norm64, dtype=torch.float32))
+        peer_model.weight.grad = torch.tensor([[norm]])
+        our_model.weight.grad = torch.tensor([[norm]])
+        peer.step(peer_model)
+        scale = gg.clip_(our_model, ours)
+        peer_grad = float(peer_model.weight.grad[0, 0])
+        our_grad = float(our_model.weight.grad[0, 0])
+        peer_clipped = peer_grad < norm
+        assert (float(scale) < 1.0) == peer_clipped, f"decision differs at step {step}"
+        assert our_grad == pytest.approx(peer_grad, rel=1e-5), f"threshold differs at {step}"
+        clipped_steps += peer_clipped
+        if peer.initialized:
+            assert float(ours.mean) == pytest.approx(peer.mean, rel=1e-5)
+            assert float(ours.var) == pytest.approx(peer.var, rel=1e-4, abs=1e-9)
+    assert 10 < clipped_steps < 1000  # the sequence exercises both branches
+
+
+def test_zclip_package_is_poisoned_by_one_nan_and_ours_is_not() -> None:
+    zclip = _import_zclip()
+    peer = zclip.ZClip(max_grad_norm=None, warmup_steps=5)
+    ours = gg.ZClip(warmup_steps=5)
+    model = nn.Linear(1, 1, bias=False)
+    for norm in [1.0, 1.1, 0.9, 1.0, math.nan, 1.2, 1.0, 0.8]:
+        model.weight.grad = torch.tensor([[norm]])
+        peer.step(model)
+        model.weight.grad = torch.tensor([[norm]])
+        gg.clip_(model, ours)
+    assert math.isnan(peer.mean)
+    assert math.isfinite(float(ours.mean))
+
+
+# --- AutoClip -----------------------------------------------------------------------------
+
+
+def test_autoclip_threshold_is_within_one_percentile_point_over_100k_heavy_tailed_norms() -> None:
+    rng = np.random.default_rng(0)
+    norms = np.abs(rng.standard_cauchy(100_000)) * np.exp(rng.normal(0, 1, 100_000)) + 1e-3
+    policy = gg.AutoClip(percentile=10.0)
+    size_at_start = sum(v.numel() for v in policy.state_dict().values())
+    values = torch.tensor(norms, dtype=torch.float32)
+    for i in range(values.numel()):
+        policy.observe(values[i])
+        if i in (9, 999, 99_999):
+            threshold = float(policy.threshold(torch.device("cpu")))
+            seen = norms[: i + 1]
+            rank = 100.0 * float(np.mean(seen <= threshold))
+            assert abs(rank - 10.0) <= 1.0, f"rank {rank:.2f} after {i + 1} norms"
+    assert sum(v.numel() for v in policy.state_dict().values()) == size_at_start
+    exact = float(np.percentile(norms, 10.0))
+    assert float(policy.threshold(torch.device("cpu"))) == pytest.approx(exact, rel=0.03)
+
+
+def test_autoclip_clips_to_the_running_percentile() -> None:
+    model = nn.Linear(1, 1, bias=False)
+    policy = gg.AutoClip(percentile=50.0)
+    for norm in [1.0, 2.0, 3.0, 4.0]:
+        model.weight.grad = torch.tensor([[norm]])
+        gg.clip_(model, policy)
+    model.weight.grad = torch.tensor([[100.0]])
+    gg.clip_(model, policy)  # history {1,2,3,4,100}: median 3
+    assert float(model.weight.grad[0, 0]) == pytest.approx(3.0, rel=0.03)
+
+
+# --- AGC against the paper's formula ------------------------------------------------------
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.hidden = nn.Linear(16, 8)
+        self.gain = nn.Parameter(torch.ones(8))
+        self.classifier = nn.Linear(8, 3)
+
+
+def agc_reference(
+    weight: torch.Tensor, grad: torch.Tensor, clipping: float, eps: float
+) -> torch.Tensor:
+    """Brock et al. 2021, eq. 3, one unit (row / output channel) at a time."""
+    out = grad.clone().double()
+    units = range(weight.shape[0]) if weight.ndim > 1 else [None]
+    for i in units:
+        w = weight.double() if i is None else weight[i].double()
+        g = grad.double() if i is None else grad[i].double()
+        w_norm = max(float(w.norm()), eps)
+        g_norm = float(g.norm())
+        if g_norm / w_norm > clipping:
+            clipped = clipping * w_norm / g_norm * g
+            if i is None:
+                out = clipped
+            else:
+                out[i] = clipped
+    return out.to(grad.dtype)
+
+
+@pytest.mark.parametrize("clipping", [0.01, 0.1])
+def test_agc_matches_the_paper_formula_unit_by_unit(clipping: float) -> None:
+    torch.manual_seed(0)
+    model = ConvNet()
+    with torch.no_grad():
+        model.hidden.weight[0].zero_()  # a zero unit: the eps floor applies
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * torch.rand(p.shape[0], *[1] * (p.ndim - 1)) * 0.5
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    gg.clip_(model, gg.AGC(clipping=clipping, eps=1e-3))
+    for name, p in model.named_parameters():
+        assert p.grad is not None
+        if name.startswith("classifier."):
+            torch.testing.assert_close(p.grad, before[name], rtol=0, atol=0)
+            continue
+        expected = agc_reference(p.detach(), before[name], clipping, 1e-3)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(model.hidden.weight.grad, before["hidden.weight"])
+
+
+def test_agc_exclude_patterns_and_unitwise_norm() -> None:
+    model = ConvNet()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 10
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    gg.clip_(model, gg.AGC(exclude=("conv*", "gain")))
+    assert model.conv.weight.grad is not None
+    assert torch.equal(model.conv.weight.grad, before["conv.weight"])
+    assert torch.equal(model.gain.grad, before["gain"])
+    assert not torch.equal(model.classifier.weight.grad, before["classifier.weight"])
+    w = torch.randn(4, 2, 3, 3)
+    torch.testing.assert_close(unitwise_norm(w).flatten(), w.flatten(1).norm(dim=1))
+    with pytest.raises(ConfigError, match=r"exclude=\('head',\)"):
+        gg.AGC(exclude="head")
+
+
+# --- contract suite over every policy ----------------------------------------------------
+
+POLICIES: dict[str, Callable[[], gg.ClipPolicy]] = {
+    "NormClip": lambda: gg.NormClip(1.0),
+    "NormClip-inf": lambda: gg.NormClip(0.3, norm_type=math.inf),
+    "ValueClip": lambda: gg.ValueClip(0.5),
+    "AutoClip": lambda: gg.AutoClip(percentile=25.0),
+    "ZClip": lambda: gg.ZClip(warmup_steps=3, z_thresh=1.0),
+    "ZClip-max": lambda: gg.ZClip(warmup_steps=3, max_grad_norm=2.0),
+    "AGC": lambda: gg.AGC(clipping=0.05),
+}
+
+
+def warm_up(policy: gg.ClipPolicy, steps: int = 6, seed: int = 0) -> None:
+    for step in range(steps):
+        model = make_model(seed=seed + step)
+        gg.clip_(model, policy)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contract_scale_in_unit_interval_and_dtype_kept(name: str, dtype: torch.dtype) -> None:
+    policy = POLICIES[name]()
+    warm_up(policy)
+    model = make_model(dtype, seed=99)
+    for p in model.parameters():
+        assert p.grad is not None
+        p.grad.mul_(50)
+    before = gg.grad_stats(model).total
+    scale = gg.clip_(model, policy)
+    assert scale.shape == ()
+    assert scale.dtype == torch.float32
+    assert 0.0 <= float(scale) <= 1.0
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in model.parameters())
+    after = gg.grad_stats(model).total
+    assert float(after) <= float(before) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_contract_state_round_trip_reproduces_the_run(name: str) -> None:
+    original = POLICIES[name]()
+    warm_up(original, steps=5)
+    restored = POLICIES[name]()
+    restored.load_state_dict(original.state_dict())
+    for step in range(4):
+        a, b = make_model(seed=50 + step), make_model(seed=50 + step)
+        scale_a = gg.clip_(a, original)
+        scale_b = gg.clip_(b, restored)
+        assert torch.equal(scale_a, scale_b)
+    for key, value in original.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key])
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_contract_nonfinite_step_leaves_state_unchanged(name: str, bad: float) -> None:
+    policy = POLICIES[name]()
+    warm_up(policy)
+    state = policy.state_dict()
+    model = make_model(seed=7)
+    model[2].weight.grad[0, 0] = bad  # type: ignore[index]
+    scale = gg.clip_(model, policy)
+    after = policy.state_dict()
+    assert state.keys() == after.keys()
+    for key in state:
+        assert torch.equal(state[key], after[key]), key
+    if name not in ("ValueClip", "AGC"):
+        assert float(scale) == 1.0  # a global policy leaves an unmeasurable step alone
+
+
+def test_load_state_dict_rejects_foreign_state() -> None:
+    with pytest.raises(ConfigError, match="saved from another policy"):
+        gg.ZClip().load_state_dict(gg.AutoClip().state_dict())
+    with pytest.raises(ConfigError, match="different configuration"):
+        gg.AutoClip(bins_per_octave=8).load_state_dict(gg.AutoClip().state_dict())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(sorted(POLICIES)),
+    magnitudes=st.lists(st.floats(min_value=1e-4, max_value=1e4), min_size=1, max_size=12),
+    nan_at=st.integers(min_value=0, max_value=11),
+    seed=st.integers(0, 1000),
+)
+def test_property_never_raises_norm_and_nan_never_enters_state(
+    name: str, magnitudes: list[float], nan_at: int, seed: int
+) -> None:
+    policy = POLICIES[name]()
+    for step, magnitude in enumerate(magnitudes):
+        model = make_model(seed=seed + step)
+        for p in model.parameters():
+            assert p.grad is not None
+            p.grad.mul_(magnitude)
+        if step == nan_at:
+            model[0].weight.grad[0, 0] = math.nan  # type: ignore[index]
+            state = policy.state_dict()
+            gg.clip_(model, policy)
+            after = policy.state_dict()
+            assert all(torch.equal(state[k], after[k]) for k in state)
+            continue
+        before = gg.grad_stats(model).total
+        scale = gg.clip_(model, policy)
+        assert 0.0 <= float(scale) <= 1.0
+        assert float(gg.grad_stats(model).total) <= float(before) * (1 + 1e-6)
+
+
+# --- construction-time validation ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: gg.NormClip(0.0), "max_norm must be a positive number"),
+        (lambda: gg.NormClip(-1.0), "max_norm"),
+        (lambda: gg.NormClip(math.inf), "max_norm"),
+        (lambda: gg.NormClip(1.0, norm_type=0), "norm_type must be a positive number or math.inf"),
+        (lambda: gg.ValueClip(0), "clip_value"),
+        (lambda: gg.AutoClip(percentile=0), r"percentile must lie in \(0, 100\]"),
+        (lambda: gg.AutoClip(percentile=101), "percentile"),
+        (lambda: gg.ZClip(alpha=1.0), "alpha must lie strictly between 0.0 and 1.0"),
+        (lambda: gg.ZClip(warmup_steps=0), "warmup_steps"),
+        (lambda: gg.ZClip(mode="median"), "mode must be one of 'zscore', 'percentile'"),  # type: ignore[arg-type]
+        (lambda: gg.ZClip(clip_option="max"), "clip_option"),  # type: ignore[arg-type]
+        (lambda: gg.ZClip(max_grad_norm=-2), "max_grad_norm"),
+        (lambda: gg.AGC(clipping=0), "clipping"),
+        (lambda: gg.AGC(eps=-1), "eps"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(factory: Callable[[], object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        factory()
+
+
+def test_clip_rejects_a_non_policy() -> None:
+    with pytest.raises(ConfigError, match=r"NormClip\(1.0\)"):
+        gg.clip_(make_model(), "norm")  # type: ignore[arg-type]
