@@ -439,3 +439,24 @@ def test_bad_arguments_fail_at_construction(factory: Callable[[], object], messa
 def test_clip_rejects_a_non_policy() -> None:
     with pytest.raises(ConfigError, match=r"NormClip\(1.0\)"):
         gg.clip_(make_model(), "norm")  # type: ignore[arg-type]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", POLICIES)
+def test_contract_policies_do_not_sync_on_cuda(name: str) -> None:
+    policy = POLICIES[name]()
+    model = make_model().cuda()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    gg.clip_(model, policy)  # first call builds caches and device state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            stats = gg.grad_stats(model)
+            scale = policy.clip_(stats)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert scale.device.type == "cuda"
+    assert 0.0 <= float(scale) <= 1.0

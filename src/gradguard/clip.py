@@ -480,6 +480,7 @@ class AGC:
         self.exclude = None if exclude is None else tuple(exclude)
         self._plan_key: tuple[str, ...] | None = None
         self._plan: tuple[bool, ...] = ()
+        self._index_cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
     def __repr__(self) -> str:
         return f"AGC(clipping={self.clipping}, eps={self.eps}, exclude={self.exclude})"
@@ -509,6 +510,15 @@ class AGC:
         self._plan_key, self._plan = stats.names, plan
         return plan
 
+    def _index(self, positions: tuple[int, ...], device: torch.device) -> Tensor:
+        """Positions of the clipped tensors, uploaded once (an upload per step would sync)."""
+        key = (positions, device)
+        index = self._index_cache.get(key)
+        if index is None:
+            index = torch.tensor(positions, dtype=torch.long).to(device)
+            self._index_cache = {key: index}
+        return index
+
     def clip_(self, stats: GradStats) -> Tensor:
         """Clip unit by unit in place; return the clipped global norm over the original."""
         excluded = self._excluded(stats)
@@ -529,7 +539,7 @@ class AGC:
         if not positions:
             return torch.ones((), device=device)
         after = stats.per_tensor.clone()
-        index = torch.tensor(positions, dtype=torch.long, device=device)
+        index = self._index(tuple(positions), device)
         after.index_copy_(0, index, torch.stack(new_squares).sqrt())
         ratio = torch.clamp(_foreach.vector_norm(after) / stats.total, 0.0, 1.0)
         good = torch.isfinite(stats.total) & (stats.total > 0)

@@ -252,7 +252,7 @@ def _per_tensor_norms(
         index = (
             group.index
             if len(positions) == len(group.positions)
-            else torch.tensor(positions, dtype=torch.long, device=layout.device)
+            else torch.tensor(positions, dtype=torch.long).to(layout.device, non_blocking=True)
         )
         per_tensor.index_copy_(0, index, norms)
     return per_tensor, tuple(grad_groups)

@@ -1,0 +1,58 @@
+"""Imports point downstream (DESIGN.md): checked by reading each module's imports."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "gradguard"
+
+# module -> gradguard modules it must never import
+FORBIDDEN = {
+    "errors": {"stats", "clip", "guard", "lab", "cli", "bench"},
+    "_foreach": {"stats", "clip", "guard", "lab", "cli", "bench"},
+    "stats": {"clip", "guard", "lab", "cli", "bench"},
+    "clip": {"guard", "lab", "cli", "bench"},
+}
+
+
+def gradguard_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gradguard"):
+            parts = node.module.split(".")
+            if len(parts) > 1:
+                found.add(parts[1])
+            else:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "gradguard" and len(parts) > 1:
+                    found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_imports_point_downstream(module: str) -> None:
+    imported = gradguard_imports(SRC / f"{module}.py")
+    assert not imported & FORBIDDEN[module], f"{module} imports {imported & FORBIDDEN[module]}"
+
+
+def test_core_needs_only_torch_and_numpy() -> None:
+    allowed_third_party = {"torch", "numpy"}
+    for module in ("errors", "_foreach", "stats", "clip"):
+        tree = ast.parse((SRC / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module.split(".")[0]]
+            for name in names:
+                if name in sys.stdlib_module_names or name in ("gradguard", "__future__"):
+                    continue
+                assert name in allowed_third_party, f"{module} imports {name}"
