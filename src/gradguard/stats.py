@@ -49,6 +49,11 @@ class _Layout:
     trainable_mask: tuple[bool, ...]
 
     @property
+    def accumulate_dtype(self) -> torch.dtype:
+        """fp64 for sums of squared norms, except on MPS, which has no fp64."""
+        return torch.float32 if self.device.type == "mps" else torch.float64
+
+    @property
     def in_order(self) -> bool:
         """True when one group holds every parameter in order: no scatter needed."""
         return len(self.groups) == 1
@@ -289,12 +294,15 @@ def grad_stats(
     layout = _layout_for(model_or_named_parameters)
     grads: list[Tensor | None] = list(map(_get_grad, layout.params))
     per_tensor, grad_groups = _per_tensor_norms(layout, grads)
-    squares = per_tensor.square()
-    total = squares.sum().sqrt()
+    # Squares of fp32 norms under 1e-19 or over 1.8e19 leave the fp32 range: sum them in fp64
+    # (a vanishing layer's 1e-25 norm must not read 0, a 1e20 norm must not read inf).
+    squares = per_tensor.to(layout.accumulate_dtype).square()
+    total = squares.sum().sqrt().float()
     per_layer = (
-        torch.zeros(len(layout.layer_names), dtype=torch.float32, device=layout.device)
+        torch.zeros(len(layout.layer_names), dtype=squares.dtype, device=layout.device)
         .index_add_(0, layout.layer_index, squares)
         .sqrt()
+        .float()
     )
     stats = GradStats(
         per_tensor=per_tensor,

@@ -1,0 +1,143 @@
+"""Run experiments, time them, and store the run directory (``results.json``, ``results.md``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+from gradguard.lab._records import Experiment, ExperimentResult, LabResult, Progress
+from gradguard.lab._registry import select
+from gradguard.lab._render import to_markdown
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+def run(
+    names: Sequence[str] | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> LabResult:
+    """Run lab experiments and write their results to a run directory.
+
+    Names are checked before anything runs or is written.
+
+    Args:
+        names: experiments to run, in order; ``None`` runs them all.
+        quick: run the quick variants (1 seed, seconds).
+        seed: base seed; full variants use ``seed, seed + 1, ...``.
+        out: run directory; default ``runs/lab-YYYYmmdd-HHMMSS`` under the working directory.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The results, with ``run_dir`` where ``results.json`` and ``results.md`` were written.
+
+    Raises:
+        ConfigError: an unknown experiment name.
+    """
+    experiments = select(names)
+    run_dir = _make_run_dir(out)
+    started_at = datetime.now().isoformat(timespec="seconds")
+    start = time.perf_counter()
+    results: list[ExperimentResult] = []
+    with _progress_bar(progress) as bar:
+        for experiment in experiments:
+            results.append(_run_one(experiment, quick=quick, seed=seed, bar=bar))
+    result = LabResult(
+        run_dir=run_dir,
+        experiments=tuple(results),
+        seed=seed,
+        quick=quick,
+        duration_s=time.perf_counter() - start,
+        versions=_versions(),
+        started_at=started_at,
+    )
+    text = json.dumps(_finite_or_text(result.to_dict()), indent=1, ensure_ascii=False)
+    (run_dir / RESULTS_JSON).write_text(text + "\n", encoding="utf-8")
+    (run_dir / RESULTS_MD).write_text(to_markdown(result), encoding="utf-8")
+    return result
+
+
+def _run_one(
+    experiment: Experiment, *, quick: bool, seed: int, bar: RichProgress | None
+) -> ExperimentResult:
+    callback: Progress | None = None
+    if bar is not None:
+        task = bar.add_task(experiment.name, total=None)
+
+        def callback(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+    start = time.perf_counter()
+    result = experiment.run(quick=quick, seed=seed, progress=callback)
+    return replace(result, duration_s=time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool) -> Iterator[RichProgress | None]:
+    if not enabled:
+        yield None
+        return
+    bar = RichProgress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+    with bar:
+        yield bar
+
+
+def _make_run_dir(out: str | Path | None) -> Path:
+    """Create and return the run directory; a default name never reuses an existing one."""
+    if out is not None:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    base = Path("runs") / datetime.now().strftime("lab-%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        else:
+            return path
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("gradguard", "torch", "numpy", "scikit-learn"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def _finite_or_text(value: Any) -> Any:
+    """Replace non-finite floats by ``"nan"``/``"inf"``/``"-inf"``: strict JSON has none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite_or_text(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_text(v) for v in value]
+    return value
