@@ -21,6 +21,7 @@ from rich.progress import Progress as RichProgress
 from gradguard.lab._records import Experiment, ExperimentResult, LabResult, Progress
 from gradguard.lab._registry import select
 from gradguard.lab._render import to_markdown
+from gradguard.lab.plots import write_plots
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -67,9 +68,11 @@ def run(
         versions=_versions(),
         started_at=started_at,
     )
-    text = json.dumps(_finite_or_text(result.to_dict()), indent=1, ensure_ascii=False)
+    data = _finite_or_text(result.to_dict())
+    text = json.dumps(data, indent=1, ensure_ascii=False)
     (run_dir / RESULTS_JSON).write_text(text + "\n", encoding="utf-8")
     (run_dir / RESULTS_MD).write_text(to_markdown(result), encoding="utf-8")
+    write_plots(data, run_dir)
     return result
 
 
