@@ -162,12 +162,16 @@ ZCLIP_CONFIGS: list[dict[str, Any]] = [
 ]
 
 
+@pytest.mark.parametrize("host_math", [True, False], ids=["cpu-float-math", "tensor-math"])
 @pytest.mark.parametrize("config", ZCLIP_CONFIGS)
-def test_zclip_matches_the_zclip_package_step_by_step(config: dict[str, Any]) -> None:
+def test_zclip_matches_the_zclip_package_step_by_step(
+    config: dict[str, Any], host_math: bool
+) -> None:
     zclip = _import_zclip()
     package_config = {"max_grad_norm": None, **config}
     peer = zclip.ZClip(**package_config)
     ours = gg.ZClip(**config)
+    ours._host_math_on_cpu = host_math  # the tensor path is what runs on an accelerator
     peer_model = nn.Linear(1, 1, bias=False)
     our_model = nn.Linear(1, 1, bias=False)
     clipped_steps = 0
@@ -305,6 +309,12 @@ def test_agc_exclude_patterns_and_unitwise_norm() -> None:
 
 # --- contract suite over every policy ----------------------------------------------------
 
+def zclip_with_tensor_math(**kwargs: Any) -> gg.ZClip:
+    policy = gg.ZClip(**kwargs)
+    policy._host_math_on_cpu = False  # the path an accelerator takes, exercised on the CPU
+    return policy
+
+
 POLICIES: dict[str, Callable[[], gg.ClipPolicy]] = {
     "NormClip": lambda: gg.NormClip(1.0),
     "NormClip-inf": lambda: gg.NormClip(0.3, norm_type=math.inf),
@@ -312,6 +322,7 @@ POLICIES: dict[str, Callable[[], gg.ClipPolicy]] = {
     "AutoClip": lambda: gg.AutoClip(percentile=25.0),
     "ZClip": lambda: gg.ZClip(warmup_steps=3, z_thresh=1.0),
     "ZClip-max": lambda: gg.ZClip(warmup_steps=3, max_grad_norm=2.0),
+    "ZClip-tensor-math": lambda: zclip_with_tensor_math(warmup_steps=3, z_thresh=1.0),
     "AGC": lambda: gg.AGC(clipping=0.05),
 }
 

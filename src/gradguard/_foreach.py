@@ -59,8 +59,11 @@ def scale_(groups: Sequence[list[Tensor]], scale: Tensor) -> None:
 
     The multiply happens on the device whatever the value of ``scale``: deciding on the host
     whether it differs from 1 would cost a sync (torch's ``clip_grad.py`` makes the same choice).
-    Works for sparse gradients too (their stored values are scaled).
+    Works for sparse gradients too (their stored values are scaled). On the CPU, where
+    reading a value costs no device sync, a scale of exactly 1 skips the pass.
     """
+    if scale.device.type == "cpu" and scale.item() == 1.0:
+        return
     for group in groups:
         if group:
             factor = scale.to(device=group[0].device, dtype=torch.float32, non_blocking=True)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import operator
 from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -80,16 +82,32 @@ def _scale_for(threshold: Tensor, total: Tensor) -> Tensor:
 class _GlobalNormPolicy:
     """Shared shape of the policies that scale every gradient by one factor."""
 
-    def _threshold(self, total: Tensor) -> Tensor:
+    def _threshold(self, total: Tensor) -> Tensor | float:
+        """Observe ``total`` (when it is finite) and return the threshold for this step.
+
+        On an accelerator this must be a tensor on ``total``'s device; on the CPU a float
+        is welcome.
+        """
         raise NotImplementedError
 
     def _total(self, stats: GradStats) -> Tensor:
         return stats.total
 
     def clip_(self, stats: GradStats) -> Tensor:
-        """Scale every gradient by ``min(1, threshold / norm)``; return that scale."""
+        """Scale every gradient by ``min(1, threshold / (norm + 1e-6))``; return that scale."""
         total = self._total(stats)
-        scale = _scale_for(self._threshold(total), total)
+        threshold = self._threshold(total)
+        if total.device.type == "cpu":
+            # Reading a CPU tensor costs no device sync: decide on the host, in floats, and
+            # skip the multiply when it would be by exactly 1.
+            norm = total.item()
+            ratio = float(threshold) / (norm + NORM_EPS) if math.isfinite(norm) else 1.0
+            scale = torch.tensor(min(1.0, ratio), dtype=torch.float32)
+            if ratio < 1.0:
+                _foreach.scale_(stats.grad_groups, scale)
+            return scale
+        assert isinstance(threshold, Tensor)  # accelerator paths keep thresholds on the device
+        scale = _scale_for(threshold, total)
         _foreach.scale_(stats.grad_groups, scale)
         return scale
 
@@ -138,7 +156,9 @@ class NormClip(_GlobalNormPolicy):
             return torch.zeros((), device=stats.total.device)
         return _foreach.vector_norm(torch.cat(norms), self.norm_type)
 
-    def _threshold(self, total: Tensor) -> Tensor:
+    def _threshold(self, total: Tensor) -> Tensor | float:
+        if total.device.type == "cpu":
+            return self.max_norm
         cached = self._threshold_cache.get(total.device)
         if cached is None:
             cached = torch.tensor(self.max_norm, dtype=torch.float32, device=total.device)
@@ -185,6 +205,11 @@ class ValueClip:
         _check_keys(self, state_dict, set())
 
 
+def _on(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, except fp64 becomes fp32 on MPS, which has no fp64."""
+    return torch.float32 if device.type == "mps" and dtype == torch.float64 else dtype
+
+
 class _DeviceState:
     """Named state tensors created on the device at first use; round-trip through dicts."""
 
@@ -195,10 +220,12 @@ class _DeviceState:
     def get(self, device: torch.device) -> dict[str, Tensor]:
         if not self._tensors or next(iter(self._tensors.values())).device != device:
             if self._tensors:
-                self._tensors = {k: v.to(device) for k, v in self._tensors.items()}
+                self._tensors = {
+                    k: v.to(device, _on(device, v.dtype)) for k, v in self._tensors.items()
+                }
             else:
                 self._tensors = {
-                    k: torch.full(shape, fill, dtype=dtype, device=device)
+                    k: torch.full(shape, fill, dtype=_on(device, dtype), device=device)
                     for k, (shape, dtype, fill) in self._factory.items()
                 }
         return self._tensors
@@ -287,7 +314,7 @@ class AutoClip(_GlobalNormPolicy):
         value = torch.exp2(log2_value).float().reshape(())
         return torch.where(count > 0, value, torch.full_like(value, math.inf))
 
-    def _threshold(self, total: Tensor) -> Tensor:
+    def _threshold(self, total: Tensor) -> Tensor | float:
         self.observe(total)
         return self.threshold(total.device)
 
@@ -298,6 +325,26 @@ class AutoClip(_GlobalNormPolicy):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a history saved by :meth:`state_dict` with the same ``bins_per_octave``."""
         self._state.load_state_dict(self, state_dict)
+
+
+_TENSOR_OPS = SimpleNamespace(
+    where=torch.where,
+    sqrt=torch.sqrt,
+    and_=operator.and_,
+    not_=operator.invert,
+    true=lambda like: torch.ones_like(like, dtype=torch.bool),
+    inf=lambda like: torch.full_like(like, math.inf),
+    cap=lambda value, high: value.clamp(max=high),
+)
+_FLOAT_OPS = SimpleNamespace(
+    where=lambda condition, a, b: a if condition else b,
+    sqrt=math.sqrt,
+    and_=lambda a, b: a and b,
+    not_=operator.not_,
+    true=lambda like: True,
+    inf=lambda like: math.inf,
+    cap=min,
+)
 
 
 class ZClip(_GlobalNormPolicy):
@@ -346,9 +393,11 @@ class ZClip(_GlobalNormPolicy):
         )
         self.skip_update_on_spike = bool(skip_update_on_spike)
         self.eps = _positive("eps", eps)
+        self._host_math_on_cpu = True
+        self._host_values: dict[str, float] | None = None
         self._state = _DeviceState(
             dict.fromkeys(
-                ("seen", "warmup_mean", "warmup_m2", "mean", "var"), ((), torch.float32, 0.0)
+                ("seen", "warmup_mean", "warmup_m2", "mean", "var"), ((), torch.float64, 0.0)
             )
         )
 
@@ -360,7 +409,7 @@ class ZClip(_GlobalNormPolicy):
             f"max_grad_norm={self.max_grad_norm})"
         )
 
-    def _outlier_threshold(self, g: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    def _outlier_threshold(self, g: Any, mean: Any, std: Any, ops: Any) -> tuple[Any, Any]:
         """Return (is_spike, threshold to clip a spike to)."""
         if self.mode == "percentile":
             threshold = mean + self.z_thresh * std
@@ -368,13 +417,17 @@ class ZClip(_GlobalNormPolicy):
         z = (g - mean) / (std + self.eps)
         if self.clip_option == "mean":
             return z > self.z_thresh, mean
-        eta = z / self.z_thresh
-        return z > self.z_thresh, (mean + self.z_thresh * std / eta) * self.clip_factor
+        spike = z > self.z_thresh
+        eta = ops.where(spike, z / self.z_thresh, 1.0)  # >1 on a spike; 1 avoids dividing by 0
+        return spike, (mean + self.z_thresh * std / eta) * self.clip_factor
 
-    def _threshold(self, total: Tensor) -> Tensor:
-        s = self._state.get(total.device)
-        finite = torch.isfinite(total)
-        g = torch.where(finite, total, torch.zeros_like(total)).float()
+    def _rule(
+        self, g: Any, finite: Any, s: Mapping[str, Any], ops: Any
+    ) -> tuple[dict[str, Any], Any]:
+        """One step of ZClip, written once for tensors (on the device) and for floats (CPU).
+
+        Returns the new state and the threshold (inf when the step is not clipped).
+        """
         warming = s["seen"] < self.warmup_steps
 
         # Warm-up: Welford's running mean and M2 (the package keeps a list; same numbers).
@@ -385,55 +438,84 @@ class ZClip(_GlobalNormPolicy):
         completes = seen >= self.warmup_steps
 
         # After warm-up: the z-score rule against the EMA.
-        std = s["var"].sqrt()
-        spike, spike_threshold = self._outlier_threshold(g, s["mean"], std)
-        value = torch.where(spike, spike_threshold, g)
+        std = ops.sqrt(s["var"])
+        spike, spike_threshold = self._outlier_threshold(g, s["mean"], std, ops)
+        value = ops.where(spike, spike_threshold, g)
         ema_mean = self.alpha * s["mean"] + (1 - self.alpha) * value
         ema_var = self.alpha * s["var"] + (1 - self.alpha) * (value - ema_mean) ** 2
-        update = ~spike if self.skip_update_on_spike else torch.ones_like(spike)
+        update = ops.not_(spike) if self.skip_update_on_spike else ops.true(spike)
 
-        warm_update = finite & warming
-        ema_update = finite & ~warming & update
-        self._state.set(
-            {
-                "seen": torch.where(warm_update, seen, s["seen"]),
-                "warmup_mean": torch.where(warm_update, warmup_mean, s["warmup_mean"]),
-                "warmup_m2": torch.where(warm_update, warmup_m2, s["warmup_m2"]),
-                "mean": torch.where(
-                    warm_update & completes,
-                    warmup_mean,
-                    torch.where(ema_update, ema_mean, s["mean"]),
-                ),
-                "var": torch.where(
-                    warm_update & completes,
-                    warmup_m2 / seen,
-                    torch.where(ema_update, ema_var, s["var"]),
-                ),
-            }
-        )
-        inf = torch.full_like(g, math.inf)
-        threshold = torch.where(warming, inf, torch.where(spike, spike_threshold, inf))
+        warm_update = ops.and_(finite, warming)
+        ema_update = ops.and_(ops.and_(finite, ops.not_(warming)), update)
+        initialise = ops.and_(warm_update, completes)
+        state = {
+            "seen": ops.where(warm_update, seen, s["seen"]),
+            "warmup_mean": ops.where(warm_update, warmup_mean, s["warmup_mean"]),
+            "warmup_m2": ops.where(warm_update, warmup_m2, s["warmup_m2"]),
+            "mean": ops.where(initialise, warmup_mean, ops.where(ema_update, ema_mean, s["mean"])),
+            "var": ops.where(
+                initialise, warmup_m2 / seen, ops.where(ema_update, ema_var, s["var"])
+            ),
+        }
+        inf = ops.inf(g)
+        threshold = ops.where(warming, inf, ops.where(spike, spike_threshold, inf))
         if self.max_grad_norm is not None:
-            threshold = threshold.clamp(max=self.max_grad_norm)
-        return threshold
+            threshold = ops.cap(threshold, self.max_grad_norm)
+        return state, threshold
+
+    def _threshold(self, total: Tensor) -> Tensor | float:
+        if total.device.type == "cpu" and self._host_math_on_cpu:
+            # Reading a CPU tensor costs no device sync, and a dozen float operations cost
+            # less than a dozen 0-d tensor kernels: the same rule, on Python floats, with
+            # the state mirrored in floats until someone asks for the tensors.
+            if self._host_values is None:
+                self._host_values = {k: v.item() for k, v in self._state.get(total.device).items()}
+            g = total.item()
+            finite = math.isfinite(g)
+            self._host_values, threshold = self._rule(
+                g if finite else 0.0, finite, self._host_values, _FLOAT_OPS
+            )
+            return float(threshold)
+        state = self._tensor_state(total.device)
+        finite_t = torch.isfinite(total)
+        g_t = torch.where(finite_t, total, torch.zeros_like(total)).float()
+        new_t, threshold_t = self._rule(g_t, finite_t, state, _TENSOR_OPS)
+        self._state.set(new_t)
+        result: Tensor = threshold_t.float()
+        return result
+
+    def _tensor_state(self, device: torch.device) -> dict[str, Tensor]:
+        """The state as tensors on ``device``, folding in the float mirror if it is newer."""
+        state = self._state.get(device)
+        if self._host_values is not None:
+            for key, value in self._host_values.items():
+                state[key].fill_(value)
+            self._host_values = None
+        return state
 
     @property
     def mean(self) -> Tensor:
         """EMA of the gradient norm (0 until warm-up completes)."""
-        return self._state.state_dict()["mean"]
+        return self._public_state()["mean"]
 
     @property
     def var(self) -> Tensor:
         """EMA of the gradient norm's variance (0 until warm-up completes)."""
-        return self._state.state_dict()["var"]
+        return self._public_state()["var"]
+
+    def _public_state(self) -> dict[str, Tensor]:
+        if self._host_values is not None:
+            self._tensor_state(torch.device("cpu"))
+        return self._state.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
-        """Return warm-up progress and the EMA mean and variance."""
-        return self._state.state_dict()
+        """Return warm-up progress and the EMA mean and variance (fp64: exact round trip)."""
+        return dict(self._public_state())
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore state saved by :meth:`state_dict`."""
         self._state.load_state_dict(self, state_dict)
+        self._host_values = None
 
 
 def unitwise_norm(t: Tensor) -> Tensor:

@@ -36,8 +36,12 @@ class _Group:
 
 
 @dataclass(frozen=True, eq=False)
-class _Layout:
-    """What grad_stats needs to know about a model, computed once and cached per module."""
+class Layout:
+    """What grad_stats needs to know about a model, computed once and cached per module.
+
+    ``names`` are the trainable parameters, ``layer_names`` the modules owning them, in
+    ``named_parameters()`` order (depth); ``layer_index[i]`` is the layer of tensor ``i``.
+    """
 
     params: tuple[Tensor, ...]
     names: tuple[str, ...]
@@ -59,7 +63,7 @@ class _Layout:
         return len(self.groups) == 1
 
 
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, Layout] = weakref.WeakKeyDictionary()
 
 
 def layer_of(param_name: str) -> str:
@@ -93,7 +97,7 @@ def _named_parameters(source: nn.Module | NamedParameters) -> list[tuple[str, Te
     return pairs
 
 
-def _build_layout(pairs: list[tuple[str, Tensor]]) -> _Layout:
+def _build_layout(pairs: list[tuple[str, Tensor]]) -> Layout:
     trainable = [(n, p) for n, p in pairs if p.requires_grad]
     if not trainable:
         detail = f"{len(pairs)} parameters, all frozen" if pairs else "no parameters"
@@ -118,7 +122,7 @@ def _build_layout(pairs: list[tuple[str, Tensor]]) -> _Layout:
         _Group(tuple(pos), torch.tensor(pos, dtype=torch.long, device=device))
         for pos in _foreach.group_indices(params).values()
     )
-    return _Layout(
+    return Layout(
         params=params,
         names=names,
         layer_names=tuple(layer_names),
@@ -130,7 +134,8 @@ def _build_layout(pairs: list[tuple[str, Tensor]]) -> _Layout:
     )
 
 
-def _layout_for(source: nn.Module | NamedParameters) -> _Layout:
+def layout_for(source: nn.Module | NamedParameters) -> Layout:
+    """The parameter layout grad_stats uses for ``source`` (cached for modules)."""
     if not isinstance(source, nn.Module):
         return _build_layout(_named_parameters(source))
     layout = _LAYOUTS.get(source)
@@ -186,6 +191,7 @@ class GradStats:
     params: tuple[Tensor, ...] = field(repr=False)
     grad_groups: tuple[list[Tensor], ...] = field(repr=False)
     layer_index: Tensor = field(repr=False)
+    finite_on_host: bool | None = field(default=None, repr=False)
 
     def resolve(self) -> GradStats:
         """Tell a NaN/Inf element apart from an overflowed norm; one host read.
@@ -199,7 +205,7 @@ class GradStats:
         if self.resolved:
             return self
         if bool(self.finite):  # sync: one read, the documented cost of resolving
-            return replace(self, resolved=True)
+            return replace(self, resolved=True, finite_on_host=True)
         return _resolve_nonfinite(self)
 
 
@@ -233,11 +239,12 @@ def _resolve_nonfinite(stats: GradStats) -> GradStats:
         finite=torch.tensor(all_finite, device=device),
         overflow=torch.tensor(all_finite, device=device),
         resolved=True,
+        finite_on_host=all_finite,
     )
 
 
 def _per_tensor_norms(
-    layout: _Layout, grads: list[Tensor | None]
+    layout: Layout, grads: list[Tensor | None]
 ) -> tuple[Tensor, tuple[list[Tensor], ...]]:
     """Fused per-tensor fp32 norms in parameter order, and the present grads per group."""
     if layout.in_order:
@@ -291,7 +298,7 @@ def grad_stats(
         >>> grad_stats(model).total
         tensor(5.)
     """
-    layout = _layout_for(model_or_named_parameters)
+    layout = layout_for(model_or_named_parameters)
     grads: list[Tensor | None] = list(map(_get_grad, layout.params))
     per_tensor, grad_groups = _per_tensor_norms(layout, grads)
     # Squares of fp32 norms under 1e-19 or over 1.8e19 leave the fp32 range: sum them in fp64

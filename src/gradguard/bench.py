@@ -1,0 +1,1024 @@
+"""Overhead benchmark: what gradguard costs between ``loss.backward()`` and ``optimizer.step()``.
+
+Every claim about overhead in the documentation comes from here. One process times, on
+real gradients of two models (a 9M-parameter GPT-like transformer and a 500-layer MLP of
+small tensors): torch's ``clip_grad_norm_(foreach=True)`` (the baseline), gradguard's
+:func:`~gradguard.stats.grad_stats` alone and with each clipping policy, the peer packages
+``zclip`` and ``autoclip``, a per-parameter ``.item()`` logger, one memory-bound pass over
+the gradient bytes (the floor) and one whole AdamW training step. The contenders run in
+interleaved rounds (each round times every contender once, in a shuffled order), so slow
+drifts of the machine hit all of them alike; medians and min-max over the rounds are
+reported. A second table times AutoClip's history at step 10 against step 100,000, and the
+``autoclip`` package's growing history.
+
+``gradguard bench`` and ``benchmarks/overhead.py`` call :func:`run_overhead`, then
+:func:`print_result`, :meth:`OverheadResult.to_markdown` or :func:`report_markdown`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib
+import math
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional name
+from torch import Tensor, nn
+
+from gradguard.clip import AGC, AutoClip, NormClip, ValueClip, ZClip, clip_
+from gradguard.errors import ConfigError
+from gradguard.stats import grad_stats
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = [
+    "Goal",
+    "HistoryTable",
+    "Machine",
+    "ModelTable",
+    "OverheadResult",
+    "Row",
+    "Settings",
+    "print_result",
+    "report_markdown",
+    "run_overhead",
+]
+
+# Row names of the per-model tables, in display order.
+BASELINE = "torch clip_grad_norm_(params, 1.0, foreach=True)"
+GRAD_STATS = "gg.grad_stats(model)"
+NORM_CLIP = "gg.clip_(model, NormClip(1.0))"
+VALUE_CLIP = "gg.clip_(model, ValueClip(1.0))"
+AUTO_CLIP = "gg.clip_(model, AutoClip())"
+Z_CLIP = "gg.clip_(model, ZClip())"
+AGC_CLIP = "gg.clip_(model, AGC())"
+ZCLIP_PACKAGE = "zclip.ZClip(max_grad_norm=None).step(model)"
+AUTOCLIP_PACKAGE = "autoclip QuantileClip(0.1, 1000, global).step()"
+ITEM_LOGGER = "per-parameter p.grad.norm().item() logger"
+FLOOR = "floor: one sum() over the gradient bytes"
+TRAIN_STEP = "AdamW training step (fwd + bwd + step)"
+MODEL_ROWS = (
+    BASELINE,
+    GRAD_STATS,
+    NORM_CLIP,
+    VALUE_CLIP,
+    AUTO_CLIP,
+    Z_CLIP,
+    AGC_CLIP,
+    ZCLIP_PACKAGE,
+    AUTOCLIP_PACKAGE,
+    ITEM_LOGGER,
+    FLOOR,
+    TRAIN_STEP,
+)
+NOT_INSTALLED = "not installed"
+
+#: Global norm the measured gradients are rescaled to: below every clipping threshold
+#: used here, so after the first call each clip multiplies by exactly 1 and repeated
+#: calls on the same gradients cannot drift them towards subnormals.
+GRAD_NORM = 0.5
+#: Percentile / quantile of the history-based clippers (AutoClip's paper default).
+PERCENTILE = 10.0
+#: History length of the autoclip package in the per-model tables (its default).
+PACKAGE_HISTORY = 1000
+#: Most calls timed back to back in one round (cheap contenders on tiny models).
+MAX_CALLS = 500
+#: Pareto tail index of the synthetic norm history: heavy-tailed, minimum 1 (> GRAD_NORM).
+PARETO_ALPHA = 1.5
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the benchmark ran.
+
+    Attributes:
+        rounds: interleaved rounds; every contender is timed once per round.
+        quick: tiny models and a short history (smoke tests); numbers are not meaningful.
+        threads: ``torch.get_num_threads()`` during the run.
+        seed: seeds the models, the batches, the norm history and the round order.
+        target_block_us: each contender is called back to back enough times per round
+            for the timed block to last about this long (timer noise is then negligible).
+        history: norms fed to AutoClip's sketch before timing "step N".
+    """
+
+    rounds: int
+    quick: bool
+    threads: int
+    seed: int
+    target_block_us: float
+    history: int
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where the numbers were measured."""
+
+    cpu: str
+    cores: int
+    torch_version: str
+    threads: int
+    python: str
+    system: str
+
+    def describe(self) -> str:
+        """One line: CPU, cores, torch, threads, Python, OS."""
+        return (
+            f"{self.cpu}, {self.cores} cores, torch {self.torch_version}, "
+            f"{_threads(self.threads)}, Python {self.python}, {self.system}"
+        )
+
+
+@dataclass(frozen=True)
+class Row:
+    """One contender: its per-call time in every round and ratios to reference rows.
+
+    Attributes:
+        name: what was timed.
+        samples_us: per-call time in µs, one per round (the round's block / ``calls``);
+            empty when the contender did not run (see ``note``).
+        calls: calls timed back to back in each round.
+        reference: the row ``ratio`` divides by (its median).
+        ratio: ``median_us / median_us of reference``.
+        step_percent: ``100 * median_us / median_us of the AdamW training step``, in the
+            per-model tables.
+        note: why the row is empty (``"not installed"``), or a remark.
+    """
+
+    name: str
+    samples_us: tuple[float, ...]
+    calls: int
+    reference: str
+    ratio: float | None
+    step_percent: float | None = None
+    note: str = ""
+
+    @property
+    def ran(self) -> bool:
+        """Whether the contender was timed."""
+        return bool(self.samples_us)
+
+    @property
+    def median_us(self) -> float | None:
+        """Median per-call time over the rounds, in µs."""
+        return statistics.median(self.samples_us) if self.samples_us else None
+
+    @property
+    def min_us(self) -> float | None:
+        """Fastest round's per-call time, in µs."""
+        return min(self.samples_us) if self.samples_us else None
+
+    @property
+    def max_us(self) -> float | None:
+        """Slowest round's per-call time, in µs."""
+        return max(self.samples_us) if self.samples_us else None
+
+
+def _find(rows: Sequence[Row], name: str) -> Row:
+    for row in rows:
+        if row.name == name:
+            return row
+    raise KeyError(f"no row named {name!r}; rows: {[r.name for r in rows]}")
+
+
+@dataclass(frozen=True)
+class ModelTable:
+    """Every contender on one model; ratios are to torch's ``clip_grad_norm_``."""
+
+    key: str
+    title: str
+    description: str
+    num_params: int
+    num_tensors: int
+    rows: tuple[Row, ...]
+
+    def row(self, name: str) -> Row:
+        """Return the row called ``name`` (one of :data:`MODEL_ROWS`)."""
+        return _find(self.rows, name)
+
+
+@dataclass(frozen=True)
+class HistoryTable:
+    """Per-step cost against the length of the norm history (AutoClip and autoclip)."""
+
+    description: str
+    rows: tuple[Row, ...]
+    steps: int
+    autoclip_young: str
+    autoclip_old: str
+
+    def row(self, name: str) -> Row:
+        """Return the row called ``name``."""
+        return _find(self.rows, name)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target the issue sets, with the measured value; never rounded into a pass.
+
+    Attributes:
+        name: what is compared.
+        measured: the measured ratio, or None when it could not be measured.
+        target: the largest ratio that meets the goal.
+        note: why ``measured`` is missing.
+    """
+
+    name: str
+    measured: float | None
+    target: float
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        """True or False once measured; None when it could not be measured."""
+        return None if self.measured is None else self.measured <= self.target
+
+
+@dataclass(frozen=True)
+class OverheadResult:
+    """Everything :func:`run_overhead` measured, and how."""
+
+    settings: Settings
+    machine: Machine
+    models: tuple[ModelTable, ...]
+    history: HistoryTable
+    goals: tuple[Goal, ...]
+    elapsed_s: float
+
+    def model(self, key: str) -> ModelTable:
+        """Return the table of model ``key`` (``"gpt"`` or ``"mlp"``)."""
+        for table in self.models:
+            if table.key == key:
+                return table
+        raise KeyError(f"no model {key!r}; models: {[t.key for t in self.models]}")
+
+    def to_markdown(self) -> str:
+        """The tables and goals as GitHub markdown (no preamble; see :func:`report_markdown`)."""
+        s = self.settings
+        parts = [
+            f"Median of {s.rounds} interleaved rounds, min–max over the rounds; "
+            f"{_threads(s.threads)}; total run {self.elapsed_s:.0f} s."
+            + (" **Quick mode: tiny models, numbers are not meaningful.**" if s.quick else "")
+        ]
+        for table in self.models:
+            header, rows = _model_cells(table)
+            parts.append(
+                f"### {table.title}\n\n{table.description}\n\n{_markdown_table(header, rows)}"
+            )
+        header, rows = _history_cells(self.history)
+        parts.append(
+            "### Cost against history length\n\n"
+            f"{self.history.description}\n\n{_markdown_table(header, rows)}"
+        )
+        header, rows = _goal_cells(self.goals)
+        parts.append(f"### Goals\n\n{_markdown_table(header, rows)}")
+        return "\n\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _threads(count: int) -> str:
+    return f"{count} torch thread" + ("" if count == 1 else "s")
+
+
+def _us(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _row_cells(row: Row, with_step: bool) -> list[str]:
+    if not row.ran:
+        return [row.name, row.note or "—", "—", "—"] + (["—"] if with_step else [])
+    cells = [
+        row.name,
+        _us(row.median_us),
+        f"{_us(row.min_us)}–{_us(row.max_us)}",
+        "—" if row.ratio is None else f"{row.ratio:.2f}×",
+    ]
+    if with_step:
+        pct = row.step_percent
+        cells.append("—" if pct is None else f"{pct:.2f}%" if pct < 10 else f"{pct:.0f}%")
+    return cells
+
+
+def _model_cells(table: ModelTable) -> tuple[list[str], list[list[str]]]:
+    header = ["contender", "median µs", "min–max µs", "× torch clip", "% of AdamW step"]
+    return header, [_row_cells(row, with_step=True) for row in table.rows]
+
+
+def _history_cells(table: HistoryTable) -> tuple[list[str], list[list[str]]]:
+    header = ["contender", "median µs", "min–max µs", "× same at step/history 10"]
+    return header, [_row_cells(row, with_step=False) for row in table.rows]
+
+
+def _goal_cells(goals: Sequence[Goal]) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for goal in goals:
+        if goal.measured is None:
+            rows.append([goal.name, goal.note or "not measured", f"≤ {goal.target:.2f}×", "n/a"])
+        else:
+            mark = "✓" if goal.met else "✗"
+            rows.append([goal.name, f"{goal.measured:.3f}×", f"≤ {goal.target:.2f}×", mark])
+    return ["goal", "measured", "target", "met"], rows
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    lines = [header, align, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def report_markdown(result: OverheadResult) -> str:
+    """The whole ``docs/performance.md``: machine, method, how to reproduce, tables."""
+    s = result.settings
+    pinned = (
+        f"The benchmark pins torch to {_threads(s.threads)} (`torch.set_num_threads`) for "
+        "stable numbers; `gradguard.bench.run_overhead(threads=None)` keeps torch's default."
+    )
+    return f"""# Performance
+
+What gradguard costs per training step, between `loss.backward()` and `optimizer.step()`,
+next to `torch.nn.utils.clip_grad_norm_`, the peer packages and a whole training step.
+This file is generated by `benchmarks/overhead.py`; do not edit it by hand.
+
+**Machine.** {result.machine.describe()}. {pinned}
+
+**Method.** {_method(s)}
+
+**Reading the tables.** "× torch clip" below 1 is faster than torch's foreach
+`clip_grad_norm_`; "% of AdamW step" puts each cost on the scale of a whole training
+step. On the GPT-like model the gradient passes are bound by memory bandwidth: compare
+them with the floor. On the MLP, 1,000 tensors make per-tensor launches and Python
+dominate. On the CPU, where reading a value back costs nothing, gradguard (like the
+zclip package) skips the in-place multiply when the scale is exactly 1 and runs ZClip's
+scalar rule on Python floats; on an accelerator it always multiplies and keeps every
+number on the device, so it never waits for it. On a GPU each `.item()` of the package
+and of the per-parameter logger is a host-device sync, which these CPU tables do not
+measure.
+
+**Reproduce.** `make bench` or `python benchmarks/overhead.py` (rewrites this file;
+about {_round_up(result.elapsed_s)} s here); `gradguard bench` prints the same tables.
+
+## Results
+
+{result.to_markdown()}"""
+
+
+def _round_up(seconds: float) -> int:
+    return max(10, int(math.ceil(seconds / 10.0)) * 10)
+
+
+def _method(s: Settings) -> str:
+    return f"""All contenders run in one process, in {s.rounds} interleaved rounds:
+each round times every contender once, in a shuffled order, as a block of back-to-back
+calls lasting about {s.target_block_us / 1000:g} ms or more, far above timer noise; a row
+reports the per-call median over the rounds and the fastest and slowest round. Garbage
+collection is paused while timing. Gradients are real: one forward/backward on a small
+batch. They are then rescaled to a global norm of {GRAD_NORM} and clipped once by AGC, so
+that every threshold used here (`max_norm=1`, `clip_value=1`, the histories below) lies
+above them: after a first call, each clip multiplies by exactly 1 (torch still runs
+the multiply; gradguard skips it on the CPU). The gradients are views into one
+flat buffer, restored from a copy at the start of every round, so nothing drifts towards
+subnormals (checked: no subnormal gradient element before or after timing), and the
+floor, one `sum()` over that buffer, reads the very bytes the contenders read. Stateful
+policies are timed in their steady state: ZClip and the zclip package after 30 warm-up
+steps (their warm-up is 25); AutoClip's sketch and the autoclip package's history
+filled beforehand with heavy-tailed norms (Pareto, tail index {PARETO_ALPHA}, minimum 1)
+and restored before each timed block. In that steady state the zclip package finds no
+spike and skips its multiply: its cheapest path. gradguard rows call
+`gradguard.clip_(model, policy)`: statistics, then the policy. The `.item()` logger is
+`{{name: p.grad.norm().item()}}` over the parameters. The training step is
+`zero_grad(set_to_none=True)`, forward, backward and `torch.optim.AdamW(lr=1e-4).step()`
+with torch's default implementation, on a copy of the same model, timed in the same
+rounds; "% of AdamW step" divides each median by its median."""
+
+
+def _rich_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> object:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
+def print_result(result: OverheadResult, console: Console | None = None) -> None:
+    """Print the tables and goals to the terminal (rich if installed, else markdown)."""
+    try:
+        from rich.console import Console as RichConsole
+    except ImportError:  # rich comes with the ``cli`` extra; plain markdown reads fine too
+        print(result.to_markdown())
+        return
+    out = console if console is not None else RichConsole()
+    s = result.settings
+    out.print(
+        f"[bold]gradguard overhead[/bold]: {result.machine.describe()}; median of {s.rounds} "
+        f"interleaved rounds; {result.elapsed_s:.0f} s"
+        + (" [yellow](quick mode: numbers are not meaningful)[/yellow]" if s.quick else "")
+    )
+    for table in result.models:
+        out.print(_rich_table(table.title, *_model_cells(table)))
+    out.print(_rich_table("Cost against history length", *_history_cells(result.history)))
+    out.print(_rich_table("Goals", *_goal_cells(result.goals)))
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block: causal self-attention, then a 4x GELU MLP."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.out = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = (
+            part.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+            for part in self.qkv(self.ln1(x)).split(d, dim=2)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        out: Tensor = x + self.out(F.gelu(self.fc(self.ln2(x))))
+        return out
+
+
+class _GPT(nn.Module):
+    """A GPT-2-shaped language model with a head tied to the token embedding."""
+
+    def __init__(self, vocab: int, seq_len: int, d_model: int, heads: int, layers: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(seq_len, d_model)
+        self.blocks = nn.ModuleList(_Block(d_model, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        self.head.weight = self.tok.weight
+        # GPT-2's initialisation. torch's N(0, 1) embedding, read back through the tied
+        # head, gives logits of std ~16: a near one-hot softmax whose gradient is ~20%
+        # subnormal floats, which makes every pass over it ~10x slower on a CPU.
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits: Tensor = self.head(self.ln(x))
+        return logits
+
+
+class _ResidualTanh(nn.Module):
+    """``x + tanh(W x + b) / sqrt(depth)``: 500 of them keep gradients finite and normal."""
+
+    def __init__(self, width: int, branch_scale: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.branch_scale = branch_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.branch_scale * torch.tanh(self.lin(x))
+
+
+@dataclass(frozen=True)
+class _Case:
+    """A model, the loss of one fixed batch, and how to describe it."""
+
+    key: str
+    title: str
+    description: str
+    model: nn.Module
+    loss: Callable[[nn.Module], Tensor]
+
+
+def _gpt_case(quick: bool, gen: torch.Generator) -> _Case:
+    vocab, seq_len, d_model, heads, layers, batch = (
+        (512, 16, 32, 2, 2, 2) if quick else (16384, 128, 256, 4, 6, 4)
+    )
+    model = _GPT(vocab, seq_len, d_model, heads, layers)
+    idx = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    targets = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+
+    def loss(m: nn.Module) -> Tensor:
+        return F.cross_entropy(m(idx).reshape(-1, vocab), targets.reshape(-1))
+
+    n, tensors = _count(model)
+    return _Case(
+        key="gpt",
+        title=f"GPT-like: {n:,} parameters in {tensors} tensors",
+        description=(
+            f"{layers} pre-LN transformer blocks, d_model {d_model}, {heads} heads, MLP 4x, "
+            f"vocabulary {vocab:,}, context {seq_len}, head tied to the token embedding. "
+            f"Gradients and the training step from a batch of {batch} × {seq_len} tokens."
+        ),
+        model=model,
+        loss=loss,
+    )
+
+
+def _mlp_case(quick: bool, gen: torch.Generator) -> _Case:
+    depth, width, batch = (20, 32, 16) if quick else (500, 32, 64)
+    model = nn.Sequential(*(_ResidualTanh(width, depth**-0.5) for _ in range(depth)))
+    x = torch.randn(batch, width, generator=gen)
+    y = torch.randn(batch, width, generator=gen)
+
+    def loss(m: nn.Module) -> Tensor:
+        return F.mse_loss(m(x), y)
+
+    n, tensors = _count(model)
+    return _Case(
+        key="mlp",
+        title=f"{depth}-layer MLP: {n:,} parameters in {tensors} tensors",
+        description=(
+            f"{depth} × Linear({width}, {width}) in residual tanh blocks "
+            f"(x + tanh(Wx + b) / √{depth}): many small tensors, where per-tensor overhead "
+            f"dominates. Gradients and the training step from a batch of {batch}, MSE loss."
+        ),
+        model=model,
+        loss=loss,
+    )
+
+
+def _count(model: nn.Module) -> tuple[int, int]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() for p in params), len(params)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _noop() -> None:
+    """Nothing to reset."""
+
+
+@dataclass(frozen=True)
+class _Contender:
+    """Something timed: ``fn`` runs once per call; ``reset`` runs untimed before a block."""
+
+    name: str
+    fn: Callable[[], object]
+    reset: Callable[[], None] = _noop
+    available: bool = True
+    note: str = ""
+
+
+def _missing(name: str, note: str = NOT_INSTALLED) -> _Contender:
+    return _Contender(name, _noop, available=False, note=note)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Keep the cyclic garbage collector from firing inside a timed block (as timeit does)."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _time_block(contender: _Contender, calls: int) -> float:
+    """Per-call µs of ``calls`` back-to-back calls, after an untimed reset."""
+    contender.reset()
+    fn = contender.fn
+    start = time.perf_counter_ns()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter_ns() - start) / calls / 1e3
+
+
+def _calibrate(contender: _Contender, target_us: float) -> int:
+    """Warm up (first calls allocate) and pick the calls per block to last ``target_us``."""
+    _time_block(contender, 2)
+    single = _time_block(contender, 1)
+    return max(1, min(MAX_CALLS, math.ceil(target_us / max(single, 1e-3))))
+
+
+def _time_rounds(
+    contenders: Sequence[_Contender],
+    settings: Settings,
+    rng: random.Random,
+    before_round: Callable[[], object] = _noop,
+) -> dict[str, tuple[tuple[float, ...], int]]:
+    """Time every available contender once per round, in a fresh shuffled order each round.
+
+    Returns:
+        For each contender that ran: its per-call µs in every round, and the calls per block.
+    """
+    active = [c for c in contenders if c.available]
+    calls = {c.name: _calibrate(c, settings.target_block_us) for c in active}
+    samples: dict[str, list[float]] = {c.name: [] for c in active}
+    order = list(active)
+    with _gc_paused():
+        for _ in range(settings.rounds):
+            before_round()
+            rng.shuffle(order)
+            for contender in order:
+                samples[contender.name].append(_time_block(contender, calls[contender.name]))
+    return {name: (tuple(values), calls[name]) for name, values in samples.items()}
+
+
+def _rows(
+    contenders: Sequence[_Contender],
+    timings: dict[str, tuple[tuple[float, ...], int]],
+    reference: Callable[[str], str],
+    step: str | None = None,
+) -> tuple[Row, ...]:
+    """Rows in contender order; ratios are medians over the reference row's median."""
+    medians = {name: statistics.median(values) for name, (values, _) in timings.items()}
+    rows = []
+    for contender in contenders:
+        if contender.name not in timings:
+            rows.append(
+                Row(contender.name, (), 0, reference(contender.name), None, None, contender.note)
+            )
+            continue
+        values, calls = timings[contender.name]
+        ref = reference(contender.name)
+        median = medians[contender.name]
+        ratio = median / medians[ref] if ref in medians else None
+        percent = 100.0 * median / medians[step] if step in medians else None
+        rows.append(Row(contender.name, values, calls, ref, ratio, percent, contender.note))
+    return tuple(rows)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def _import_peer(name: str) -> ModuleType | None:
+    """Import an optional peer package, or None when it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _grads(params: Sequence[Tensor]) -> list[Tensor]:
+    grads = [p.grad for p in params]
+    present = [g for g in grads if g is not None]
+    if len(present) != len(grads):
+        raise RuntimeError("benchmark model has a parameter without a gradient after backward")
+    return present
+
+
+def _subnormals(grads: Sequence[Tensor]) -> int:
+    tiny = torch.finfo(torch.float32).tiny
+    return sum(int(((g != 0) & (g.abs() < tiny)).sum()) for g in grads)
+
+
+def _check_normal(grads: Sequence[Tensor], when: str) -> None:
+    count = _subnormals(grads)
+    if count:
+        raise RuntimeError(
+            f"{count} subnormal gradient elements {when}: the timings would measure the CPU's "
+            "subnormal penalty, not the code. This is a bug in the benchmark's set-up."
+        )
+
+
+def _prepare_grads(model: nn.Module, params: Sequence[Tensor]) -> Tensor:
+    """Rescale real gradients to :data:`GRAD_NORM`, then to AGC's fixed point; flatten them.
+
+    Returns:
+        One flat buffer holding every gradient, each ``p.grad`` now a view into it (as
+        with DDP's ``gradient_as_bucket_view``): the floor reads exactly the bytes, in the
+        same cache state, that the contenders read, and one copy restores them all.
+    """
+    grads = _grads(params)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, GRAD_NORM / float(total))
+    clip_(model, AGC())  # AGC clips some units once; later AGC calls leave them as they are
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    offset = 0
+    for param in params:
+        param.grad = flat[offset : offset + param.numel()].view_as(param)
+        offset += param.numel()
+    _check_normal([flat], "before timing")
+    return flat
+
+
+def _heavy_tailed_norms(count: int, gen: torch.Generator) -> Tensor:
+    """Pareto(``PARETO_ALPHA``) norms, minimum 1: occasional spikes orders of magnitude up."""
+    return torch.empty(count).exponential_(generator=gen).div_(PARETO_ALPHA).exp_()
+
+
+def _filled_autoclip(norms: Tensor) -> AutoClip:
+    """An AutoClip whose sketch has seen ``norms``, fed one step at a time (the real path)."""
+    policy = AutoClip(percentile=PERCENTILE)
+    for norm in norms:
+        policy.observe(norm)
+    return policy
+
+
+def _autoclip_contender(
+    name: str, apply: Callable[[AutoClip], object], filled: AutoClip
+) -> _Contender:
+    """A gradguard AutoClip with its sketch restored to ``filled``'s before every block."""
+    state = filled.state_dict()
+    policy = AutoClip(percentile=PERCENTILE)
+    return _Contender(name, lambda: apply(policy), lambda: policy.load_state_dict(state))
+
+
+def _quantile_clip(
+    name: str, params: Sequence[Tensor], history: Tensor, history_length: int
+) -> _Contender:
+    """The autoclip package's QuantileClip, its history reset to ``history`` per block."""
+    module = _import_peer("autoclip.torch")
+    if module is None:
+        return _missing(name, f"autoclip {NOT_INSTALLED}")
+    clipper = module.QuantileClip(
+        list(params),
+        quantile=PERCENTILE / 100.0,
+        history_length=history_length,
+        global_threshold=True,
+    )
+
+    def reset() -> None:
+        clipper.state["global_history"] = history.clone()
+
+    return _Contender(name, clipper.step, reset)
+
+
+def _zclip_package(model: nn.Module) -> _Contender:
+    """The zclip package, past its warm-up."""
+    module = _import_peer("zclip")
+    if module is None:
+        return _missing(ZCLIP_PACKAGE)
+    clipper = module.ZClip(max_grad_norm=None)
+    for _ in range(clipper.warmup_steps + 5):
+        clipper.step(model)
+    return _Contender(ZCLIP_PACKAGE, lambda: clipper.step(model))
+
+
+def _warm_zclip(model: nn.Module) -> ZClip:
+    policy = ZClip()
+    for _ in range(policy.warmup_steps + 5):
+        clip_(model, policy)
+    return policy
+
+
+def _item_logger(model: nn.Module) -> Callable[[], dict[str, float]]:
+    """The per-step monitoring many loops do: one host read per parameter."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def log() -> dict[str, float]:
+        return {n: p.grad.norm().item() for n, p in named if p.grad is not None}
+
+    return log
+
+
+def _train_step(model: nn.Module, loss: Callable[[nn.Module], Tensor]) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss(model))
+        optimizer.step()
+
+    return step
+
+
+def _model_contenders(
+    case: _Case,
+    params: Sequence[Tensor],
+    flat: Tensor,
+    train_model: nn.Module,
+    history: AutoClip,
+    norms: Tensor,
+) -> list[_Contender]:
+    model = case.model
+    norm_clip, value_clip, z_clip, agc = NormClip(1.0), ValueClip(1.0), _warm_zclip(model), AGC()
+    contenders = [
+        _Contender(BASELINE, lambda: nn.utils.clip_grad_norm_(params, 1.0, foreach=True)),
+        _Contender(GRAD_STATS, lambda: grad_stats(model)),
+        _Contender(NORM_CLIP, lambda: clip_(model, norm_clip)),
+        _Contender(VALUE_CLIP, lambda: clip_(model, value_clip)),
+        _autoclip_contender(AUTO_CLIP, lambda p: clip_(model, p), history),
+        _Contender(Z_CLIP, lambda: clip_(model, z_clip)),
+        _Contender(AGC_CLIP, lambda: clip_(model, agc)),
+        _zclip_package(model),
+        _quantile_clip(AUTOCLIP_PACKAGE, params, norms[:PACKAGE_HISTORY], PACKAGE_HISTORY),
+        _Contender(ITEM_LOGGER, _item_logger(model)),
+        _Contender(FLOOR, flat.sum),
+        _Contender(TRAIN_STEP, _train_step(train_model, case.loss)),
+    ]
+    if [c.name for c in contenders] != list(MODEL_ROWS):  # pragma: no cover - a typo guard
+        raise RuntimeError("contender list and MODEL_ROWS disagree")
+    return contenders
+
+
+def _bench_model(
+    case: _Case, settings: Settings, rng: random.Random, history: AutoClip, norms: Tensor
+) -> ModelTable:
+    model = case.model
+    train_model = copy.deepcopy(model)  # its AdamW steps must not touch the measured grads
+    torch.autograd.backward(case.loss(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = _prepare_grads(model, params)
+    pristine = flat.clone()
+    contenders = _model_contenders(case, params, flat, train_model, history, norms)
+    timings = _time_rounds(contenders, settings, rng, before_round=lambda: flat.copy_(pristine))
+    _check_normal([flat], "after timing")
+    n, tensors = _count(model)
+    return ModelTable(
+        key=case.key,
+        title=case.title,
+        description=case.description,
+        num_params=n,
+        num_tensors=tensors,
+        rows=_rows(contenders, timings, lambda _: BASELINE, step=TRAIN_STEP),
+    )
+
+
+def _bench_history(
+    settings: Settings, gen: torch.Generator, rng: random.Random, old: AutoClip, norms: Tensor
+) -> HistoryTable:
+    """AutoClip at step 10 vs step N, and the autoclip package at history 10 vs full."""
+    model = nn.Linear(256, 256)
+    torch.autograd.backward(model(torch.randn(64, 256, generator=gen)).square().mean())
+    params = list(model.parameters())
+    _prepare_grads(model, params)
+    stats = grad_stats(model)
+    n = settings.history
+    short = min(PACKAGE_HISTORY, n)
+    young_name = "gg.AutoClip().clip_(stats), step 10"
+    old_name = f"gg.AutoClip().clip_(stats), step {n:,}"
+    package = f"autoclip QuantileClip(history_length={short:,}).step()"
+    package_10 = f"{package}, history 10"
+    contenders = [
+        _autoclip_contender(young_name, lambda p: p.clip_(stats), _filled_autoclip(norms[:10])),
+        _autoclip_contender(old_name, lambda p: p.clip_(stats), old),
+        _quantile_clip(package_10, params, norms[:10], short),
+        _quantile_clip(f"{package}, history {short:,} (full)", params, norms[:short], short),
+        _quantile_clip(
+            f"autoclip QuantileClip(history_length={n:,}).step(), history {n:,} (full)",
+            params,
+            norms[:n],
+            n,
+        ),
+    ]
+    timings = _time_rounds(contenders, settings, rng)
+    rows = _rows(
+        contenders, timings, lambda name: young_name if name.startswith("gg.") else package_10
+    )
+    return HistoryTable(
+        description=(
+            "Per-step cost of the history-based clippers on a Linear(256, 256) (tiny "
+            "gradients, so the history's own cost is not hidden behind a pass over many "
+            "bytes). gradguard's AutoClip is timed as the policy alone, on precomputed "
+            f"statistics, after 10 and after {n:,} heavy-tailed norms fed through its real "
+            "update path; its sketch is a fixed-size histogram, so the cost should not "
+            "grow. The autoclip package keeps the last `history_length` norms in a tensor "
+            "that it concatenates and sorts (`torch.quantile`) every step, so its cost "
+            f"grows with the history; a history of {n:,} is what matching AutoClip's "
+            "whole-run percentile over that many steps takes."
+        ),
+        rows=rows,
+        steps=n,
+        autoclip_young=young_name,
+        autoclip_old=old_name,
+    )
+
+
+def _goals(models: Sequence[ModelTable], history: HistoryTable) -> tuple[Goal, ...]:
+    goals = [
+        Goal(
+            f"grad_stats + NormClip vs torch clip_grad_norm_, {t.key}", t.row(NORM_CLIP).ratio, 1.10
+        )
+        for t in models
+    ]
+    for table in models:
+        ours, theirs = table.row(Z_CLIP).median_us, table.row(ZCLIP_PACKAGE).median_us
+        goals.append(
+            Goal(
+                f"ZClip vs the zclip package, {table.key}",
+                None if ours is None or theirs is None else ours / theirs,
+                0.8,
+                note=f"zclip {NOT_INSTALLED}",
+            )
+        )
+    old = history.row(history.autoclip_old)
+    goals.append(
+        Goal(f"AutoClip per-step cost at step {history.steps:,} vs step 10", old.ratio, 1.2)
+    )
+    return tuple(goals)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _machine(threads: int) -> Machine:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), ""
+            )
+    except OSError:  # not Linux
+        pass
+    return Machine(
+        cpu=cpu or platform.processor() or platform.machine() or "unknown CPU",
+        cores=os.cpu_count() or 1,
+        torch_version=torch.__version__,
+        threads=threads,
+        python=platform.python_version(),
+        system=f"{platform.system()} {platform.release()}",
+    )
+
+
+def _validate(rounds: int, threads: int | None) -> None:
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ConfigError(f"rounds must be an int >= 1 (30 or more for the docs), got {rounds!r}.")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(
+            f"threads must be None (torch's default) or an int >= 1, got {threads!r}."
+        )
+
+
+def run_overhead(
+    rounds: int = 30, quick: bool = False, *, threads: int | None = 1, seed: int = 0
+) -> OverheadResult:
+    """Time gradguard's per-step gradient post-processing against torch and peer packages.
+
+    Takes about a minute on a 2-core laptop CPU (``quick``: a second or two). The caller's
+    torch thread count and RNG state are restored afterwards.
+
+    Args:
+        rounds: interleaved rounds; medians and min-max are over these (30 or more for
+            numbers worth publishing).
+        quick: tiny models and a history of 2,000 norms instead of 100,000: a smoke test.
+        threads: torch threads during the run; 1 (default) gives the most stable numbers,
+            None keeps torch's current setting.
+        seed: seeds the models, batches, norm history and the order within rounds.
+
+    Returns:
+        The tables, the goals with their measured values, and the settings.
+
+    Raises:
+        ConfigError: ``rounds`` or ``threads`` is not a positive int.
+    """
+    _validate(rounds, threads)
+    started = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        settings = Settings(
+            rounds=rounds,
+            quick=quick,
+            threads=torch.get_num_threads(),
+            seed=seed,
+            target_block_us=200.0 if quick else 5000.0,
+            history=2_000 if quick else 100_000,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            models, history = _run(settings)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return OverheadResult(
+        settings=settings,
+        machine=_machine(settings.threads),
+        models=models,
+        history=history,
+        goals=_goals(models, history),
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+def _run(settings: Settings) -> tuple[tuple[ModelTable, ...], HistoryTable]:
+    gen = torch.Generator().manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    norms = _heavy_tailed_norms(settings.history, gen)
+    old = _filled_autoclip(norms)
+    models = tuple(
+        _bench_model(make(settings.quick, gen), settings, rng, old, norms)
+        for make in (_gpt_case, _mlp_case)
+    )
+    return models, _bench_history(settings, gen, rng, old, norms)

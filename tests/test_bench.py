@@ -1,0 +1,183 @@
+"""Smoke test of the overhead benchmark: it runs, fills every row, and its arithmetic holds.
+
+No timing is asserted: only that the ratios and goals are computed from the medians the
+result reports, and that the markdown is well formed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import statistics
+import sys
+
+import pytest
+import torch
+from rich.console import Console
+
+from gradguard import bench
+from gradguard.errors import ConfigError
+
+ROUNDS = 3
+PEERS_INSTALLED = {
+    bench.ZCLIP_PACKAGE: importlib.util.find_spec("zclip") is not None,
+    bench.AUTOCLIP_PACKAGE: importlib.util.find_spec("autoclip") is not None,
+}
+
+
+@pytest.fixture(scope="module")
+def result() -> bench.OverheadResult:
+    return bench.run_overhead(rounds=ROUNDS, quick=True)
+
+
+def _medians(rows: tuple[bench.Row, ...]) -> dict[str, float]:
+    return {row.name: row.median_us for row in rows if row.median_us is not None}
+
+
+def test_every_model_row_is_timed_in_every_round(result: bench.OverheadResult) -> None:
+    assert [t.key for t in result.models] == ["gpt", "mlp"]
+    for table in result.models:
+        assert tuple(row.name for row in table.rows) == bench.MODEL_ROWS
+        assert table.num_params >= table.num_tensors > 0
+        for row in table.rows:
+            expected = PEERS_INSTALLED.get(row.name, True)
+            assert row.ran is expected, row.name
+            if row.ran:
+                assert len(row.samples_us) == ROUNDS
+                assert row.calls >= 1
+                assert all(value > 0 for value in row.samples_us)
+
+
+def test_ratios_are_medians_over_reference_medians(result: bench.OverheadResult) -> None:
+    for table in result.models:
+        medians = _medians(table.rows)
+        baseline = medians[bench.BASELINE]
+        step = medians[bench.TRAIN_STEP]
+        assert table.row(bench.BASELINE).ratio == pytest.approx(1.0)
+        assert table.row(bench.TRAIN_STEP).step_percent == pytest.approx(100.0)
+        for row in table.rows:
+            if not row.ran:
+                assert row.ratio is None
+                continue
+            assert row.median_us == statistics.median(row.samples_us)
+            assert row.min_us is not None
+            assert row.max_us is not None
+            assert row.min_us <= row.median_us <= row.max_us
+            assert row.reference == bench.BASELINE
+            assert row.ratio == pytest.approx(medians[row.name] / baseline)
+            assert row.step_percent == pytest.approx(100.0 * medians[row.name] / step)
+
+
+def test_history_rows_are_relative_to_their_step_10(result: bench.OverheadResult) -> None:
+    history = result.history
+    medians = _medians(history.rows)
+    assert history.row(history.autoclip_young).ratio == pytest.approx(1.0)
+    assert history.steps == result.settings.history
+    for row in history.rows:
+        if row.ran:
+            assert row.ratio == pytest.approx(medians[row.name] / medians[row.reference])
+    packages = [row for row in history.rows if row.name.startswith("autoclip")]
+    assert len(packages) == 3
+    assert all(row.ran is PEERS_INSTALLED[bench.AUTOCLIP_PACKAGE] for row in packages)
+
+
+def test_goals_use_the_reported_numbers(result: bench.OverheadResult) -> None:
+    goals = {goal.name: goal for goal in result.goals}
+    assert len(goals) == 5
+    for table in result.models:
+        norm = goals[f"grad_stats + NormClip vs torch clip_grad_norm_, {table.key}"]
+        assert norm.measured == table.row(bench.NORM_CLIP).ratio
+        assert norm.target == pytest.approx(1.10)
+        zclip = goals[f"ZClip vs the zclip package, {table.key}"]
+        ours, theirs = table.row(bench.Z_CLIP).median_us, table.row(bench.ZCLIP_PACKAGE).median_us
+        if theirs is None:
+            assert zclip.measured is None
+            assert zclip.met is None
+        else:
+            assert ours is not None
+            assert zclip.measured == pytest.approx(ours / theirs)
+    history = result.history
+    auto = goals[f"AutoClip per-step cost at step {history.steps:,} vs step 10"]
+    assert auto.measured == history.row(history.autoclip_old).ratio
+    for goal in result.goals:
+        if goal.measured is not None:
+            assert goal.met is (goal.measured <= goal.target)
+
+
+def _tables(markdown: str) -> list[list[str]]:
+    tables: list[list[str]] = []
+    previous_was_table = False
+    for line in markdown.splitlines():
+        is_table = line.startswith("|")
+        if is_table and not previous_was_table:
+            tables.append([])
+        if is_table:
+            tables[-1].append(line)
+        previous_was_table = is_table
+    return tables
+
+
+def test_markdown_tables_are_well_formed(result: bench.OverheadResult) -> None:
+    markdown = result.to_markdown()
+    tables = _tables(markdown)
+    assert len(tables) == len(result.models) + 2  # models, history, goals
+    for lines in tables:
+        assert re.fullmatch(r"\|( -{3,}:? \|)+", lines[1]), lines[1]
+        widths = {line.count("|") for line in lines}
+        assert len(widths) == 1, lines
+        assert all(line.endswith(" |") for line in lines)
+    for table, lines in zip(result.models, tables, strict=False):
+        assert len(lines) == 2 + len(bench.MODEL_ROWS)
+        for row, line in zip(table.rows, lines[2:], strict=True):
+            assert line.startswith(f"| {row.name} |")
+    assert len(tables[-1]) == 2 + len(result.goals)
+    for goal, line in zip(result.goals, tables[-1][2:], strict=True):
+        assert line.endswith({True: "| ✓ |", False: "| ✗ |", None: "| n/a |"}[goal.met])
+    assert "Quick mode" in markdown
+
+
+def test_report_and_console_output(result: bench.OverheadResult) -> None:
+    report = bench.report_markdown(result)
+    assert report.startswith("# Performance")
+    assert "make bench" in report
+    assert "python benchmarks/overhead.py" in report
+    assert result.machine.cpu in report
+    assert torch.__version__ in report
+    assert report.endswith(result.to_markdown())
+    console = Console(record=True, width=240)
+    bench.print_result(result, console)
+    text = console.export_text()
+    for name in (bench.BASELINE, bench.TRAIN_STEP, "Goals"):
+        assert name in text
+
+
+def test_missing_peers_are_marked_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("zclip", "autoclip", "autoclip.torch"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
+    result = bench.run_overhead(rounds=1, quick=True)
+    for table in result.models:
+        for name in (bench.ZCLIP_PACKAGE, bench.AUTOCLIP_PACKAGE):
+            row = table.row(name)
+            assert not row.ran
+            assert row.ratio is None
+            assert bench.NOT_INSTALLED in row.note
+        assert table.row(bench.NORM_CLIP).ran
+    assert [g.met for g in result.goals if g.name.startswith("ZClip")] == [None, None]
+    assert "not installed" in result.to_markdown()
+
+
+def test_leaves_threads_and_rng_as_found() -> None:
+    threads = torch.get_num_threads()
+    rng = torch.get_rng_state()
+    bench.run_overhead(rounds=1, quick=True, threads=threads + 1)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"rounds": 0}, "rounds"), ({"rounds": 2.5}, "rounds"), ({"threads": 0}, "threads")],
+)
+def test_bad_arguments_fail_before_running(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        bench.run_overhead(**kwargs)  # type: ignore[arg-type]
