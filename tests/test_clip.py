@@ -309,6 +309,7 @@ def test_agc_exclude_patterns_and_unitwise_norm() -> None:
 
 # --- contract suite over every policy ----------------------------------------------------
 
+
 def zclip_with_tensor_math(**kwargs: Any) -> gg.ZClip:
     policy = gg.ZClip(**kwargs)
     policy._host_math_on_cpu = False  # the path an accelerator takes, exercised on the CPU

@@ -10,6 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from gradguard.clip import AGC, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip, clip_
 from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError
+from gradguard.guard import Guard, GuardedOptimizer
+from gradguard.records import Event, StepReport, Window
 from gradguard.stats import GradStats, grad_stats
 
 try:
@@ -22,11 +24,16 @@ __all__ = [
     "AutoClip",
     "ClipPolicy",
     "ConfigError",
+    "Event",
     "GradGuardError",
     "GradStats",
+    "Guard",
+    "GuardedOptimizer",
     "NormClip",
+    "StepReport",
     "UnsupportedModelError",
     "ValueClip",
+    "Window",
     "ZClip",
     "__version__",
     "clip_",

@@ -1,0 +1,655 @@
+"""Guard: the drop-in replacement for ``optimizer.step()``, and the one composition root.
+
+Per step, on the device: measure (``grad_stats``), clip (a policy), step or skip the
+optimizer, and write the step's statistics into a fixed ring buffer. Every ``log_every``
+steps the buffer is copied to the host once (a drain) and handed to the detectors, the
+recovery and the sinks. Host syncs are counted in ``guard.sync_count``; each one in this
+file carries a ``# sync:`` comment with its reason.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gradguard.clip import ClipPolicy
+from gradguard.detect import Detector, default_detectors
+from gradguard.errors import ConfigError, GradGuardError
+from gradguard.records import Event, StepReport, Window
+from gradguard.sinks import JsonlSink, Sink
+from gradguard.stats import GradStats, grad_stats, layout_for
+
+NonFiniteMode = Literal["skip", "raise", "zero"]
+_COLUMNS = ("loss", "loss_given", "grad_norm", "clipped_norm", "scale")
+_FLAGS = ("skipped", "finite", "overflow")
+_N_SCALARS = len(_COLUMNS) + len(_FLAGS) + 1  # + lr
+
+
+@runtime_checkable
+class Recovery(Protocol):
+    """What the guard needs from a recovery strategy (see ``gradguard.Rollback``)."""
+
+    def attach(self, guard: Guard) -> None:
+        """Called once, when the guard is built."""
+        ...
+
+    def after_step(self, guard: Guard) -> None:
+        """Called after every step (e.g. to take a snapshot every N steps)."""
+        ...
+
+    def on_events(self, guard: Guard, events: Sequence[Event]) -> None:
+        """Called at each drain with the events it raised."""
+        ...
+
+
+def _supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """True for optimizers whose fused step honours ``found_inf`` on the device."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+class Guard:
+    """Measure, clip, skip non-finite steps, detect trouble and log, in place of ``step()``.
+
+    Use ``guard.step(loss)`` where the loop called ``optimizer.step()`` (after
+    ``loss.backward()``; call ``zero_grad`` as usual). For frameworks that call
+    ``optimizer.step()`` themselves, pass ``guard.wrap()`` as their optimizer.
+
+    Skipping is exact: on a skipped step parameters, optimizer state (moments, step
+    counts) and the LR scheduler stay as they were. Fused optimizers (``fused=True``)
+    skip on the device through ``found_inf``, as ``GradScaler`` does, with no host sync;
+    the scheduler increment of a skipped step is then undone at the next drain (within
+    ``log_every`` steps). Other optimizers cost one host read per step, as with
+    ``GradScaler``. Before the first fused step the guard creates the optimizer's state
+    with a cancelled step, so a skipped first step leaves the state a first step starts
+    from (zero moments, step 0) rather than none.
+
+    Args:
+        model: the module being trained.
+        optimizer: its optimizer.
+        clip: a clipping policy (``gg.NormClip(1.0)``, ``gg.ZClip()``, ...) or None.
+        nonfinite: ``"skip"`` the step, ``"raise"`` :class:`GradGuardError` naming the
+            parameters, or ``"zero"`` the offending tensors' gradients and step.
+            ``"raise"`` and ``"zero"`` read a flag on the host every step.
+        detectors: ``"default"`` (:func:`gradguard.detect.default_detectors`), a list, or
+            None for none.
+        recovery: a recovery strategy such as ``gg.Rollback(...)``, or None.
+        scheduler: an LR scheduler the guard steps after each real optimizer step.
+        scaler: a ``torch.amp.GradScaler``; the guard unscales, steps through it and
+            agrees with it on skipped steps.
+        log_every: steps between drains (one device-to-host copy each).
+        run_dir: a directory for the JSONL logs (``docs/run-format.md``).
+        on_event: called with every event, at the drain that raised it.
+        sinks: extra sinks besides the run directory's.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        clip: ClipPolicy | None = None,
+        nonfinite: NonFiniteMode = "skip",
+        detectors: Literal["default"] | Sequence[Detector] | None = "default",
+        recovery: Recovery | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        log_every: int = 10,
+        run_dir: str | os.PathLike[str] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        sinks: Iterable[Sink] = (),
+    ) -> None:
+        _validate(model, optimizer, clip, nonfinite, recovery, scheduler, log_every, on_event)
+        self.model = model
+        self.optimizer = optimizer
+        self.clip = clip
+        self.nonfinite: NonFiniteMode = nonfinite
+        self.detectors: list[Detector] = _detectors(detectors)
+        self.recovery = recovery
+        self.scheduler = scheduler
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.log_every = log_every
+        self.on_event = on_event
+        self.run_dir = None if run_dir is None else os.fspath(run_dir)
+        self.sinks: list[Sink] = list(sinks)
+        if run_dir is not None:
+            self.sinks.insert(0, JsonlSink(run_dir))
+
+        layout = layout_for(model)
+        self.layer_names = layout.layer_names
+        self.tensor_names = layout.names
+        self.device = layout.device
+        self.fused = _supports_found_inf(optimizer)
+        self.events: list[Event] = []
+        self.should_stop = False
+        self.sync_count = 0
+        self.step_count = 0
+        self._state_primed = False
+        self._buffer = torch.zeros(
+            (log_every, _N_SCALARS + len(self.layer_names) + len(self.tensor_names)),
+            dtype=torch.float32,
+            device=self.device,
+        )
+        self._buffered = 0
+        self._scheduler_at_window_start: dict[str, Any] | None = None
+        self._window_on_device: list[bool] = []
+        self._window_lr: list[float] = []
+        self._nan = torch.full((), float("nan"), device=self.device)
+        self._one = torch.ones((), device=self.device)
+        self._zero = torch.zeros((), device=self.device)
+        self._closed = False
+        for sink in self.sinks:
+            sink.open(self._meta())
+        if recovery is not None:
+            recovery.attach(self)
+
+    # --- the step ---------------------------------------------------------------------
+
+    def step(self, loss: Tensor | float | None = None) -> StepReport:
+        """Measure, clip, then step the optimizer or skip the step; return what happened.
+
+        Args:
+            loss: this step's loss (a scalar tensor or float), for spike and divergence
+                detection and the logs; optional.
+
+        Returns:
+            A :class:`StepReport` of device tensors.
+        """
+        if self._closed:
+            raise GradGuardError("this Guard was closed; build a new one to keep training.")
+        self.step_count += 1
+        if self.fused and self._buffered == 0 and self.scheduler is not None:
+            self._scheduler_at_window_start = {
+                "scheduler": self.scheduler.state_dict(),
+                "groups": [
+                    {k: v for k, v in g.items() if k != "params"}
+                    for g in self.optimizer.param_groups
+                ],
+            }
+        if self.scaler is not None:
+            self._unscale()
+        stats = grad_stats(self.model, resolve=False)
+        no_sync = self.fused and self.nonfinite == "skip" and self._fused_state_ready()
+        self._window_on_device.append(no_sync)
+        if no_sync:
+            skipped, scale = self._step_on_device(stats)
+        else:
+            stats, skipped, scale = self._step_with_read(stats)
+        report = StepReport(
+            step=self.step_count,
+            grad_norm=stats.total,
+            clipped_norm=stats.total * scale,
+            scale=scale,
+            skipped=skipped,
+            finite=stats.finite,
+            loss=None if loss is None else self._loss_tensor(loss),
+        )
+        self._record(report, stats)
+        if self.recovery is not None:
+            self.recovery.after_step(self)
+        if self._buffered == self.log_every:
+            self.flush()
+        return report
+
+    def _fused_state_ready(self) -> bool:
+        """Create the optimizer's state with a no-op fused step, so skips leave no trace.
+
+        A fused first step that ``found_inf`` cancels would still create state (and SGD's
+        momentum buffers would hold uninitialised memory). Creating it beforehand with a
+        cancelled step gives the state a real first step starts from: zero moments, step
+        0, and for SGD zero momentum buffers, which equal "no buffer yet" when
+        ``dampening == 0``; with dampening, the first step takes the read path instead.
+        """
+        if self._state_primed:
+            return True
+        opt: Any = self.optimizer
+        missing = [
+            p
+            for group in opt.param_groups
+            for p in group["params"]
+            if p.grad is not None and p not in opt.state
+        ]
+        if missing:
+            is_sgd = isinstance(opt, torch.optim.SGD)
+            if is_sgd and any(g["momentum"] and g["dampening"] for g in opt.param_groups):
+                return False
+            opt.grad_scale, opt.found_inf = None, torch.ones((), device=self.device)
+            try:
+                opt.step()
+            finally:
+                del opt.grad_scale, opt.found_inf
+            if is_sgd:
+                for p in missing:
+                    buffer = opt.state[p].get("momentum_buffer")
+                    if buffer is not None:
+                        buffer.zero_()
+        self._state_primed = True
+        return True
+
+    def _clip(self, stats: GradStats) -> Tensor:
+        return self._one if self.clip is None else self.clip.clip_(stats)
+
+    def _step_on_device(self, stats: GradStats) -> tuple[Tensor, Tensor]:
+        """Fused path: clip and step with ``found_inf``; nothing is read on the host."""
+        scale = self._clip(stats)
+        found_inf = (~stats.finite).float()
+        if self.scaler is not None:
+            found_inf = self._merge_into_scaler(found_inf)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            opt: Any = self.optimizer
+            opt.grad_scale, opt.found_inf = None, found_inf
+            try:
+                self.optimizer.step()
+            finally:
+                del opt.grad_scale, opt.found_inf
+        if self.scheduler is not None:
+            self.scheduler.step()  # undone at the drain if this step turns out skipped
+        return found_inf > 0, scale
+
+    def _step_with_read(self, stats: GradStats) -> tuple[GradStats, Tensor, Tensor]:
+        """Non-fused path (and raise/zero modes): one host read decides the step."""
+        bad = ~stats.finite
+        if self.scaler is not None:
+            bad = bad | (self._scaler_found_inf() > 0)
+        self.sync_count += 1
+        if bool(bad):  # sync: the one read per step, as GradScaler.step makes
+            stats, proceed = self._nonfinite_step(stats)
+            if not proceed:
+                if self.scaler is not None:
+                    self.scaler.update()
+                return stats, torch.ones((), dtype=torch.bool, device=self.device), self._one
+        scale = self._clip(stats)
+        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return stats, torch.zeros((), dtype=torch.bool, device=self.device), scale
+
+    # --- non-finite handling ---------------------------------------------------------
+
+    def _nonfinite_step(self, stats: GradStats) -> tuple[GradStats, bool]:
+        """Rare path, after the read said something is off: decide whether to step."""
+        stats = stats.resolve()  # sync: tells NaN/Inf elements from an overflowed norm
+        self.sync_count += 1
+        if not stats.finite_on_host:
+            if self.nonfinite == "raise":
+                raise GradGuardError(self._nonfinite_message(stats))
+            if self.nonfinite == "skip":
+                return stats, False
+            stats = self._zero_nonfinite(stats)
+        if self.scaler is not None and bool(self._scaler_found_inf() > 0):  # sync: rare path
+            self.sync_count += 1
+            return stats, False
+        return stats, True
+
+    def _bad_tensors(self, stats: GradStats) -> list[str]:
+        bad = ~torch.isfinite(stats.per_tensor)
+        positions = torch.nonzero(bad).flatten().tolist()  # sync: only on a non-finite step
+        self.sync_count += 1
+        return [stats.names[i] for i in positions]
+
+    def _nonfinite_message(self, stats: GradStats) -> str:
+        names = self._bad_tensors(stats)
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        return (
+            f"step {self.step_count}: non-finite gradients (NaN/Inf) in {shown}. Lower the "
+            "learning rate or clip gradients (e.g. clip=gg.NormClip(1.0)); check the loss for "
+            "log(0) or division by zero; under fp16 use a GradScaler or bf16. Use "
+            "nonfinite='skip' to skip such steps instead of raising."
+        )
+
+    def _zero_nonfinite(self, stats: GradStats) -> GradStats:
+        """Zero the gradients of the offending tensors only, then measure again."""
+        names = set(self._bad_tensors(stats))
+        for name, grad in zip(stats.names, stats.grads, strict=True):
+            if grad is not None and name in names:
+                grad.zero_()
+        return grad_stats(self.model, resolve=True)
+
+    # --- AMP -------------------------------------------------------------------------
+
+    def _scaler_state(self) -> dict[str, Any]:
+        assert self.scaler is not None
+        states: dict[int, dict[str, Any]] = self.scaler._per_optimizer_states
+        return states[id(self.optimizer)]
+
+    def _unscale(self) -> None:
+        """Unscale the gradients unless the loop already did (``scaler.unscale_``)."""
+        assert self.scaler is not None
+        from torch.amp.grad_scaler import OptState
+
+        if self._scaler_state()["stage"] is OptState.READY:
+            self.scaler.unscale_(self.optimizer)
+
+    def _merge_into_scaler(self, found_inf: Tensor) -> Tensor:
+        """Make the scaler skip our non-finite steps too; return the combined flag."""
+        combined = found_inf
+        for device_found in self._scaler_state()["found_inf_per_device"].values():
+            device_found.copy_(torch.maximum(device_found, found_inf.to(device_found.device)))
+            combined = torch.maximum(combined, device_found.to(combined.device))
+        return combined
+
+    def _scaler_found_inf(self) -> Tensor:
+        """The scaler's verdict for this step, summed over devices, on our device."""
+        found = list(self._scaler_state()["found_inf_per_device"].values())
+        if not found:
+            return self._zero
+        return torch.stack([f.to(self.device).reshape(()) for f in found]).sum()
+
+    # --- the ring buffer and drains --------------------------------------------------
+
+    def _loss_tensor(self, loss: Tensor | float) -> Tensor:
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ConfigError(
+                    f"guard.step(loss) needs a scalar loss, got a tensor of shape "
+                    f"{tuple(loss.shape)}; pass loss.mean() or loss.sum()."
+                )
+            return loss.detach().reshape(()).to(self.device, torch.float32)
+        return torch.full((), float(loss), device=self.device)
+
+    def _lr_tensor(self) -> Tensor:
+        """The first group's LR: kept on the host when it is a float (exact in the logs)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        if isinstance(lr, Tensor):
+            self._window_lr.append(float("nan"))
+            return lr.detach().reshape(()).to(self.device, torch.float32)
+        self._window_lr.append(float(lr))
+        return self._nan
+
+    def _record(self, report: StepReport, stats: GradStats) -> None:
+        loss = self._nan if report.loss is None else report.loss
+        given = self._zero if report.loss is None else self._one
+        scalars = torch.stack(
+            [
+                loss.float(),
+                given,
+                report.grad_norm,
+                report.clipped_norm,
+                report.scale.float(),
+                report.skipped.float(),
+                stats.finite.float(),
+                stats.overflow.float(),
+                self._lr_tensor(),
+            ]
+        )
+        self._buffer[self._buffered].copy_(torch.cat([scalars, stats.per_layer, stats.per_tensor]))
+        self._buffered += 1
+
+    def flush(self) -> list[Event]:
+        """Drain the buffered steps now: detectors, recovery and sinks; return new events."""
+        if self._buffered == 0:
+            return []
+        n = self._buffered
+        host = self._buffer[:n].cpu().double().numpy()  # sync: the one drain copy
+        self.sync_count += 1
+        self._buffered = 0
+        window = self._window(host, first_step=self.step_count - n + 1)
+        self._reconcile_scheduler(window)
+        events = [event for d in self.detectors for event in d.observe(window)]
+        events.sort(key=lambda e: e.step)
+        self.events.extend(events)
+        for sink in self.sinks:
+            sink.write(window, events)
+        for event in events:
+            if event.kind == "divergence":
+                self.should_stop = True
+            if self.on_event is not None:
+                self.on_event(event)
+        if self.recovery is not None:
+            self.recovery.on_events(self, events)
+        return events
+
+    def _window(self, host: np.ndarray[Any, Any], first_step: int) -> Window:
+        n_layers = len(self.layer_names)
+        host_lr = np.asarray(self._window_lr, dtype=np.float64)
+        self._window_lr = []
+        col = {name: host[:, i] for i, name in enumerate(_COLUMNS + _FLAGS)}
+        return Window(
+            steps=np.arange(first_step, first_step + host.shape[0], dtype=np.int64),
+            loss=col["loss"],
+            loss_given=col["loss_given"] > 0,
+            grad_norm=col["grad_norm"],
+            clipped_norm=col["clipped_norm"],
+            scale=col["scale"],
+            skipped=col["skipped"] > 0,
+            finite=col["finite"] > 0,
+            overflow=col["overflow"] > 0,
+            lr=np.where(np.isnan(host_lr), host[:, _N_SCALARS - 1], host_lr),
+            per_layer=host[:, _N_SCALARS : _N_SCALARS + n_layers],
+            per_tensor=host[:, _N_SCALARS + n_layers :],
+            layer_names=self.layer_names,
+            tensor_names=self.tensor_names,
+        )
+
+    def _reconcile_scheduler(self, window: Window) -> None:
+        """Device path: count its real steps; replay the scheduler if one was skipped.
+
+        The scheduler was stepped after every device-path step before anyone knew whether
+        the step was skipped; replaying from the window's start, one scheduler step per
+        real optimizer step, leaves it where skip-aware stepping would have.
+        """
+        on_device = np.asarray(self._window_on_device, dtype=bool)
+        self._window_on_device = []
+        start, self._scheduler_at_window_start = self._scheduler_at_window_start, None
+        if self.scheduler is None or start is None or not (on_device & window.skipped).any():
+            return
+        self.scheduler.load_state_dict(start["scheduler"])
+        for group, saved in zip(self.optimizer.param_groups, start["groups"], strict=True):
+            group.update(saved)  # schedulers chain from the groups' current values
+        for _ in range(int((~window.skipped).sum())):
+            self.scheduler.step()
+
+    # --- state, lifecycle ----------------------------------------------------------------
+
+    def wrap(self) -> GuardedOptimizer:
+        """An optimizer whose ``step()`` runs this guard, for frameworks that step it."""
+        return GuardedOptimizer(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: drains pending steps first (one sync)."""
+        self.flush()
+        return {
+            "step_count": self.step_count,
+            "should_stop": self.should_stop,
+            "sync_count": self.sync_count,
+            "clip": None if self.clip is None else self.clip.state_dict(),
+            "detectors": [d.state_dict() for d in self.detectors],
+            "events": [e.to_dict() for e in self.events],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` (same configuration)."""
+        if len(state["detectors"]) != len(self.detectors):
+            raise ConfigError(
+                f"the saved guard had {len(state['detectors'])} detectors, this one has "
+                f"{len(self.detectors)}: build the guard with the same detectors to resume."
+            )
+        if (state["clip"] is None) != (self.clip is None):
+            raise ConfigError("the saved guard and this one differ in having a clip policy.")
+        self._buffered = 0
+        self._window_on_device = []
+        self._window_lr = []
+        self.step_count = int(state["step_count"])
+        self.should_stop = bool(state["should_stop"])
+        self.sync_count = int(state["sync_count"])
+        if self.clip is not None:
+            self.clip.load_state_dict(state["clip"])
+        for detector, detector_state in zip(self.detectors, state["detectors"], strict=True):
+            detector.load_state_dict(detector_state)
+        self.events = [Event.from_dict(e) for e in state["events"]]
+
+    def close(self) -> None:
+        """Drain what is buffered and close the sinks."""
+        if self._closed:
+            return
+        self.flush()
+        for sink in self.sinks:
+            sink.close()
+        self._closed = True
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _meta(self) -> dict[str, Any]:
+        from gradguard import __version__
+
+        return {
+            "layer_names": list(self.layer_names),
+            "layer_depth": {name: i for i, name in enumerate(self.layer_names)},
+            "tensor_names": list(self.tensor_names),
+            "config": {
+                "clip": repr(self.clip),
+                "nonfinite": self.nonfinite,
+                "detectors": [repr(d) for d in self.detectors],
+                "recovery": repr(self.recovery),
+                "log_every": self.log_every,
+                "optimizer": type(self.optimizer).__name__,
+                "optimizer_defaults": {k: repr(v) for k, v in self.optimizer.defaults.items()},
+                "fused": self.fused,
+                "scheduler": type(self.scheduler).__name__ if self.scheduler else None,
+                "scaler": self.scaler is not None,
+            },
+            "versions": {
+                "gradguard": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+
+class GuardedOptimizer(torch.optim.Optimizer):
+    """An optimizer whose ``step()`` runs the guard: for trainers that step it themselves.
+
+    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's, so LR
+    schedulers and framework code that read them keep working.
+    """
+
+    def __init__(self, guard: Guard) -> None:  # no super().__init__: everything delegates
+        self.guard = guard
+        self.optimizer = guard.optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's parameter groups."""
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        """The wrapped optimizer's state."""
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The wrapped optimizer's defaults."""
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Run the closure (if any) for the loss, then ``guard.step(loss)``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.guard.step(loss if isinstance(loss, Tensor | float) else None)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of the wrapped optimizer's parameters."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load into the wrapped optimizer."""
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer."""
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"GuardedOptimizer({self.optimizer!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def _detectors(value: Literal["default"] | Sequence[Detector] | None) -> list[Detector]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if value != "default":
+            raise ConfigError(f"detectors must be 'default', a list or None, got {value!r}.")
+        return default_detectors()
+    detectors = list(value)
+    for d in detectors:
+        if not isinstance(d, Detector):
+            raise ConfigError(
+                f"detectors must be detector objects such as gg.detect.Spike(), got "
+                f"{type(d).__name__}."
+            )
+    return detectors
+
+
+def _validate(
+    model: object,
+    optimizer: object,
+    clip: object,
+    nonfinite: str,
+    recovery: object,
+    scheduler: object,
+    log_every: object,
+    on_event: object,
+) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}.")
+    if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, GuardedOptimizer):
+        raise ConfigError(
+            f"optimizer must be a torch.optim.Optimizer (not a guarded one), got "
+            f"{type(optimizer).__name__}."
+        )
+    if clip is not None and not isinstance(clip, ClipPolicy):
+        raise ConfigError(
+            f"clip must be a policy such as gg.NormClip(1.0) or None, got {type(clip).__name__}."
+        )
+    if nonfinite not in ("skip", "raise", "zero"):
+        raise ConfigError(f"nonfinite must be 'skip', 'raise' or 'zero', got {nonfinite!r}.")
+    if recovery is not None and not isinstance(recovery, Recovery):
+        raise ConfigError(
+            f"recovery must be a strategy such as gg.Rollback() or None, got "
+            f"{type(recovery).__name__}."
+        )
+    if scheduler is not None and not hasattr(scheduler, "step"):
+        raise ConfigError(f"scheduler must be an LR scheduler, got {type(scheduler).__name__}.")
+    if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+        raise ConfigError(f"log_every must be an int >= 1, got {log_every!r}.")
+    if on_event is not None and not callable(on_event):
+        raise ConfigError("on_event must be a callable taking an Event.")
