@@ -27,8 +27,8 @@ demo: $(VENV)/.demo-installed
 	$(VENV)/bin/gradguard lab --quick
 
 lint: $(VENV)/.dev-installed
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
 typecheck: $(VENV)/.dev-installed
 	$(VENV)/bin/mypy
