@@ -20,6 +20,7 @@ FORBIDDEN = {
     "records": {"stats", "clip", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "detect": {"stats", "clip", "sinks", "_foreach"} | UPSTREAM_OF_GUARD,
     "sinks": {"stats", "clip", "detect", "_foreach"} | UPSTREAM_OF_GUARD,
+    "recover": {"stats", "clip", "detect", "sinks", "_foreach"} | UPSTREAM_OF_GUARD,
 }
 
 

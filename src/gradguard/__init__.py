@@ -12,6 +12,7 @@ from gradguard.clip import AGC, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip
 from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError
 from gradguard.guard import Guard, GuardedOptimizer
 from gradguard.records import Event, StepReport, Window
+from gradguard.recover import Rollback
 from gradguard.stats import GradStats, grad_stats
 
 try:
@@ -30,6 +31,7 @@ __all__ = [
     "Guard",
     "GuardedOptimizer",
     "NormClip",
+    "Rollback",
     "StepReport",
     "UnsupportedModelError",
     "ValueClip",

@@ -9,9 +9,10 @@ file carries a ``# sync:`` comment with its reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -43,8 +44,8 @@ class Recovery(Protocol):
         """Called after every step (e.g. to take a snapshot every N steps)."""
         ...
 
-    def on_events(self, guard: Guard, events: Sequence[Event]) -> None:
-        """Called at each drain with the events it raised."""
+    def on_drain(self, guard: Guard, window: Window, events: Sequence[Event]) -> list[Event]:
+        """Called at each drain with its steps and the detectors' events; returns its own."""
         ...
 
 
@@ -130,6 +131,7 @@ class Guard:
         self.sync_count = 0
         self.step_count = 0
         self._state_primed = False
+        self.lr_factor = 1.0  # a recovery's cool-down; applied only around optimizer steps
         self._buffer = torch.zeros(
             (log_every, _N_SCALARS + len(self.layer_names) + len(self.tensor_names)),
             dtype=torch.float32,
@@ -190,11 +192,31 @@ class Guard:
             loss=None if loss is None else self._loss_tensor(loss),
         )
         self._record(report, stats)
-        if self.recovery is not None:
-            self.recovery.after_step(self)
         if self._buffered == self.log_every:
             self.flush()
+        if self.recovery is not None:
+            self.recovery.after_step(self)
         return report
+
+    @contextlib.contextmanager
+    def _cooled_lr(self) -> Iterator[None]:
+        """Scale every group's LR by ``lr_factor`` for the optimizer step only.
+
+        Schedulers never see the factor (chainable ones compute from the groups' current
+        LR), so the schedule resumes untouched when a cool-down ends.
+        """
+        if self.lr_factor == 1.0:
+            yield
+            return
+        groups = self.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        for group, lr in zip(groups, saved, strict=True):
+            group["lr"] = lr * self.lr_factor
+        try:
+            yield
+        finally:
+            for group, lr in zip(groups, saved, strict=True):
+                group["lr"] = lr
 
     def _fused_state_ready(self) -> bool:
         """Create the optimizer's state with a no-op fused step, so skips leave no trace.
@@ -240,13 +262,15 @@ class Guard:
         found_inf = (~stats.finite).float()
         if self.scaler is not None:
             found_inf = self._merge_into_scaler(found_inf)
-            self.scaler.step(self.optimizer)
+            with self._cooled_lr():
+                self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             opt: Any = self.optimizer
             opt.grad_scale, opt.found_inf = None, found_inf
             try:
-                self.optimizer.step()
+                with self._cooled_lr():
+                    self.optimizer.step()
             finally:
                 del opt.grad_scale, opt.found_inf
         if self.scheduler is not None:
@@ -266,7 +290,8 @@ class Guard:
                     self.scaler.update()
                 return stats, torch.ones((), dtype=torch.bool, device=self.device), self._one
         scale = self._clip(stats)
-        self.optimizer.step()
+        with self._cooled_lr():
+            self.optimizer.step()
         if self.scaler is not None:
             self.scaler.update()
         if self.scheduler is not None:
@@ -361,8 +386,8 @@ class Guard:
         lr = self.optimizer.param_groups[0]["lr"]
         if isinstance(lr, Tensor):
             self._window_lr.append(float("nan"))
-            return lr.detach().reshape(()).to(self.device, torch.float32)
-        self._window_lr.append(float(lr))
+            return lr.detach().reshape(()).to(self.device, torch.float32) * self.lr_factor
+        self._window_lr.append(float(lr) * self.lr_factor)
         return self._nan
 
     def _record(self, report: StepReport, stats: GradStats) -> None:
@@ -396,6 +421,8 @@ class Guard:
         self._reconcile_scheduler(window)
         events = [event for d in self.detectors for event in d.observe(window)]
         events.sort(key=lambda e: e.step)
+        if self.recovery is not None:
+            events += self.recovery.on_drain(self, window, events)
         self.events.extend(events)
         for sink in self.sinks:
             sink.write(window, events)
@@ -404,8 +431,6 @@ class Guard:
                 self.should_stop = True
             if self.on_event is not None:
                 self.on_event(event)
-        if self.recovery is not None:
-            self.recovery.on_events(self, events)
         return events
 
     def _window(self, host: np.ndarray[Any, Any], first_step: int) -> Window:
@@ -464,7 +489,41 @@ class Guard:
             "clip": None if self.clip is None else self.clip.state_dict(),
             "detectors": [d.state_dict() for d in self.detectors],
             "events": [e.to_dict() for e in self.events],
+            "lr_factor": self.lr_factor,
+            "recovery": getattr(self.recovery, "state_dict", dict)(),
         }
+
+    def recovery_state(self) -> dict[str, Any]:
+        """The state a rollback restores: step counter, policy and detectors (no drain).
+
+        Events are history and stay; call only between drains (nothing buffered).
+        """
+        if self._buffered:
+            raise GradGuardError(
+                "recovery_state() needs an empty buffer: snapshot right after a drain "
+                "(every a multiple of log_every)."
+            )
+        return {
+            "step_count": self.step_count,
+            "should_stop": self.should_stop,
+            "lr_factor": self.lr_factor,
+            "clip": None if self.clip is None else self.clip.state_dict(),
+            "detectors": [d.state_dict() for d in self.detectors],
+        }
+
+    def load_recovery_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`recovery_state`; pending buffered steps are discarded."""
+        self._buffered = 0
+        self._window_on_device, self._window_lr = [], []
+        self._scheduler_at_window_start = None
+        self._state_primed = False  # the restored optimizer state may predate the priming
+        self.step_count = int(state["step_count"])
+        self.should_stop = bool(state["should_stop"])
+        self.lr_factor = float(state["lr_factor"])
+        if self.clip is not None:
+            self.clip.load_state_dict(state["clip"])
+        for detector, detector_state in zip(self.detectors, state["detectors"], strict=True):
+            detector.load_state_dict(detector_state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` (same configuration)."""
@@ -486,6 +545,9 @@ class Guard:
         for detector, detector_state in zip(self.detectors, state["detectors"], strict=True):
             detector.load_state_dict(detector_state)
         self.events = [Event.from_dict(e) for e in state["events"]]
+        self.lr_factor = float(state.get("lr_factor", 1.0))
+        if self.recovery is not None and hasattr(self.recovery, "load_state_dict"):
+            self.recovery.load_state_dict(state.get("recovery", {}))
 
     def close(self) -> None:
         """Drain what is buffered and close the sinks."""

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from torch import Tensor
 
 EventKind = Literal[
-    "nonfinite", "overflow", "spike", "vanishing", "exploding", "divergence", "rollback"
+    "nonfinite", "overflow", "spike", "vanishing", "exploding", "divergence", "rollback", "cooldown"
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -111,7 +111,8 @@ class Event:
     Attributes:
         step: the step at which the condition was seen (its onset for sustained ones).
         kind: ``nonfinite``, ``overflow``, ``spike``, ``vanishing``, ``exploding``,
-            ``divergence`` or ``rollback``.
+            ``divergence``, ``rollback`` or ``cooldown`` (the end of a rollback's LR
+            cool-down).
         value: the measured value that triggered it (NaN when not numeric).
         threshold: the threshold it crossed (NaN when none applies).
         layers: names of the layers or tensors concerned (may be empty).

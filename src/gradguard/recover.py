@@ -1,0 +1,479 @@
+"""Recovery: roll back to an in-memory (or on-disk) snapshot after a blow-up, then cool down.
+
+The recipe large runs (PaLM, BLOOM, OLMo) apply by hand after a loss spike: rewind to a
+checkpoint from ~100 steps earlier, skip the data in between, and lower the learning rate
+for a while. :class:`Rollback` does it automatically when the guard's detectors raise a
+triggering event. It reads records (events, windows) and drives the objects the guard was
+given; it never imports the guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gradguard.errors import ConfigError, GradGuardError
+from gradguard.records import Event, Window
+
+Trigger = Literal["spike", "exploding", "nonfinite_streak", "overflow", "divergence", "vanishing"]
+_TRIGGERS = ("spike", "exploding", "nonfinite_streak", "overflow", "divergence", "vanishing")
+
+
+class _GuardLike(Protocol):
+    """The parts of a guard a recovery drives (kept structural: no import of the guard)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    log_every: int
+    step_count: int
+    should_stop: bool
+    lr_factor: float
+    device: torch.device
+
+    def recovery_state(self) -> dict[str, Any]: ...
+
+    def load_recovery_state(self, state: Mapping[str, Any]) -> None: ...
+
+
+class _Mirror:
+    """Preallocated CPU copies of a nested structure of tensors, reused snapshot after snapshot.
+
+    Tensors are copied into buffers allocated at the first capture (pinned when the source
+    lives on CUDA, with non-blocking copies); everything else is deep-copied (small).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+        self._event: torch.cuda.Event | None = None
+
+    def capture(self, tree: Any) -> Any:
+        """Copy ``tree`` into the buffers and return the copy (buffers shared across calls)."""
+        cuda = False
+
+        def walk(value: Any, key: str) -> Any:
+            nonlocal cuda
+            if isinstance(value, Tensor):
+                buffer = self._buffers.get(key)
+                if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                    pin = value.is_cuda
+                    buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=pin)
+                    self._buffers[key] = buffer
+                cuda = cuda or value.is_cuda
+                buffer.copy_(value.detach(), non_blocking=value.is_cuda)
+                return buffer
+            if isinstance(value, Mapping):
+                out = {k: walk(v, f"{key}/{k}") for k, v in value.items()}
+                metadata = getattr(value, "_metadata", None)  # module versions, for loading
+                if metadata is not None:
+                    ordered: Any = OrderedDict(out)
+                    ordered._metadata = copy.deepcopy(metadata)
+                    return ordered
+                return out
+            if isinstance(value, list | tuple):
+                return type(value)(walk(v, f"{key}/{i}") for i, v in enumerate(value))
+            return copy.deepcopy(value)
+
+        result = walk(tree, "")
+        if cuda:
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._event.record()
+        return result
+
+    def wait(self) -> None:
+        """Block until the copies of the last capture have landed (before reading them)."""
+        if self._event is not None:
+            self._event.synchronize()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _scaler_state(scaler: Any) -> dict[str, Any] | None:
+    """The scaler's state without a host sync: its scale and growth tracker tensors."""
+    if scaler is None:
+        return None
+    scale, tracker = getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)
+    if isinstance(scale, Tensor) and isinstance(tracker, Tensor):
+        return {"_scale": scale, "_growth_tracker": tracker}
+    return {"state_dict": scaler.state_dict()}  # not yet used: no tensors to copy
+
+
+def _load_scaler_state(scaler: Any, state: Mapping[str, Any] | None) -> None:
+    if scaler is None or state is None:
+        return
+    if "state_dict" in state:
+        scaler.load_state_dict(state["state_dict"])
+        return
+    scaler._scale.copy_(state["_scale"])
+    scaler._growth_tracker.copy_(state["_growth_tracker"])
+
+
+@dataclass
+class _Snapshot:
+    step: int
+    payload: dict[str, Any] | None  # in memory; None when on disk
+    file: Path | None = None
+    mirror: int = -1
+
+
+class Rollback:
+    """Snapshot every ``every`` steps; on a blow-up, restore the last good one and cool down.
+
+    Every ``every`` steps it copies the model, optimizer, LR scheduler, GradScaler, the
+    guard's own state (clip policy, detectors, step counter) and the RNG states (torch CPU
+    and CUDA, Python, NumPy), keeping the ``keep`` newest. When the guard's detectors raise
+    an event whose kind is in ``on`` (or ``nonfinite_streak`` consecutive steps were
+    skipped), it restores the newest snapshot taken before the update that preceded the
+    event's onset (the loss of step t is computed on the weights of step t - 1), multiplies
+    every group's LR by ``lr_factor`` for ``cooldown`` optimizer steps (only during the
+    step itself: the schedule resumes untouched afterwards), and emits a ``rollback``
+    event, then a ``cooldown`` event when the cool-down ends. The data loader simply moves
+    on: the batches between the snapshot and the blow-up are skipped, as in the PaLM
+    recipe. After ``max_rollbacks`` rollbacks it raises :class:`GradGuardError`
+    (``on_exhausted="raise"``) or sets ``guard.should_stop`` (``"stop"``).
+
+    Defaults: ``every=100`` and ``keep=2`` follow the PaLM recipe (rewind ~100 steps) with
+    one older snapshot in reserve, in case the newest already holds the damage; halving the
+    LR for 200 steps lets Adam's moments re-settle before the full LR returns.
+
+    Memory: one snapshot holds the parameters and buffers plus the optimizer state (AdamW:
+    3x the parameters), in CPU memory (pinned when the model is on CUDA); ``keep``
+    snapshots hold ``keep`` times that. ``snapshot_nbytes`` reports it.
+
+    Args:
+        every: steps between snapshots; a multiple of the guard's ``log_every``.
+        keep: snapshots kept (newest first).
+        on: event kinds that trigger a rollback.
+        lr_factor: LR multiplier during the cool-down, in (0, 1].
+        cooldown: optimizer steps of cool-down.
+        max_rollbacks: rollbacks allowed before giving up.
+        storage: ``"memory"`` or ``"disk"`` (atomic ``torch.save``: temp file + rename).
+        path: the directory for disk snapshots.
+        nonfinite_streak: consecutive skipped steps that count as a ``nonfinite_streak``.
+        on_exhausted: ``"raise"`` or ``"stop"`` when ``max_rollbacks`` is used up.
+        spike_metrics: which spikes trigger: by default loss spikes only, since a gradient
+            spike is clipped or skipped before it reaches the weights, while a loss spike
+            means the weights were already hurt. Add ``"grad_norm"`` when running without
+            a clip policy.
+
+    References:
+        Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways", sec. 5.1.
+    """
+
+    def __init__(
+        self,
+        every: int = 100,
+        keep: int = 2,
+        on: Sequence[Trigger] = ("spike", "exploding", "nonfinite_streak"),
+        lr_factor: float = 0.5,
+        cooldown: int = 200,
+        max_rollbacks: int = 10,
+        storage: Literal["memory", "disk"] = "memory",
+        path: str | os.PathLike[str] | None = None,
+        nonfinite_streak: int = 5,
+        on_exhausted: Literal["raise", "stop"] = "raise",
+        spike_metrics: Sequence[str] = ("loss",),
+    ) -> None:
+        self.every = _positive_int("every", every)
+        self.keep = _positive_int("keep", keep)
+        self.on = tuple(on)
+        for kind in self.on:
+            if kind not in _TRIGGERS:
+                raise ConfigError(f"on: unknown trigger {kind!r}; choose from {_TRIGGERS}.")
+        if not isinstance(lr_factor, int | float) or not 0 < lr_factor <= 1:
+            raise ConfigError(f"lr_factor must lie in (0, 1], got {lr_factor!r}.")
+        self.lr_factor = float(lr_factor)
+        self.cooldown = _positive_int("cooldown", cooldown, minimum=0)
+        self.max_rollbacks = _positive_int("max_rollbacks", max_rollbacks, minimum=0)
+        if storage not in ("memory", "disk"):
+            raise ConfigError(f"storage must be 'memory' or 'disk', got {storage!r}.")
+        if storage == "disk" and path is None:
+            raise ConfigError("storage='disk' needs path=, a directory for the snapshots.")
+        self.storage = storage
+        self.path = None if path is None else Path(path)
+        self.nonfinite_streak = _positive_int("nonfinite_streak", nonfinite_streak)
+        if on_exhausted not in ("raise", "stop"):
+            raise ConfigError(f"on_exhausted must be 'raise' or 'stop', got {on_exhausted!r}.")
+        self.on_exhausted = on_exhausted
+        self.spike_metrics = tuple(spike_metrics)
+        self.rollbacks = 0
+        self._cooldown_left = 0
+        self._streak = 0
+        self._streak_onset = 0
+        self._snapshots: deque[_Snapshot] = deque(maxlen=self.keep)
+        self._mirrors = [_Mirror() for _ in range(self.keep)]
+        self._guard: _GuardLike | None = None
+        self._pending: list[Event] = []
+        self._rolled_back_now = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Rollback(every={self.every}, keep={self.keep}, on={self.on}, "
+            f"lr_factor={self.lr_factor}, cooldown={self.cooldown}, "
+            f"max_rollbacks={self.max_rollbacks}, storage={self.storage!r})"
+        )
+
+    # --- the guard's hooks ---------------------------------------------------------------
+
+    def attach(self, guard: _GuardLike) -> None:
+        """Check the cadence and take the first snapshot (step 0)."""
+        if self.every % guard.log_every:
+            raise ConfigError(
+                f"Rollback(every={self.every}) must be a multiple of the guard's "
+                f"log_every={guard.log_every}, so snapshots fall right after a drain."
+            )
+        if self.storage == "disk":
+            assert self.path is not None
+            self.path.mkdir(parents=True, exist_ok=True)
+        self._guard = guard
+        self.snapshot()
+
+    def after_step(self, guard: _GuardLike) -> None:
+        """Take a snapshot every ``every`` steps and count down the cool-down."""
+        if self._rolled_back_now:
+            self._rolled_back_now = False  # this step was undone: the cool-down starts next
+        elif self._cooldown_left > 0:
+            self._cooldown_left -= 1
+            if self._cooldown_left == 0:
+                guard.lr_factor = 1.0
+                self._pending.append(
+                    Event(
+                        step=guard.step_count,
+                        kind="cooldown",
+                        value=self.lr_factor,
+                        threshold=math.nan,
+                        metric="lr_factor",
+                        message=(
+                            f"Cool-down over after {self.cooldown} steps at {self.lr_factor}x "
+                            "the learning rate: the schedule resumes."
+                        ),
+                    )
+                )
+        if guard.step_count % self.every == 0:
+            self.snapshot()
+
+    def on_drain(self, guard: _GuardLike, window: Window, events: Sequence[Event]) -> list[Event]:
+        """Roll back if a triggering event (or a streak of skipped steps) is in this drain."""
+        out, self._pending = self._pending, []
+        trigger = self._trigger(window, events)
+        if trigger is None:
+            return out
+        return [*out, self._roll_back(guard, trigger)]
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self) -> None:
+        """Take a snapshot of everything now (the guard calls this every ``every`` steps)."""
+        guard = self._require_guard()
+        tree = {
+            "model": guard.model.state_dict(),
+            "optimizer": guard.optimizer.state_dict(),
+            "scheduler": None if guard.scheduler is None else guard.scheduler.state_dict(),
+            "scaler": _scaler_state(guard.scaler),
+            "guard": guard.recovery_state(),
+            "rng": _rng_state(),
+        }
+        step = guard.step_count
+        if self._snapshots and self._snapshots[-1].step == step:
+            return  # just restored this one
+        if self.storage == "disk":
+            self._snapshots.append(_Snapshot(step, None, self._write(step, tree)))
+            return
+        if len(self._snapshots) == self.keep:
+            index = self._snapshots[0].mirror  # the one about to be evicted
+        else:
+            used = {s.mirror for s in self._snapshots}
+            index = next(i for i in range(self.keep) if i not in used)
+        self._snapshots.append(_Snapshot(step, self._mirrors[index].capture(tree), mirror=index))
+
+    def _write(self, step: int, tree: Mapping[str, Any]) -> Path:
+        """Save atomically (temp file + rename), then drop snapshots beyond ``keep``."""
+        assert self.path is not None
+        final = self.path / f"snapshot-{step:09d}.pt"
+        tmp = final.with_suffix(".pt.tmp")
+        torch.save(dict(tree), tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        if len(self._snapshots) == self.keep:
+            oldest = self._snapshots[0].file
+            if oldest is not None and oldest != final:
+                with contextlib.suppress(FileNotFoundError):
+                    oldest.unlink()
+        return final
+
+    def _load(self, snapshot: _Snapshot) -> dict[str, Any]:
+        if snapshot.payload is not None:
+            for mirror in self._mirrors:
+                mirror.wait()
+            return snapshot.payload
+        assert snapshot.file is not None
+        loaded: dict[str, Any] = torch.load(snapshot.file, weights_only=False)
+        return loaded
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        """Steps of the snapshots held, oldest first."""
+        return [s.step for s in self._snapshots]
+
+    @property
+    def snapshot_nbytes(self) -> int:
+        """CPU memory held by in-memory snapshots (0 on disk)."""
+        return sum(m.nbytes for m in self._mirrors)
+
+    # --- rolling back --------------------------------------------------------------------
+
+    def _trigger(self, window: Window, events: Sequence[Event]) -> Event | None:
+        streak_event = self._follow_streak(window)
+        for event in events:
+            if event.kind == "spike" and event.metric not in self.spike_metrics:
+                continue  # a gradient spike was clipped or skipped: the weights are unhurt
+            if event.kind in self.on:
+                return event
+        if "nonfinite_streak" in self.on:
+            return streak_event
+        return None
+
+    def _follow_streak(self, window: Window) -> Event | None:
+        found: Event | None = None
+        for step, skipped in zip(window.steps, window.skipped, strict=True):
+            if not skipped:
+                self._streak = 0
+                continue
+            if self._streak == 0:
+                self._streak_onset = int(step)
+            self._streak += 1
+            if self._streak == self.nonfinite_streak:
+                found = Event(
+                    step=self._streak_onset,
+                    kind="nonfinite",
+                    value=float(self._streak),
+                    threshold=float(self.nonfinite_streak),
+                    metric="skipped_steps",
+                    message=f"{self._streak} consecutive steps skipped (non-finite gradients).",
+                )
+        return found
+
+    def _roll_back(self, guard: _GuardLike, trigger: Event) -> Event:
+        onset = trigger.step
+        # The loss and gradients of step t are computed on the weights the update of step
+        # t - 1 produced: a snapshot taken at t - 1 or later may already hold the damage.
+        usable = [s for s in self._snapshots if s.step < onset - 1]
+        if not usable or self.rollbacks >= self.max_rollbacks:
+            return self._give_up(guard, trigger, "no snapshot predates it" if not usable else "")
+        snapshot = usable[-1]
+        # Drop snapshots taken after the onset: they may already hold the damage.
+        for dropped in (s for s in self._snapshots if s.step >= onset - 1 and s.file):
+            with contextlib.suppress(FileNotFoundError):
+                dropped.file.unlink()  # type: ignore[union-attr]
+        self._snapshots = deque(usable, maxlen=self.keep)
+        now = guard.step_count
+        self._restore(guard, self._load(snapshot))
+        self.rollbacks += 1
+        self._rolled_back_now = True
+        self._streak = 0
+        self._cooldown_left = self.cooldown
+        guard.lr_factor = self.lr_factor if self.cooldown else 1.0
+        return Event(
+            step=now,
+            kind="rollback",
+            value=float(snapshot.step),
+            threshold=float(onset),
+            metric="restored_step",
+            message=(
+                f"Rolled back from step {now} to the snapshot of step {snapshot.step}, before "
+                f"the {trigger.kind} at step {onset}; learning rate x{self.lr_factor} for "
+                f"{self.cooldown} steps. The batches in between are skipped "
+                f"(rollback {self.rollbacks} of at most {self.max_rollbacks})."
+            ),
+            extra={"trigger": trigger.kind, "cooldown": self.cooldown},
+        )
+
+    def _give_up(self, guard: _GuardLike, trigger: Event, why: str) -> Event:
+        reason = why or f"{self.max_rollbacks} rollbacks used up"
+        message = (
+            f"Cannot roll back after the {trigger.kind} at step {trigger.step}: {reason}. "
+            "Lower the learning rate or clip harder, then restart from a checkpoint."
+        )
+        if self.on_exhausted == "raise" and not why:
+            raise GradGuardError(message)
+        guard.should_stop = guard.should_stop or not why
+        return Event(
+            step=guard.step_count,
+            kind="rollback",
+            value=math.nan,
+            threshold=float(trigger.step),
+            metric="restored_step",
+            message=message,
+        )
+
+    def _restore(self, guard: _GuardLike, payload: Mapping[str, Any]) -> None:
+        guard.model.load_state_dict(payload["model"])
+        guard.optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))
+        if guard.scheduler is not None and payload["scheduler"] is not None:
+            guard.scheduler.load_state_dict(copy.deepcopy(payload["scheduler"]))
+        _load_scaler_state(guard.scaler, payload["scaler"])
+        guard.load_recovery_state(payload["guard"])
+        _set_rng_state(payload["rng"])
+
+    def _require_guard(self) -> _GuardLike:
+        if self._guard is None:
+            raise GradGuardError("Rollback is not attached: pass it as Guard(recovery=...).")
+        return self._guard
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters for resuming (snapshots are not included: they are the run itself)."""
+        return {
+            "rollbacks": self.rollbacks,
+            "cooldown_left": self._cooldown_left,
+            "streak": self._streak,
+            "streak_onset": self._streak_onset,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the counters saved by :meth:`state_dict`."""
+        self.rollbacks = int(state["rollbacks"])
+        self._cooldown_left = int(state["cooldown_left"])
+        self._streak = int(state["streak"])
+        self._streak_onset = int(state["streak_onset"])
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return value

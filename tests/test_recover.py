@@ -1,0 +1,336 @@
+"""Rollback: bitwise restore, real divergence recovered, a fault campaign, crash-safe disk."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.errors import ConfigError, GradGuardError
+from gradguard.testing import FaultInjector
+
+
+def digest(tree: Any) -> str:
+    """A hash of every tensor and value in a nested structure."""
+    h = hashlib.sha256()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            h.update(str((value.dtype, tuple(value.shape))).encode())
+            h.update(
+                value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            )
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                h.update(str(key).encode())
+                walk(value[key])
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+        else:
+            h.update(repr(value).encode())
+
+    walk(tree)
+    return h.hexdigest()
+
+
+def regression(seed: int = 0, n: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    return x, torch.tanh(x @ torch.randn(8, 1, generator=g))
+
+
+def tanh_mlp(seed: int = 0, width: int = 64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
+    )
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    ],
+    ids=["SGD-momentum", "AdamW"],
+)
+def test_rollback_restores_every_tensor_bitwise_and_the_rng_streams(make_optimizer: Any) -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.Tanh(), nn.Linear(16, 1))
+    optimizer = make_optimizer(model.parameters())
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=100)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    rollback = gg.Rollback(every=10, keep=2, nonfinite_streak=3, cooldown=5)
+    guard = gg.Guard(
+        model,
+        optimizer,
+        clip=gg.ZClip(warmup_steps=5),
+        scheduler=scheduler,
+        scaler=scaler,
+        recovery=rollback,
+        log_every=10,
+    )
+    x, y = regression(n=64)
+
+    def state() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": (scaler._scale, scaler._growth_tracker),
+            # the cool-down's LR factor is the one thing a rollback sets on purpose
+            "guard": {k: v for k, v in guard.recovery_state().items() if k != "lr_factor"},
+        }
+
+    at_snapshot: dict[str, str] = {}
+    for step in range(1, 31):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        if step in (22, 23, 24):  # a streak of skipped steps triggers the rollback
+            model[0].weight.grad[0, 0] = math.nan  # type: ignore[index]
+        guard.step(loss)
+        if step == 20:
+            at_snapshot = {k: digest(v) for k, v in state().items()}
+            rng_at_snapshot = torch.get_rng_state()
+            draws_after_snapshot = torch.rand(5)
+    assert [e.kind for e in guard.events if e.kind == "rollback"] == ["rollback"]
+    assert guard.step_count == 20
+    assert guard.lr_factor == 0.5
+    assert {k: digest(v) for k, v in state().items()} == at_snapshot
+    assert torch.equal(torch.get_rng_state(), rng_at_snapshot)
+    assert torch.equal(torch.rand(5), draws_after_snapshot)
+
+
+def train_with_lr_fault(
+    recovery: gg.Rollback | None, fault: bool, steps: int = 1200, seed: int = 0
+) -> tuple[float, gg.Guard]:
+    model = tanh_mlp(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    guard = gg.Guard(model, optimizer, recovery=recovery, scheduler=scheduler, log_every=10)
+    injector = FaultInjector(model, optimizer, at={500: "lr"} if fault else {}, lr_factor=100)
+    x, y = regression(seed)
+    for step in range(steps):
+        idx = torch.arange(step * 64, step * 64 + 64) % x.shape[0]
+        with injector.step():
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+            loss.backward()
+            guard.step(loss)
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(model(x), y)), guard
+
+
+def test_a_real_divergence_is_recovered_by_rollback() -> None:
+    clean, _ = train_with_lr_fault(None, fault=False)
+    hurt, _ = train_with_lr_fault(None, fault=True)  # the guard alone cannot undo it
+    recovered, guard = train_with_lr_fault(gg.Rollback(every=50, cooldown=100), fault=True)
+    assert math.isnan(hurt) or hurt >= 10 * clean, (hurt, clean)
+    assert abs(recovered - clean) <= 0.10 * clean, (recovered, clean)
+    kinds = [e.kind for e in guard.events]
+    assert "spike" in kinds
+    assert kinds.count("rollback") == 1
+    assert "cooldown" in kinds
+    rollback = next(e for e in guard.events if e.kind == "rollback")
+    assert rollback.value < 500  # restored to a snapshot before the fault
+    cooldown = next(e for e in guard.events if e.kind == "cooldown")
+    assert cooldown.step == rollback.value + 100
+
+
+OPTIMIZERS = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=3e-3),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
+}
+
+
+def campaign_run(name: str, seed: int, faults: bool, steps: int = 3000) -> tuple[float, int]:
+    model = tanh_mlp(seed, width=32)
+    optimizer = OPTIMIZERS[name](model.parameters())
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    # A fault every ~50 steps: snapshots at that rate and a cool-down shorter than it.
+    rollback = gg.Rollback(every=50, cooldown=10, max_rollbacks=100)
+    guard = gg.Guard(
+        model, optimizer, clip=gg.ZClip(), recovery=rollback, scheduler=scheduler, log_every=10
+    )
+    injector = FaultInjector(
+        model,
+        optimizer,
+        probability=0.02 if faults else 0.0,
+        kinds=("nan", "inf", "spike", "loss", "lr"),
+        seed=seed,
+        lr_steps=5,
+    )
+    x, y = regression(seed)
+    tensors = list(model.parameters())
+    iteration = 0
+    while guard.step_count < steps:  # optimizer steps: a rollback rewinds them
+        iteration += 1
+        idx = torch.arange(iteration * 32, iteration * 32 + 32) % x.shape[0]
+        with injector.step():
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+            loss.backward()
+            guard.step(loss)
+        state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        assert all(bool(torch.isfinite(t).all()) for t in tensors + state), (name, seed, iteration)
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(model(x), y)), len(injector.log)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fault_campaign_every_run_finishes_finite_and_close_to_clean(name: str) -> None:
+    for seed in range(3):
+        clean, _ = campaign_run(name, seed, faults=False)
+        faulty, injected = campaign_run(name, seed, faults=True)
+        assert injected >= 40  # about one fault every 50 steps
+        assert abs(faulty - clean) <= 0.10 * clean, (name, seed, faulty, clean)
+
+
+DISK_WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    import gradguard as gg
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(24)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rollback = gg.Rollback(every=10, keep=2, storage="disk", path=sys.argv[1])
+    guard = gg.Guard(model, optimizer, recovery=rollback, log_every=10)
+    print("ready", flush=True)
+    while True:
+        rollback.snapshot()
+        guard.step_count += 10
+    """
+)
+
+
+def test_sigkill_during_a_disk_snapshot_leaves_the_previous_one_loadable(tmp_path: Path) -> None:
+    script = tmp_path / "writer.py"
+    script.write_text(DISK_WRITER)
+    for delay in (0.8, 1.3, 1.9):
+        directory = tmp_path / f"snapshots-{delay}"
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(directory)], stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        process.stdout.close()
+        finished = sorted(directory.glob("snapshot-*.pt"))
+        assert finished, "at least the first snapshot was complete"
+        assert len(finished) <= 2
+        newest = torch.load(finished[-1], weights_only=False)
+        assert set(newest) == {"model", "optimizer", "scheduler", "scaler", "guard", "rng"}
+        assert newest["guard"]["step_count"] == int(finished[-1].stem.split("-")[1])
+
+
+def test_disk_rollback_restores_and_keeps_only_keep_files(tmp_path: Path) -> None:
+    model = tanh_mlp(width=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    rollback = gg.Rollback(every=10, keep=2, storage="disk", path=tmp_path, nonfinite_streak=2)
+    guard = gg.Guard(model, optimizer, recovery=rollback, log_every=10)
+    x, y = regression(n=64)
+    for step in range(1, 51):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if step in (44, 45):
+            model[0].weight.grad[0, 0] = math.inf  # type: ignore[index]
+        guard.step()
+        if step == 40:
+            weights = [p.detach().clone() for p in model.parameters()]
+    assert guard.step_count == 40
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+    assert len(list(tmp_path.glob("snapshot-*.pt"))) <= 2
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _steps(guard: gg.Guard, n: int, bad: bool) -> None:
+    x, y = regression(n=32)
+    for _ in range(n):
+        guard.optimizer.zero_grad()
+        nn.functional.mse_loss(guard.model(x), y).backward()
+        if bad:
+            guard.model[0].weight.grad[0, 0] = math.nan  # type: ignore[index]
+        guard.step()
+
+
+@pytest.mark.parametrize("on_exhausted", ["raise", "stop"])
+def test_exhausted_rollbacks_raise_or_stop(on_exhausted: Any) -> None:
+    model = tanh_mlp(width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    rollback = gg.Rollback(every=10, nonfinite_streak=2, max_rollbacks=1, on_exhausted=on_exhausted)
+    guard = gg.Guard(model, optimizer, recovery=rollback, log_every=10)
+    _steps(guard, 20, bad=False)
+    _steps(guard, 10, bad=True)  # the first streak: rolled back
+    assert rollback.rollbacks == 1
+    _steps(guard, 20, bad=False)
+    if on_exhausted == "raise":
+        with pytest.raises(GradGuardError, match="1 rollbacks used up"):
+            _steps(guard, 10, bad=True)
+    else:
+        _steps(guard, 10, bad=True)
+        assert guard.should_stop
+
+
+def test_in_memory_snapshots_reuse_their_buffers() -> None:
+    model = tanh_mlp(width=32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rollback = gg.Rollback(every=10, keep=2)
+    guard = gg.Guard(model, optimizer, recovery=rollback, log_every=10)
+    x, y = regression(n=32)
+    sizes = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        guard.step()
+        sizes.append(rollback.snapshot_nbytes)
+    assert rollback.snapshot_steps == [50, 60]
+    params = sum(p.numel() * 4 for p in model.parameters())
+    rng = torch.get_rng_state().numel()
+    assert sizes[-1] == sizes[25]  # buffers allocated once, then reused
+    # weights + Adam's two moments + the torch RNG state (+ step counters), in 2 snapshots
+    assert 2 * (3 * params + rng) <= sizes[-1] <= 2 * (3 * params + rng) + 512
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every": 0}, "every must be an int >= 1"),
+        ({"on": ("typo",)}, "unknown trigger 'typo'"),
+        ({"lr_factor": 2.0}, r"lr_factor must lie in \(0, 1\]"),
+        ({"storage": "disk"}, "needs path="),
+        ({"storage": "cloud"}, "storage must be 'memory' or 'disk'"),
+        ({"on_exhausted": "ignore"}, "on_exhausted"),
+    ],
+)
+def test_bad_rollback_arguments_fail_at_construction(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        gg.Rollback(**kwargs)
+
+
+def test_rollback_every_must_follow_the_drains() -> None:
+    model = tanh_mlp(width=8)
+    with pytest.raises(ConfigError, match="multiple of the guard's log_every=10"):
+        gg.Guard(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            recovery=gg.Rollback(every=25),
+            log_every=10,
+        )
