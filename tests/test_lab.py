@@ -45,7 +45,10 @@ CLAIM_KEYS = {
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> lab.LabResult:
-    return lab.run(quick=True, out=tmp_path_factory.mktemp("quick"), progress=False)
+    # One experiment: each experiment's own behaviour is tested in its own test file.
+    return lab.run(
+        ["depth-activation"], quick=True, out=tmp_path_factory.mktemp("quick"), progress=False
+    )
 
 
 def test_registry_lists_every_experiment_under_its_own_name() -> None:
@@ -123,7 +126,7 @@ def test_quick_run_writes_markdown_with_claims_and_ratio_table(quick_run: lab.La
 
 
 def test_quick_runs_are_deterministic(quick_run: lab.LabResult, tmp_path: Path) -> None:
-    again = lab.run(quick=True, out=tmp_path, progress=False)
+    again = lab.run(["depth-activation"], quick=True, out=tmp_path, progress=False)
     first, second = quick_run.experiments[0], again.experiments[0]
     assert first.measurements == second.measurements
     assert [c.values for c in first.claims] == [c.values for c in second.claims]
@@ -199,7 +202,7 @@ def test_default_run_directory_is_timestamped_and_never_reused(
     fake: _FakeExperiment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    first = lab.run(quick=True, progress=False)
+    first = lab.run(quick=True, progress=False)  # the fake experiment only
     second = lab.run(quick=True, progress=False)
     assert first.run_dir.parent == second.run_dir.parent == Path("runs")
     assert first.run_dir.name.startswith("lab-")

@@ -112,6 +112,12 @@ def test_rollback_restores_every_tensor_bitwise_and_the_rng_streams(make_optimiz
     assert {k: digest(v) for k, v in state().items()} == at_snapshot
     assert torch.equal(torch.get_rng_state(), rng_at_snapshot)
     assert torch.equal(torch.rand(5), draws_after_snapshot)
+    # The restored state owns its memory: the next snapshot must not write into it.
+    buffers = {b.data_ptr() for m in rollback._mirrors for b in m._buffers.values()}
+    restored = [p.data_ptr() for p in model.parameters()] + [
+        v.data_ptr() for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)
+    ]
+    assert not buffers & set(restored)
 
 
 def train_with_lr_fault(
@@ -334,3 +340,30 @@ def test_rollback_every_must_follow_the_drains() -> None:
             recovery=gg.Rollback(every=25),
             log_every=10,
         )
+
+
+def test_a_resumed_run_never_rolls_back_to_before_its_checkpoint() -> None:
+    def build() -> tuple[nn.Module, torch.optim.Optimizer, gg.Rollback, gg.Guard]:
+        model = tanh_mlp(width=8)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        rollback = gg.Rollback(every=100, nonfinite_streak=2)
+        return model, optimizer, rollback, gg.Guard(model, optimizer, recovery=rollback)
+
+    model, optimizer, _, guard = build()
+    _steps(guard, 40, bad=False)
+    saved = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "guard": guard.state_dict(),
+    }
+    model, optimizer, rollback, guard = build()  # snapshots the fresh model at step 0
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    guard.load_state_dict(saved["guard"])
+    assert rollback.snapshot_steps == []  # the step-0 snapshot of the fresh model is gone
+    _steps(guard, 10, bad=False)
+    assert rollback.snapshot_steps == [50]  # a new one at the next drain
+    _steps(guard, 10, bad=False)
+    _steps(guard, 10, bad=True)
+    assert guard.step_count == 50  # rolled back to the post-resume snapshot, not to step 0
+    assert [e.kind for e in guard.events].count("rollback") == 1

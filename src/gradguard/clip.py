@@ -152,9 +152,12 @@ class NormClip(_GlobalNormPolicy):
             for group in stats.grad_groups
             if group
         ]
-        if not norms:
-            return torch.zeros((), device=stats.total.device)
-        return _foreach.vector_norm(torch.cat(norms), self.norm_type)
+        local = torch.cat(norms) if norms else torch.zeros(1, device=stats.total.device)
+        if math.isinf(self.norm_type):
+            return stats.all_reduce_(local.max(), op="max")
+        # sum |g|^p over local shards, across ranks, then the p-th root
+        powered = local.double().pow(self.norm_type).sum()
+        return stats.all_reduce_(powered).pow(1.0 / self.norm_type).float()
 
     def _threshold(self, total: Tensor) -> Tensor | float:
         if total.device.type == "cpu":
@@ -189,9 +192,10 @@ class ValueClip:
         _foreach.clamp_(stats.grad_groups, -self.clip_value, self.clip_value)
         device = stats.total.device
         norms = [_foreach.stacked_norms(g).to(device) for g in stats.grad_groups if g]
-        clipped = (
-            _foreach.vector_norm(torch.cat(norms)) if norms else torch.zeros((), device=device)
+        local = (
+            torch.cat(norms).double().square().sum() if norms else torch.zeros((), device=device)
         )
+        clipped = stats.all_reduce_(local).sqrt().float()
         ratio = torch.clamp(clipped / stats.total, 0.0, 1.0)
         good = torch.isfinite(stats.total) & (stats.total > 0)
         return torch.where(good, ratio, torch.ones_like(ratio))

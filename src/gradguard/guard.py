@@ -23,7 +23,13 @@ from gradguard.clip import ClipPolicy
 from gradguard.detect import Detector, default_detectors
 from gradguard.errors import ConfigError, GradGuardError
 from gradguard.records import Event, StepReport, Window
-from gradguard.sinks import JsonlSink, Sink
+from gradguard.sinks import (
+    TENSORBOARD_DIR,
+    JsonlSink,
+    Sink,
+    TensorBoardSink,
+    tensorboard_available,
+)
 from gradguard.stats import GradStats, grad_stats, layout_for
 
 NonFiniteMode = Literal["skip", "raise", "zero"]
@@ -87,6 +93,9 @@ class Guard:
         run_dir: a directory for the JSONL logs (``docs/run-format.md``).
         on_event: called with every event, at the drain that raised it.
         sinks: extra sinks besides the run directory's.
+        tensorboard: with ``run_dir``, also write TensorBoard event files to
+            ``run_dir/tensorboard``: None when the package is installed, True always
+            (:class:`ConfigError` when it is not installed), False never.
     """
 
     def __init__(
@@ -104,6 +113,7 @@ class Guard:
         run_dir: str | os.PathLike[str] | None = None,
         on_event: Callable[[Event], None] | None = None,
         sinks: Iterable[Sink] = (),
+        tensorboard: bool | None = None,
     ) -> None:
         _validate(model, optimizer, clip, nonfinite, recovery, scheduler, log_every, on_event)
         self.model = model
@@ -120,6 +130,13 @@ class Guard:
         self.sinks: list[Sink] = list(sinks)
         if run_dir is not None:
             self.sinks.insert(0, JsonlSink(run_dir))
+            if tensorboard or (tensorboard is None and tensorboard_available()):
+                self.sinks.insert(1, TensorBoardSink(os.path.join(run_dir, TENSORBOARD_DIR)))
+        elif tensorboard:
+            raise ConfigError(
+                "tensorboard=True writes under run_dir, which is None: pass run_dir=..., or "
+                "sinks=[gradguard.sinks.TensorBoardSink(log_dir)]."
+            )
 
         layout = layout_for(model)
         self.layer_names = layout.layer_names
@@ -175,7 +192,8 @@ class Guard:
             }
         if self.scaler is not None:
             self._unscale()
-        stats = grad_stats(self.model, resolve=False)
+        loss_tensor = None if loss is None else self._loss_tensor(loss)
+        stats = grad_stats(self.model, resolve=False, loss=loss_tensor)
         no_sync = self.fused and self.nonfinite == "skip" and self._fused_state_ready()
         self._window_on_device.append(no_sync)
         if no_sync:
@@ -189,7 +207,7 @@ class Guard:
             scale=scale,
             skipped=skipped,
             finite=stats.finite,
-            loss=None if loss is None else self._loss_tensor(loss),
+            loss=stats.loss,  # averaged across ranks when the model is distributed
         )
         self._record(report, stats)
         if self._buffered == self.log_every:
@@ -337,7 +355,7 @@ class Guard:
         for name, grad in zip(stats.names, stats.grads, strict=True):
             if grad is not None and name in names:
                 grad.zero_()
-        return grad_stats(self.model, resolve=True)
+        return grad_stats(self.model, resolve=True, loss=stats.loss)
 
     # --- AMP -------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradguard import _distributed
 from gradguard.errors import ConfigError, GradGuardError
 from gradguard.records import Event, Window
 
@@ -49,6 +50,50 @@ class _GuardLike(Protocol):
     def load_recovery_state(self, state: Mapping[str, Any]) -> None: ...
 
 
+@dataclass(frozen=True)
+class _Shard:
+    """A DTensor's local shard in a snapshot, with what rebuilds the DTensor around it."""
+
+    local: Tensor
+    mesh: Any
+    placements: tuple[Any, ...]
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def rebuild(self, device: torch.device) -> Tensor:
+        """The DTensor again, its local shard copied to ``device`` (no communication)."""
+        from torch.distributed.tensor import DTensor
+
+        rebuilt: Tensor = DTensor.from_local(
+            self.local.to(device, copy=True),
+            self.mesh,
+            self.placements,
+            run_check=False,
+            shape=self.shape,
+            stride=self.stride,
+        )
+        return rebuilt
+
+
+def _materialize(tree: Any, device: torch.device) -> Any:
+    """A snapshot tree ready to load: shards rebuilt as DTensors, the rest deep-copied."""
+    if isinstance(tree, _Shard):
+        return tree.rebuild(device)
+    if isinstance(tree, Tensor):
+        return tree.clone()  # an optimizer may keep what it loads: never the snapshot's buffer
+    if isinstance(tree, Mapping):
+        out = {k: _materialize(v, device) for k, v in tree.items()}
+        metadata = getattr(tree, "_metadata", None)
+        if metadata is not None:
+            ordered: Any = OrderedDict(out)
+            ordered._metadata = metadata
+            return ordered
+        return out
+    if isinstance(tree, list | tuple):
+        return type(tree)(_materialize(v, device) for v in tree)
+    return copy.deepcopy(tree)
+
+
 class _Mirror:
     """Preallocated CPU copies of a nested structure of tensors, reused snapshot after snapshot.
 
@@ -66,6 +111,14 @@ class _Mirror:
 
         def walk(value: Any, key: str) -> Any:
             nonlocal cuda
+            if _distributed.is_dtensor(value):  # FSDP2: each rank keeps its own shard
+                return _Shard(
+                    walk(_distributed.local(value), key),
+                    value.device_mesh,
+                    tuple(value.placements),
+                    value.shape,
+                    value.stride(),
+                )
             if isinstance(value, Tensor):
                 buffer = self._buffers.get(key)
                 if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
@@ -240,6 +293,7 @@ class Rollback:
         self._guard: _GuardLike | None = None
         self._pending: list[Event] = []
         self._rolled_back_now = False
+        self._snapshot_next = False
 
     def __repr__(self) -> str:
         return (
@@ -284,7 +338,9 @@ class Rollback:
                         ),
                     )
                 )
-        if guard.step_count % self.every == 0:
+        at_drain = guard.step_count % guard.log_every == 0
+        if guard.step_count % self.every == 0 or (self._snapshot_next and at_drain):
+            self._snapshot_next = False
             self.snapshot()
 
     def on_drain(self, guard: _GuardLike, window: Window, events: Sequence[Event]) -> list[Event]:
@@ -443,8 +499,13 @@ class Rollback:
         )
 
     def _restore(self, guard: _GuardLike, payload: Mapping[str, Any]) -> None:
+        payload = {
+            "model": _materialize(payload["model"], guard.device),
+            "optimizer": _materialize(payload["optimizer"], guard.device),
+            **{k: v for k, v in payload.items() if k not in ("model", "optimizer")},
+        }
         guard.model.load_state_dict(payload["model"])
-        guard.optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))
+        guard.optimizer.load_state_dict(payload["optimizer"])
         if guard.scheduler is not None and payload["scheduler"] is not None:
             guard.scheduler.load_state_dict(copy.deepcopy(payload["scheduler"]))
         _load_scaler_state(guard.scaler, payload["scaler"])
@@ -466,7 +527,14 @@ class Rollback:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the counters saved by :meth:`state_dict`."""
+        """Restore the counters saved by :meth:`state_dict`.
+
+        Snapshots taken before the load describe another state (often the fresh model the
+        guard was built around): they are dropped, and a new one is taken at the next
+        drain, so a rollback never rewinds a resumed run to before its checkpoint.
+        """
+        self._snapshots.clear()
+        self._snapshot_next = True
         self.rollbacks = int(state["rollbacks"])
         self._cooldown_left = int(state["cooldown_left"])
         self._streak = int(state["streak"])

@@ -1,17 +1,22 @@
-"""Where drained statistics and events go: the run directory (JSONL) and friends.
+"""Where drained statistics and events go: the run directory (JSONL) and TensorBoard.
 
 A sink reads records only (``Window``, ``Event``) and never the guard. The guard calls
 ``open`` once with the run's metadata, then ``write`` at every drain, then ``close``.
-The run-directory format is documented in ``docs/run-format.md``.
+The run-directory format is documented in ``docs/run-format.md``; the TensorBoard tags
+in ``docs/report.md``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
+
+import numpy as np
 
 from gradguard.errors import ConfigError
 from gradguard.records import Event, Window, _json_float
@@ -123,3 +128,172 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 break
             raise
     return rows
+
+
+# --- TensorBoard ------------------------------------------------------------------------
+
+TENSORBOARD_DIR = "tensorboard"
+#: Scalar tags written once per step (``gradguard/<field>``), from the ``metrics.jsonl`` fields.
+STEP_SCALARS = ("loss", "grad_norm", "clipped_norm", "scale", "skipped", "lr")
+TOP_FAMILY = "(top)"
+
+
+def tensorboard_available() -> bool:
+    """Whether the ``tensorboard`` package is installed (found without importing it)."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def layer_family(name: str) -> str:
+    """The chart a layer's gradient norm goes to on the TensorBoard dashboard.
+
+    Rule: a layer repeated along the depth (a numeric index in its name) is grouped with
+    the same layer of every other index, so one chart shows one kind of layer through the
+    depth, one line per index: ``encoder.layers.3.linear1`` goes to
+    ``encoder.layers.*.linear1``. A layer that is not repeated goes with its siblings under
+    its parent module (``transformer.ln_f`` to ``transformer``), and top-level ones to
+    ``(top)``.
+
+    Examples:
+        >>> layer_family("encoder.layers.3.self_attn.out_proj")
+        'encoder.layers.*.self_attn.out_proj'
+        >>> layer_family("2"), layer_family("transformer.ln_f"), layer_family("fc1")
+        ('*', 'transformer', '(top)')
+    """
+    parts = ["*" if part.isdigit() else part for part in name.split(".")]
+    if "*" in parts:
+        return ".".join(parts)
+    return ".".join(parts[:-1]) or TOP_FAMILY
+
+
+def layer_tag(name: str) -> str:
+    """The scalar tag of a layer's gradient norm: ``layers/<family>/<layer>``."""
+    return f"layers/{layer_family(name)}/{name}"
+
+
+class TensorBoardSink:
+    """TensorBoard event files: step scalars, per-layer norms by family, events as text.
+
+    At each drain, for every step of the window: ``gradguard/<field>`` scalars for
+    :data:`STEP_SCALARS` (``loss`` only where one was given; ``skipped`` as 0 or 1) and
+    ``layers/<family>/<layer>`` for each layer's gradient norm (:func:`layer_family`).
+    A Custom Scalars layout draws each family as one chart, so a model with hundreds of
+    layers still shows a few charts. Events go to the ``gradguard/events`` text at their
+    step; with ``histograms_every=N`` the distribution of log10 per-layer norms of the
+    window's last step goes to ``layers/log10_grad_norm`` every N drains. Nothing is
+    written between drains. Values are stored as fp32 (TensorBoard's scalars), which
+    every statistic already is except the learning rate.
+
+    Args:
+        log_dir: the directory for the event files (``RUN_DIR/tensorboard`` by default
+            with ``Guard(run_dir=...)``).
+        histograms_every: write a histogram every this many drains; 0 for none.
+
+    Raises:
+        ConfigError: the ``tensorboard`` package is not installed, or a bad argument.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str], histograms_every: int = 0) -> None:
+        if (
+            not isinstance(histograms_every, int)
+            or isinstance(histograms_every, bool)
+            or histograms_every < 0
+        ):
+            raise ConfigError(
+                f"histograms_every must be an int >= 0 (0: no histograms), got "
+                f"{histograms_every!r}."
+            )
+        self.log_dir = Path(log_dir)
+        self.histograms_every = histograms_every
+        self._summary_writer_cls = _import_summary_writer()
+        self._writer: Any = None
+        self._tags: tuple[str, ...] = ()
+        self._drains = 0
+
+    def open(self, meta: Mapping[str, Any]) -> None:
+        """Create the writer, the per-family chart layout and the configuration text."""
+        if self._writer is not None:
+            return
+        names = [str(n) for n in meta["layer_names"]]
+        self._tags = tuple(layer_tag(n) for n in names)
+        self._writer = self._summary_writer_cls(log_dir=str(self.log_dir))
+        families = dict.fromkeys(layer_family(n) for n in names)
+        layout = {
+            "gradguard": {
+                "loss": ["Multiline", ["^gradguard/loss$"]],
+                "gradient norm (before and after clipping)": [
+                    "Multiline",
+                    ["^gradguard/grad_norm$", "^gradguard/clipped_norm$"],
+                ],
+            },
+            "gradient norm by layer family": {
+                family: ["Multiline", [f"^layers/{re.escape(family)}/"]] for family in families
+            },
+        }
+        self._writer.add_custom_scalars(layout)
+        config = json.dumps(dict(meta.get("config", {})), indent=1)
+        self._writer.add_text("gradguard/config", _markdown_code(config), 0)
+        self._writer.flush()
+
+    def write(self, window: Window, events: Sequence[Event]) -> None:
+        """Add the window's scalars, its events as text, maybe a histogram; then flush."""
+        if self._writer is None:
+            raise ConfigError("TensorBoardSink.write called before open(); the guard opens sinks.")
+        add = self._writer.add_scalar
+        for i, row in enumerate(window.rows()):
+            step = row["step"]
+            for field in STEP_SCALARS:
+                value = row[field]
+                if value is not None:
+                    add(f"gradguard/{field}", float(value), step)
+            for tag, norm in zip(self._tags, window.per_layer[i], strict=True):
+                add(tag, float(norm), step)
+        by_step: dict[int, list[str]] = {}
+        for event in events:
+            by_step.setdefault(event.step, []).append(_event_markdown(event))
+        for step, lines in by_step.items():
+            self._writer.add_text("gradguard/events", "\n\n".join(lines), step)
+        self._drains += 1
+        if self.histograms_every and self._drains % self.histograms_every == 0 and len(window):
+            self._histogram(window)
+        self._writer.flush()
+
+    def _histogram(self, window: Window) -> None:
+        norms = window.per_layer[-1]
+        positive = norms[np.isfinite(norms) & (norms > 0)]
+        if positive.size:  # a histogram of no value, or of NaN, is refused by the writer
+            step = int(window.steps[-1])
+            self._writer.add_histogram("layers/log10_grad_norm", np.log10(positive), step)
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _import_summary_writer() -> Any:
+    """``torch.utils.tensorboard.SummaryWriter``, imported on first use (an optional extra)."""
+    if not tensorboard_available():
+        raise ConfigError(
+            "TensorBoard logging needs the tensorboard package: pip install "
+            "'gradguard[tensorboard]' (or pass tensorboard=False to the Guard)."
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter
+
+
+def _markdown_code(text: str) -> str:
+    """Indent by four spaces: a code block in TensorBoard's markdown text view."""
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+def _event_markdown(event: Event) -> str:
+    """One event as a markdown paragraph for the text dashboard."""
+    layers = f" in `{', '.join(event.layers[:4])}`" if event.layers else ""
+    more = f" (+{len(event.layers) - 4} more)" if len(event.layers) > 4 else ""
+    metric = f" {event.metric}" if event.metric else ""
+    return (
+        f"**{event.kind}**{layers}{more}:{metric} value {event.value:.4g}, threshold "
+        f"{event.threshold:.4g}. {event.message}"
+    )

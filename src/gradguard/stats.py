@@ -8,16 +8,17 @@ handful of small kernels over the per-tensor norms.
 
 from __future__ import annotations
 
+import math
 import operator
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
-from gradguard import _foreach
+from gradguard import _distributed, _foreach
 from gradguard.errors import UnsupportedModelError
 
 NamedParameters: TypeAlias = Iterable[tuple[str, Tensor]]
@@ -51,6 +52,7 @@ class Layout:
     groups: tuple[_Group, ...]
     all_params: tuple[Tensor, ...]
     trainable_mask: tuple[bool, ...]
+    sharding: _distributed.Sharding | None = None
 
     @property
     def accumulate_dtype(self) -> torch.dtype:
@@ -97,7 +99,9 @@ def _named_parameters(source: nn.Module | NamedParameters) -> list[tuple[str, Te
     return pairs
 
 
-def _build_layout(pairs: list[tuple[str, Tensor]]) -> Layout:
+def _build_layout(
+    pairs: list[tuple[str, Tensor]], model: object = None, group: Any = None
+) -> Layout:
     trainable = [(n, p) for n, p in pairs if p.requires_grad]
     if not trainable:
         detail = f"{len(pairs)} parameters, all frozen" if pairs else "no parameters"
@@ -108,7 +112,7 @@ def _build_layout(pairs: list[tuple[str, Tensor]]) -> Layout:
         )
     names = tuple(n for n, _ in trainable)
     params = tuple(p for _, p in trainable)
-    device = params[0].device
+    device = _distributed.local(params[0]).device
     layer_names: list[str] = []
     layer_pos: dict[str, int] = {}
     layer_of_tensor: list[int] = []
@@ -118,9 +122,10 @@ def _build_layout(pairs: list[tuple[str, Tensor]]) -> Layout:
             layer_pos[layer] = len(layer_names)
             layer_names.append(layer)
         layer_of_tensor.append(layer_pos[layer])
+    locals_ = [_distributed.local(p) for p in params]
     groups = tuple(
         _Group(tuple(pos), torch.tensor(pos, dtype=torch.long, device=device))
-        for pos in _foreach.group_indices(params).values()
+        for pos in _foreach.group_indices(locals_).values()
     )
     return Layout(
         params=params,
@@ -131,20 +136,26 @@ def _build_layout(pairs: list[tuple[str, Tensor]]) -> Layout:
         groups=groups,
         all_params=tuple(p for _, p in pairs),
         trainable_mask=tuple(p.requires_grad for _, p in pairs),
+        sharding=_distributed.detect(model, params, device, group),
     )
 
 
-def layout_for(source: nn.Module | NamedParameters) -> Layout:
+def layout_for(source: nn.Module | NamedParameters, process_group: Any = None) -> Layout:
     """The parameter layout grad_stats uses for ``source`` (cached for modules)."""
     if not isinstance(source, nn.Module):
-        return _build_layout(_named_parameters(source))
+        return _build_layout(_named_parameters(source), None, process_group)
     layout = _LAYOUTS.get(source)
     if layout is not None and (
         tuple(map(_get_requires_grad, layout.all_params)) == layout.trainable_mask
-        and layout.params[0].device == layout.device
+        and _distributed.local(layout.params[0]).device == layout.device
+        and (
+            process_group is None
+            or layout.sharding is None
+            or process_group is layout.sharding.group
+        )
     ):
         return layout
-    layout = _build_layout(_named_parameters(source))
+    layout = _build_layout(_named_parameters(source), source, process_group)
     _LAYOUTS[source] = layout
     return layout
 
@@ -192,6 +203,19 @@ class GradStats:
     grad_groups: tuple[list[Tensor], ...] = field(repr=False)
     layer_index: Tensor = field(repr=False)
     finite_on_host: bool | None = field(default=None, repr=False)
+    loss: Tensor | None = None
+    local_squares: Tensor | None = field(default=None, repr=False)
+    sharding: _distributed.Sharding | None = field(default=None, repr=False)
+
+    def all_reduce_(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        """Reduce a per-rank partial result across ranks when the gradients are sharded.
+
+        A no-op for single-process and DDP models (their gradients are whole on every
+        rank). Policies that measure more than ``grad_stats`` does use it.
+        """
+        if self.sharding is None or not self.sharding.sharded:
+            return tensor
+        return _distributed.all_reduce_(tensor, self.sharding, op)
 
     def resolve(self) -> GradStats:
         """Tell a NaN/Inf element apart from an overflowed norm; one host read.
@@ -210,37 +234,52 @@ class GradStats:
 
 
 def _resolve_nonfinite(stats: GradStats) -> GradStats:
-    per_tensor64 = stats.per_tensor.double()
-    all_finite = True
+    """Recompute non-finite norms robustly; collective (same calls on every rank) if sharded."""
+    assert stats.local_squares is not None
+    local = stats.local_squares.clone()
     for i in torch.nonzero(~torch.isfinite(stats.per_tensor)).flatten().tolist():
         grad = stats.grads[i]
         if grad is None:  # a missing grad has norm 0: never here, kept for the type checker
             continue
         values = grad.coalesce()._values() if grad.is_sparse else grad
         if not bool(torch.isfinite(values).all()):
-            all_finite = False
+            local[i] = math.nan
             continue
-        max_abs = values.abs().max().double()
+        max_abs = values.abs().max().double().clamp(min=torch.finfo(torch.float64).tiny)
         robust = _foreach.vector_norm(values.double() / max_abs) * max_abs
-        per_tensor64[i] = robust.to(per_tensor64.device)
-    sq64 = per_tensor64.square()
-    per_layer = (
-        torch.zeros(len(stats.layer_names), dtype=torch.float64, device=sq64.device)
-        .index_add_(0, stats.layer_index, sq64)
-        .sqrt()
-        .float()
-    )
+        divisor = (
+            1.0
+            if stats.sharding is None or stats.sharding.replicas is None
+            else float(stats.sharding.replicas[i])
+        )
+        local[i] = robust.square().to(local.device) / divisor
+    squares = stats.all_reduce_(local)
+    all_finite = bool(torch.isfinite(squares).all())  # sync: the rare path only
+    per_tensor, per_layer, total = _aggregate(squares, stats.layer_index, len(stats.layer_names))
     device = stats.total.device
     return replace(
         stats,
-        per_tensor=per_tensor64.float(),
+        per_tensor=per_tensor,
         per_layer=per_layer,
-        total=sq64.sum().sqrt().float(),
+        total=total,
         finite=torch.tensor(all_finite, device=device),
         overflow=torch.tensor(all_finite, device=device),
         resolved=True,
         finite_on_host=all_finite,
     )
+
+
+def _aggregate(
+    squares: Tensor, layer_index: Tensor, n_layers: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-tensor, per-layer and global norms (fp32) from per-tensor squared norms."""
+    per_layer = (
+        torch.zeros(n_layers, dtype=squares.dtype, device=squares.device)
+        .index_add_(0, layer_index, squares)
+        .sqrt()
+        .float()
+    )
+    return squares.sqrt().float(), per_layer, squares.sum().sqrt().float()
 
 
 def _per_tensor_norms(
@@ -271,21 +310,30 @@ def _per_tensor_norms(
 
 
 def grad_stats(
-    model_or_named_parameters: nn.Module | NamedParameters, *, resolve: bool | None = None
+    model_or_named_parameters: nn.Module | NamedParameters,
+    *,
+    resolve: bool | None = None,
+    loss: Tensor | None = None,
+    process_group: Any = None,
 ) -> GradStats:
     """Measure the gradients of a model in one fused pass, without a host sync.
 
     Args:
         model_or_named_parameters: a module (its parameter layout is cached, so repeated
             calls do no per-call work beyond collecting the ``.grad`` tensors and the fused
-            kernels) or an iterable of ``(name, parameter)`` pairs.
+            kernels) or an iterable of ``(name, parameter)`` pairs. DDP-wrapped and FSDP2
+            (``fully_shard``) modules work: see ``docs/distributed.md``.
         resolve: tell NaN/Inf elements apart from an overflowed norm (:meth:`GradStats.resolve`).
             ``None`` (default) resolves when the gradients live on the CPU, where reading a
             flag costs no device sync; on an accelerator the statistics stay sync-free and
             ``finite`` is False for an overflowed norm until resolved.
+        loss: this step's loss, carried in the same reduction and averaged across ranks
+            when the model is distributed (``stats.loss``).
+        process_group: the group (or 1-D device mesh) to reduce over; detected otherwise.
 
     Returns:
-        The statistics, as tensors on the device of the first trainable parameter.
+        The statistics, as tensors on the device of the first trainable parameter. Under
+        FSDP2 they are global (reduced over the ranks), identical on every rank.
 
     Raises:
         UnsupportedModelError: no trainable parameter, or an argument that is neither a
@@ -298,12 +346,25 @@ def grad_stats(
         >>> grad_stats(model).total
         tensor(5.)
     """
-    layout = layout_for(model_or_named_parameters)
+    layout = layout_for(model_or_named_parameters, process_group)
     grads: list[Tensor | None] = list(map(_get_grad, layout.params))
+    sharding = layout.sharding
+    if sharding is not None and sharding.sharded:
+        grads = [None if g is None else _distributed.local(g) for g in grads]
     per_tensor, grad_groups = _per_tensor_norms(layout, grads)
     # Squares of fp32 norms under 1e-19 or over 1.8e19 leave the fp32 range: sum them in fp64
     # (a vanishing layer's 1e-25 norm must not read 0, a 1e20 norm must not read inf).
-    squares = per_tensor.to(layout.accumulate_dtype).square()
+    local_squares = per_tensor.to(layout.accumulate_dtype).square()
+    if sharding is None:
+        squares = local_squares
+        loss = None if loss is None else loss.detach().reshape(()).float()
+    else:
+        if sharding.replicas is not None:
+            local_squares = local_squares / sharding.replicas
+        squares, loss = _distributed.reduce_squares_and_loss(local_squares, loss, sharding)
+        if sharding.sharded:
+            per_tensor = squares.sqrt().float()
+        loss = None if loss is None else loss.reshape(())
     total = squares.sum().sqrt().float()
     per_layer = (
         torch.zeros(len(layout.layer_names), dtype=squares.dtype, device=layout.device)
@@ -324,6 +385,9 @@ def grad_stats(
         params=layout.params,
         grad_groups=grad_groups,
         layer_index=layout.layer_index,
+        loss=loss,
+        local_squares=local_squares,
+        sharding=sharding,
     )
     if resolve or (resolve is None and layout.device.type == "cpu"):
         return stats.resolve()

@@ -7,8 +7,8 @@ run directory with ``results.json`` (every number, per-layer traces included) an
 
 Example:
     >>> from gradguard import lab
-    >>> [name for name, _ in lab.list_experiments()]
-    ['depth-activation']
+    >>> [name for name, _ in lab.list_experiments()][:2]
+    ['depth-activation', 'recovery']
 """
 
 from __future__ import annotations

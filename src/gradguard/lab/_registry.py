@@ -6,11 +6,11 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 from gradguard.errors import ConfigError
-from gradguard.lab import depth_activation
+from gradguard.lab import depth_activation, recovery
 from gradguard.lab._records import Experiment
 
 EXPERIMENTS: Mapping[str, Experiment] = MappingProxyType(
-    {e.name: e for e in (depth_activation.EXPERIMENT,)}
+    {e.name: e for e in (depth_activation.EXPERIMENT, recovery.EXPERIMENT)}
 )
 """Every experiment by name, in the order ``run()`` runs them."""
 

@@ -1,0 +1,84 @@
+"""DDP and FSDP2 with 2 CPU processes (gloo): reduced statistics and one decision everywhere.
+
+Each test runs `tests/distributed_scenarios.py` in a subprocess (it spawns the 2 ranks) under
+a timeout, so a rank that hangs fails the test instead of the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("distributed_scenarios.py")
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not built in"
+)
+
+
+def run(scenario: str, kind: str, tmp_path: Path) -> list[dict[str, Any]]:
+    out = tmp_path / f"{scenario}-{kind}.json"
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), scenario, kind, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    ranks: list[dict[str, Any]] = json.loads(out.read_text())["ranks"]
+    assert len(ranks) == 2
+    return ranks
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_norms_equal_a_single_process_reference_and_so_do_20_clipped_steps(
+    kind: str, tmp_path: Path
+) -> None:
+    for rank in run("norms", kind, tmp_path):
+        assert rank["total"] <= 1e-6
+        assert rank["per_layer"] <= 1e-6
+        assert rank["per_tensor"] <= 1e-6
+        assert rank["loss"] <= 1e-6  # the loss is averaged over the ranks
+        assert rank["clipped_steps"] >= 10  # the clip really acted
+        assert rank["scale"] <= 1e-5
+        assert rank["grads"] <= 1e-5  # clipped gradients, every step
+        assert rank["weights"] <= 1e-5  # after 20 steps
+        assert rank["replicas_equal"]
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_a_nan_on_one_rank_is_skipped_on_every_rank(kind: str, tmp_path: Path) -> None:
+    ranks = run("nan", kind, tmp_path)
+    for rank in ranks:
+        assert rank["skipped"] == [i == 6 for i in range(10)]
+        assert rank["unchanged_across_skip"]
+        assert rank["replicas_equal"]
+        assert rank["finite"]
+        assert rank["events"] == [[7, "nonfinite"]]
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_a_spike_on_one_rank_rolls_back_every_rank_to_the_same_snapshot(
+    kind: str, tmp_path: Path
+) -> None:
+    ranks = run("rollback", kind, tmp_path)
+    assert ranks[0]["events"] == ranks[1]["events"]
+    for rank in ranks:
+        assert [k for _, k in rank["events"]] == ["spike", "rollback"]
+        assert rank["step_count"] == 30
+        assert rank["restored_bitwise"]  # own shards and optimizer state, as at the snapshot
+        assert rank["replicas_equal"]
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_exactly_one_all_reduce_per_step(kind: str, tmp_path: Path) -> None:
+    for rank in run("allreduce", kind, tmp_path):
+        assert rank["all_reduces_per_step"] == [1] * 12  # squared norms and the loss, together
+        assert rank["sync_count"] == 0  # fused AdamW: no host read between drains
