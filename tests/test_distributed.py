@@ -7,6 +7,7 @@ a timeout, so a rank that hangs fails the test instead of the suite.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,22 @@ def test_exactly_one_all_reduce_per_step(kind: str, tmp_path: Path) -> None:
     for rank in run("allreduce", kind, tmp_path):
         assert rank["all_reduces_per_step"] == [1] * 12  # squared norms and the loss, together
         assert rank["sync_count"] == 0  # fused AdamW: no host read between drains
+
+
+@pytest.mark.parametrize("name", ["ddp_example.py", "fsdp_example.py"])
+def test_examples_run_under_torchrun_and_ranks_agree(name: str) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / name
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + [str(example), "--steps", "30"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    # the two ranks print concurrently: their lines may run together
+    found = dict(re.findall(r"rank (\d): (.*?skipped steps \[[\d, ]*\])", completed.stdout))
+    assert sorted(found) == ["0", "1"], completed.stdout
+    assert found["0"] == found["1"]  # the same numbers and the same skips on both ranks
+    assert found["0"].endswith("skipped steps [16]")

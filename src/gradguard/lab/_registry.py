@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 from gradguard.errors import ConfigError
-from gradguard.lab import depth_activation, recovery
 from gradguard.lab._records import Experiment
 
-EXPERIMENTS: Mapping[str, Experiment] = MappingProxyType(
-    {e.name: e for e in (depth_activation.EXPERIMENT, recovery.EXPERIMENT)}
+MODULES = (
+    "depth_activation",
+    "initialization",
+    "clipping_rnn",
+    "gated_rnn",
+    "normalization",
+    "residual",
+    "selu",
+    "isometry",
+    "adaptive_clipping",
+    "optimizers_lr",
+    "regularization",
+    "recovery",
+    "early_stopping",
 )
+"""The experiment modules under ``gradguard.lab``, in run order (the lab issue's order).
+
+Each defines ``EXPERIMENT``; a module not written yet is skipped, so experiments can land
+one at a time. A module may also define ``plot(experiment_data, out_dir) -> Path``.
+"""
+
+
+def _discover() -> dict[str, Experiment]:
+    found: dict[str, Experiment] = {}
+    for module_name in MODULES:
+        try:
+            module = importlib.import_module(f"gradguard.lab.{module_name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"gradguard.lab.{module_name}":
+                raise  # a real import error inside the module
+            continue
+        experiment: Experiment = module.EXPERIMENT
+        found[experiment.name] = experiment
+    return found
+
+
+EXPERIMENTS: Mapping[str, Experiment] = MappingProxyType(_discover())
 """Every experiment by name, in the order ``run()`` runs them."""
 
 

@@ -6,6 +6,7 @@ without matplotlib, simply gets no figure.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -218,7 +219,19 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     except ImportError:
         return []
     return [
-        PLOTS[experiment["name"]](experiment, out_dir)
+        plot(experiment, out_dir)
         for experiment in results["experiments"]
-        if experiment["name"] in PLOTS
+        if (plot := _plot_for(experiment["name"])) is not None
     ]
+
+
+def _plot_for(name: str) -> PlotFn | None:
+    """The figure of experiment ``name``: from :data:`PLOTS`, or its module's ``plot``."""
+    if name in PLOTS:
+        return PLOTS[name]
+    try:
+        module = importlib.import_module(f"gradguard.lab.{name.replace('-', '_')}")
+    except ModuleNotFoundError:
+        return None
+    plot: PlotFn | None = getattr(module, "plot", None)
+    return plot
