@@ -184,11 +184,18 @@ def digest(tree: Any) -> str:
     return h.hexdigest()
 
 
-def rollback_on_every_rank(kind: str, rank: int) -> dict[str, Any]:
+def rollback_on_every_rank(kind: str, rank: int, storage: str = "memory") -> dict[str, Any]:
     """A gradient spike on rank 0's shard: the same rollback on both ranks, state bitwise back."""
     model = wrap(kind, make_model())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    rollback = gg.Rollback(every=10, cooldown=5, spike_metrics=("grad_norm", "loss"))
+    path = os.environ.get("GG_SNAPSHOT_DIR") if storage == "disk" else None
+    rollback = gg.Rollback(
+        every=10,
+        cooldown=5,
+        spike_metrics=("grad_norm", "loss"),
+        storage=storage,
+        path=path,  # type: ignore[arg-type]
+    )
     guard = gg.Guard(
         model,
         opt,
@@ -222,7 +229,13 @@ def rollback_on_every_rank(kind: str, rank: int) -> dict[str, Any]:
         "step_count": guard.step_count,
         "restored_bitwise": after == at_snapshot,
         "replicas_equal": all(gathered_equal(p) for p in model.parameters()),
+        "snapshot_files": sorted(os.listdir(path)) if path else [],
     }
+
+
+def rollback_from_disk(kind: str, rank: int) -> dict[str, Any]:
+    """The same, with snapshots on disk (torch.distributed.checkpoint under FSDP2)."""
+    return rollback_on_every_rank(kind, rank, storage="disk")
 
 
 def one_all_reduce_per_step(kind: str, rank: int) -> dict[str, Any]:
@@ -257,6 +270,7 @@ SCENARIOS: dict[str, Callable[[str, int], dict[str, Any]]] = {
     "norms": norms_match,
     "nan": nan_on_one_rank,
     "rollback": rollback_on_every_rank,
+    "rollback-disk": rollback_from_disk,
     "allreduce": one_all_reduce_per_step,
 }
 
@@ -280,4 +294,5 @@ if __name__ == "__main__":
     scenario_name, wrapper_kind, out_path = sys.argv[1], sys.argv[2], sys.argv[3]
     with tempfile.TemporaryDirectory() as tmp:
         store_file = os.path.join(tmp, "store")
+        os.environ["GG_SNAPSHOT_DIR"] = os.path.join(tmp, "snapshots")
         mp.spawn(worker, args=(scenario_name, wrapper_kind, store_file, out_path), nprocs=WORLD)

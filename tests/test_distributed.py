@@ -102,3 +102,17 @@ def test_examples_run_under_torchrun_and_ranks_agree(name: str) -> None:
     assert sorted(found) == ["0", "1"], completed.stdout
     assert found["0"] == found["1"]  # the same numbers and the same skips on both ranks
     assert found["0"].endswith("skipped steps [16]")
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_disk_snapshots_roll_back_every_rank(kind: str, tmp_path: Path) -> None:
+    ranks = run("rollback-disk", kind, tmp_path)
+    for rank in ranks:
+        assert [k for _, k in rank["events"]] == ["spike", "rollback"]
+        assert rank["restored_bitwise"]
+        assert rank["replicas_equal"]
+    files = ranks[0]["snapshot_files"]
+    if kind == "fsdp":  # torch.distributed.checkpoint directories, renamed into place
+        assert files == ["snapshot-000000020", "snapshot-000000030"]
+    else:  # one torch.save file per rank
+        assert files == [f"snapshot-0000000{s}-rank{r}.pt" for s in (20, 30) for r in (0, 1)]

@@ -14,6 +14,7 @@ import copy
 import math
 import os
 import random
+import shutil
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -380,7 +381,9 @@ class Rollback:
     def _write(self, step: int, tree: Mapping[str, Any]) -> Path:
         """Save atomically (temp file + rename), then drop snapshots beyond ``keep``."""
         assert self.path is not None
-        final = self.path / f"snapshot-{step:09d}.pt"
+        if _sharded(self._require_guard()):
+            return self._write_sharded(step, tree)
+        final = self.path / f"snapshot-{step:09d}{_rank_suffix()}.pt"
         tmp = final.with_suffix(".pt.tmp")
         torch.save(dict(tree), tmp)
         with open(tmp, "rb") as handle:
@@ -393,14 +396,58 @@ class Rollback:
                     oldest.unlink()
         return final
 
+    def _write_sharded(self, step: int, tree: Mapping[str, Any]) -> Path:
+        """FSDP2: a ``torch.distributed.checkpoint`` directory, renamed into place by rank 0.
+
+        Collective: every rank calls it at the same step. Each rank also saves its own
+        scheduler, scaler, guard and RNG state beside the shards.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        assert self.path is not None
+        guard = self._require_guard()
+        final = self.path / f"snapshot-{step:09d}"
+        tmp = self.path / f"snapshot-{step:09d}.tmp"
+        rank = torch.distributed.get_rank()
+        model_state, optimizer_state = get_state_dict(guard.model, guard.optimizer)
+        dcp.save(  # type: ignore[attr-defined]
+            {"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp)
+        )
+        extras = {k: tree[k] for k in ("scheduler", "scaler", "guard", "rng")}
+        torch.save(extras, tmp / f"extras-rank{rank}.pt")
+        torch.distributed.barrier()
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # a crash before this line leaves only the .tmp directory
+            if len(self._snapshots) == self.keep and self._snapshots[0].file is not None:
+                shutil.rmtree(self._snapshots[0].file, ignore_errors=True)
+        torch.distributed.barrier()
+        return final
+
     def _load(self, snapshot: _Snapshot) -> dict[str, Any]:
         if snapshot.payload is not None:
             for mirror in self._mirrors:
                 mirror.wait()
             return snapshot.payload
         assert snapshot.file is not None
+        if snapshot.file.is_dir():
+            return self._load_sharded(snapshot.file)
         loaded: dict[str, Any] = torch.load(snapshot.file, weights_only=False)
         return loaded
+
+    def _load_sharded(self, directory: Path) -> dict[str, Any]:
+        """Load a ``torch.distributed.checkpoint`` snapshot into this rank's shards."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        guard = self._require_guard()
+        model_state, optimizer_state = get_state_dict(guard.model, guard.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(directory))  # type: ignore[attr-defined]
+        rank = torch.distributed.get_rank()
+        extras = torch.load(directory / f"extras-rank{rank}.pt", weights_only=False)
+        return {"dcp": state, **extras}
 
     @property
     def snapshot_steps(self) -> list[int]:
@@ -455,8 +502,7 @@ class Rollback:
         snapshot = usable[-1]
         # Drop snapshots taken after the onset: they may already hold the damage.
         for dropped in (s for s in self._snapshots if s.step >= onset - 1 and s.file):
-            with contextlib.suppress(FileNotFoundError):
-                dropped.file.unlink()  # type: ignore[union-attr]
+            _remove(dropped.file)  # type: ignore[arg-type]
         self._snapshots = deque(usable, maxlen=self.keep)
         now = guard.step_count
         self._restore(guard, self._load(snapshot))
@@ -499,6 +545,17 @@ class Rollback:
         )
 
     def _restore(self, guard: _GuardLike, payload: Mapping[str, Any]) -> None:
+        if "dcp" in payload:
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            set_state_dict(
+                guard.model,
+                guard.optimizer,
+                model_state_dict=payload["dcp"]["model"],
+                optim_state_dict=payload["dcp"]["optimizer"],
+            )
+            self._restore_rest(guard, payload)
+            return
         payload = {
             "model": _materialize(payload["model"], guard.device),
             "optimizer": _materialize(payload["optimizer"], guard.device),
@@ -506,6 +563,10 @@ class Rollback:
         }
         guard.model.load_state_dict(payload["model"])
         guard.optimizer.load_state_dict(payload["optimizer"])
+        self._restore_rest(guard, payload)
+
+    def _restore_rest(self, guard: _GuardLike, payload: Mapping[str, Any]) -> None:
+        """Scheduler, scaler, the guard's own state and the RNG streams."""
         if guard.scheduler is not None and payload["scheduler"] is not None:
             guard.scheduler.load_state_dict(copy.deepcopy(payload["scheduler"]))
         _load_scaler_state(guard.scaler, payload["scaler"])
@@ -539,6 +600,28 @@ class Rollback:
         self._cooldown_left = int(state["cooldown_left"])
         self._streak = int(state["streak"])
         self._streak_onset = int(state["streak_onset"])
+
+
+def _sharded(guard: _GuardLike) -> bool:
+    """True when the model's parameters are DTensors (FSDP2)."""
+    return any(_distributed.is_dtensor(p) for p in guard.model.parameters())
+
+
+def _rank_suffix() -> str:
+    """``-rank3`` when several processes write snapshots (DDP), else empty."""
+    if _distributed.available() and torch.distributed.get_world_size() > 1:
+        return f"-rank{torch.distributed.get_rank()}"
+    return ""
+
+
+def _remove(path: Path) -> None:
+    """Delete a snapshot file, or (rank 0 only) a sharded snapshot directory."""
+    if path.is_dir():
+        if not _distributed.available() or torch.distributed.get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
