@@ -21,6 +21,12 @@ FORBIDDEN = {
     "detect": {"stats", "clip", "sinks", "_foreach"} | UPSTREAM_OF_GUARD,
     "sinks": {"stats", "clip", "detect", "_foreach"} | UPSTREAM_OF_GUARD,
     "recover": {"stats", "clip", "detect", "sinks", "_foreach"} | UPSTREAM_OF_GUARD,
+    # Diagnosis and initialization run before training: they read stats, never the step loop.
+    "diagnose": {"clip", "records", "detect", "recover", "sinks"} | UPSTREAM_OF_GUARD,
+    "init": {"stats", "clip", "records", "detect", "recover", "sinks", "diagnose", "_jacobian"}
+    | UPSTREAM_OF_GUARD,
+    "_jacobian": {"stats", "clip", "records", "detect", "recover", "sinks", "diagnose", "init"}
+    | UPSTREAM_OF_GUARD,
 }
 
 

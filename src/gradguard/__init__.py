@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from gradguard import init
 from gradguard.clip import AGC, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip, clip_
+from gradguard.diagnose import Diagnosis, diagnose
 from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError
 from gradguard.guard import Guard, GuardedOptimizer
 from gradguard.records import Event, StepReport, Window
@@ -25,6 +27,7 @@ __all__ = [
     "AutoClip",
     "ClipPolicy",
     "ConfigError",
+    "Diagnosis",
     "Event",
     "GradGuardError",
     "GradStats",
@@ -39,5 +42,7 @@ __all__ = [
     "ZClip",
     "__version__",
     "clip_",
+    "diagnose",
     "grad_stats",
+    "init",
 ]

@@ -1,9 +1,13 @@
-"""The ``gradguard`` command line: ``lab``, ``bench`` and friends."""
+"""The ``gradguard`` command line: ``lab``, ``diagnose``, ``bench`` and friends."""
 
 # typer reads the annotations at run time: no ``from __future__ import annotations`` here.
 
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
-from typing import Annotated
+from types import ModuleType
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -91,6 +95,139 @@ def bench(
     if out is not None:
         out.write_text(result.to_markdown())
         console.print(f"Wrote {out}")
+
+
+class _UsageError(Exception):
+    """A bad command line: printed as one line, exit status 2."""
+
+
+def _import_target(spec: str) -> ModuleType:
+    """Import ``package.module`` or execute ``path/to/file.py`` as a module."""
+    if spec.endswith(".py") or "/" in spec or "\\" in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise _UsageError(f"no such file: {spec}")
+        name = f"_gradguard_target_{path.stem}"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise _UsageError(f"cannot import {spec} as a Python file")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module  # dataclasses and pickling look modules up by name
+        loader_spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as error:
+        raise _UsageError(f"cannot import module {spec!r}: {error}") from error
+
+
+def _load_model(target: str, seed: int) -> Any:
+    """Resolve ``module:factory`` / ``file.py:factory`` and call the factory once."""
+    import torch
+
+    spec, colon, name = target.rpartition(":")
+    if not colon or not spec or not name:
+        raise _UsageError(
+            f"TARGET must be package.module:factory or path/to/file.py:factory, got {target!r}"
+        )
+    try:
+        module = _import_target(spec)
+    except _UsageError:
+        raise
+    except Exception as error:
+        raise _UsageError(f"importing {spec} failed: {type(error).__name__}: {error}") from error
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise _UsageError(
+            f"{spec} has no factory {name!r}; callables there: {', '.join(public) or 'none'}"
+        )
+    torch.manual_seed(seed)
+    try:
+        model = factory()
+    except Exception as error:
+        raise _UsageError(f"{target}() failed: {type(error).__name__}: {error}") from error
+    if not isinstance(model, torch.nn.Module):
+        raise _UsageError(f"{target}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace(" ", "").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(size < 1 for size in shape):
+        raise _UsageError(
+            f"--input-shape must be positive integers separated by commas, e.g. 64,784; "
+            f"got {text!r}"
+        )
+    return shape
+
+
+def _run_diagnosis(
+    target: str, shape_text: str, classes: int | None, seed: int
+) -> "gradguard.Diagnosis":
+    import torch
+
+    shape = _parse_shape(shape_text)
+    if classes is not None and classes < 2:
+        raise _UsageError(f"--classes must be at least 2, got {classes}")
+    model = _load_model(target, seed)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(shape, generator=generator)
+    targets = None
+    if classes is not None:
+        targets = torch.randint(0, classes, (shape[0],), generator=generator)
+    return gradguard.diagnose(model, inputs, targets, seed=seed)
+
+
+@app.command("diagnose")
+def diagnose_command(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="package.module:factory or path/to/file.py:factory; the factory takes no "
+            "arguments and returns the model."
+        ),
+    ],
+    input_shape: Annotated[
+        str,
+        typer.Option("--input-shape", help="Shape of the random N(0, 1) input batch, e.g. 64,784."),
+    ],
+    classes: Annotated[
+        int | None,
+        typer.Option(
+            help="Random integer targets in [0, CLASSES) and cross-entropy; without it the "
+            "loss is a fixed random readout of the output."
+        ),
+    ] = None,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print the diagnosis as JSON instead of tables.")
+    ] = False,
+    html_out: Annotated[
+        Path | None, typer.Option("--html", help="Also write a self-contained HTML page here.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the factory, the inputs and targets.")] = 0,
+) -> None:
+    """Diagnose vanishing/exploding gradients of a model before training.
+
+    Exit status: 0 healthy, 1 vanishing or exploding, 2 usage error.
+    """
+    errors = Console(stderr=True)
+    try:
+        diag = _run_diagnosis(target, input_shape, classes, seed)
+    except (_UsageError, GradGuardError) as error:
+        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from error
+    if json_:
+        typer.echo(diag.to_json())
+    else:
+        console.print(diag)
+    if html_out is not None:
+        diag.save_html(html_out)
+        errors.print(f"Wrote {html_out}", highlight=False)
+    raise typer.Exit(0 if diag.verdict == "healthy" else 1)
 
 
 def main() -> None:
