@@ -7,8 +7,9 @@ run directory with ``results.json`` (every number, per-layer traces included) an
 
 Example:
     >>> from gradguard import lab
-    >>> [name for name, _ in lab.list_experiments()][:2]
-    ['depth-activation', 'recovery']
+    >>> names = [name for name, _ in lab.list_experiments()]
+    >>> names[0], "recovery" in names
+    ('depth-activation', True)
 """
 
 from __future__ import annotations
