@@ -53,6 +53,7 @@ class Layout:
     all_params: tuple[Tensor, ...]
     trainable_mask: tuple[bool, ...]
     sharding: _distributed.Sharding | None = None
+    false: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
 
     @property
     def accumulate_dtype(self) -> torch.dtype:
@@ -137,6 +138,7 @@ def _build_layout(
         all_params=tuple(p for _, p in pairs),
         trainable_mask=tuple(p.requires_grad for _, p in pairs),
         sharding=_distributed.detect(model, params, device, group),
+        false=torch.zeros((), dtype=torch.bool, device=device),
     )
 
 
@@ -354,7 +356,7 @@ def grad_stats(
     per_tensor, grad_groups = _per_tensor_norms(layout, grads)
     # Squares of fp32 norms under 1e-19 or over 1.8e19 leave the fp32 range: sum them in fp64
     # (a vanishing layer's 1e-25 norm must not read 0, a 1e20 norm must not read inf).
-    local_squares = per_tensor.to(layout.accumulate_dtype).square()
+    local_squares = per_tensor.to(layout.accumulate_dtype).square_()
     if sharding is None:
         squares = local_squares
         loss = None if loss is None else loss.detach().reshape(()).float()
@@ -365,22 +367,27 @@ def grad_stats(
         if sharding.sharded:
             per_tensor = squares.sqrt().float()
         loss = None if loss is None else loss.reshape(())
-    total = squares.sum().sqrt().float()
+    total = squares.sum().sqrt_().float()
     per_layer = (
         torch.zeros(len(layout.layer_names), dtype=squares.dtype, device=layout.device)
         .index_add_(0, layout.layer_index, squares)
-        .sqrt()
+        .sqrt_()
         .float()
     )
+    finite = torch.isfinite(total)
+    resolving = resolve or (resolve is None and layout.device.type == "cpu")
+    # The common resolved case costs one read and no second record (see GradStats.resolve).
+    clean = resolving and bool(finite)  # sync: the documented read when resolving
     stats = GradStats(
         per_tensor=per_tensor,
         per_layer=per_layer,
         total=total,
-        finite=torch.isfinite(total),
-        overflow=torch.zeros((), dtype=torch.bool, device=layout.device),
+        finite=finite,
+        overflow=layout.false,
         names=layout.names,
         layer_names=layout.layer_names,
-        resolved=False,
+        resolved=clean,
+        finite_on_host=True if clean else None,
         grads=tuple(grads),
         params=layout.params,
         grad_groups=grad_groups,
@@ -389,9 +396,7 @@ def grad_stats(
         local_squares=local_squares,
         sharding=sharding,
     )
-    if resolve or (resolve is None and layout.device.type == "cpu"):
-        return stats.resolve()
-    return stats
+    return _resolve_nonfinite(stats) if resolving and not clean else stats
 
 
 def iter_grads(stats: GradStats) -> Iterator[tuple[str, Tensor, Tensor]]:
