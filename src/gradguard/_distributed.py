@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 #: All-reduces issued by gradguard in this process (tests and benchmarks read it).
 ALL_REDUCE_CALLS = [0]
