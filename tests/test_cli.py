@@ -57,3 +57,28 @@ def test_lab_quick_writes_a_run_directory(tmp_path: Path) -> None:
     data = json.loads((out / "results.json").read_text())
     assert data["quick"] is True
     assert (out / "results.md").is_file()
+
+
+def test_report_writes_html_for_a_guarded_run(tmp_path: Path) -> None:
+    import torch
+
+    import gradguard as gg
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gg.Guard(model, optimizer, log_every=5, run_dir=tmp_path / "run") as guard:
+        for _ in range(10):
+            optimizer.zero_grad()
+            loss = model(torch.randn(4, 3)).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+    result = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.lstrip().lower().startswith("<!doctype html")
+
+
+def test_report_on_a_directory_that_is_no_run_is_a_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is not a run directory" in " ".join(result.output.split())

@@ -156,9 +156,13 @@ def test_scalars_are_written_only_at_drains(tmp_path: Path) -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = gg.Guard(model, optimizer, log_every=10, run_dir=tmp_path)
+    sink = guard.sinks[1]
+    assert isinstance(sink, TensorBoardSink)
     train(guard, model, optimizer, 9)
+    sink.flush()
     assert "gradguard/grad_norm" not in accumulator(tmp_path / "tensorboard").Tags()["scalars"]
     train(guard, model, optimizer, 1)  # the tenth step drains
+    sink.flush()
     steps = [e.step for e in accumulator(tmp_path / "tensorboard").Scalars("gradguard/grad_norm")]
     assert steps == list(range(1, 11))
     guard.close()

@@ -1,4 +1,4 @@
-"""The ``gradguard`` command line: ``lab``, ``diagnose``, ``bench`` and friends."""
+"""The ``gradguard`` command line: ``lab``, ``diagnose``, ``report`` and ``bench``."""
 
 # typer reads the annotations at run time: no ``from __future__ import annotations`` here.
 
@@ -71,7 +71,7 @@ def lab(
     try:
         result = lab_module.run(names=names or None, quick=quick, seed=seed, out=out)
     except GradGuardError as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
         raise typer.Exit(2) from error
     lab_module.print_summary(result, console)
     console.print(f"Results: {result.run_dir}")
@@ -228,6 +228,24 @@ def diagnose_command(
         diag.save_html(html_out)
         errors.print(f"Wrote {html_out}", highlight=False)
     raise typer.Exit(0 if diag.verdict == "healthy" else 1)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A guarded run directory (run_dir=) or a lab run directory.")
+    ],
+) -> None:
+    """Write RUN_DIR/report.html: timelines, the per-layer heatmap, events and verdict."""
+    from gradguard.report import write_lab_report, write_report
+
+    try:
+        lab_run = (run_dir / "results.json").is_file()
+        path = write_lab_report(run_dir) if lab_run else write_report(run_dir)
+    except GradGuardError as error:
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        raise typer.Exit(2) from error
+    console.print(f"Wrote {path}")
 
 
 def main() -> None:

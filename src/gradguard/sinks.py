@@ -179,20 +179,30 @@ class TensorBoardSink:
     A Custom Scalars layout draws each family as one chart, so a model with hundreds of
     layers still shows a few charts. Events go to the ``gradguard/events`` text at their
     step; with ``histograms_every=N`` the distribution of log10 per-layer norms of the
-    window's last step goes to ``layers/log10_grad_norm`` every N drains. Nothing is
-    written between drains. Values are stored as fp32 (TensorBoard's scalars), which
-    every statistic already is except the learning rate.
+    window's last step goes to ``layers/log10_grad_norm`` every N drains. Values are
+    stored as fp32 (TensorBoard's scalars), which every statistic already is except the
+    learning rate.
+
+    Nothing is written between drains. A drain builds one summary per step and queues
+    it; TensorBoard's writer thread encodes it, writes it and flushes the file every
+    ``flush_secs``, so a drain never waits for the disk. Queuing 10 steps of 500 layers
+    takes about 4 ms (on a laptop CPU, writer thread idle), against about 0.14 s with
+    one ``add_scalar`` call per value (each encoded and checksummed on its own while the
+    caller waits on the writer's queue). :meth:`flush` and :meth:`close` write everything.
 
     Args:
         log_dir: the directory for the event files (``RUN_DIR/tensorboard`` by default
             with ``Guard(run_dir=...)``).
         histograms_every: write a histogram every this many drains; 0 for none.
+        flush_secs: longest time a drained step waits before reaching the file.
 
     Raises:
         ConfigError: the ``tensorboard`` package is not installed, or a bad argument.
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str], histograms_every: int = 0) -> None:
+    def __init__(
+        self, log_dir: str | os.PathLike[str], histograms_every: int = 0, flush_secs: float = 5.0
+    ) -> None:
         if (
             not isinstance(histograms_every, int)
             or isinstance(histograms_every, bool)
@@ -204,7 +214,8 @@ class TensorBoardSink:
             )
         self.log_dir = Path(log_dir)
         self.histograms_every = histograms_every
-        self._summary_writer_cls = _import_summary_writer()
+        self.flush_secs = flush_secs
+        self._summary_writer_cls, self._summary_cls = _import_tensorboard()
         self._writer: Any = None
         self._tags: tuple[str, ...] = ()
         self._drains = 0
@@ -215,7 +226,9 @@ class TensorBoardSink:
             return
         names = [str(n) for n in meta["layer_names"]]
         self._tags = tuple(layer_tag(n) for n in names)
-        self._writer = self._summary_writer_cls(log_dir=str(self.log_dir))
+        self._writer = self._summary_writer_cls(
+            log_dir=str(self.log_dir), max_queue=1024, flush_secs=self.flush_secs
+        )
         families = dict.fromkeys(layer_family(n) for n in names)
         layout = {
             "gradguard": {
@@ -232,21 +245,24 @@ class TensorBoardSink:
         self._writer.add_custom_scalars(layout)
         config = json.dumps(dict(meta.get("config", {})), indent=1)
         self._writer.add_text("gradguard/config", _markdown_code(config), 0)
-        self._writer.flush()
 
     def write(self, window: Window, events: Sequence[Event]) -> None:
-        """Add the window's scalars, its events as text, maybe a histogram; then flush."""
+        """Queue the window's scalars (one summary per step), its events, maybe a histogram."""
         if self._writer is None:
             raise ConfigError("TensorBoardSink.write called before open(); the guard opens sinks.")
-        add = self._writer.add_scalar
-        for i, row in enumerate(window.rows()):
-            step = row["step"]
-            for field in STEP_SCALARS:
-                value = row[field]
-                if value is not None:
-                    add(f"gradguard/{field}", float(value), step)
-            for tag, norm in zip(self._tags, window.per_layer[i], strict=True):
-                add(tag, float(norm), step)
+        summary, value = self._summary_cls, self._summary_cls.Value
+        file_writer = self._writer.file_writer
+        for row, norms in zip(window.rows(), window.per_layer.tolist(), strict=True):
+            values = [
+                value(tag=f"gradguard/{field}", simple_value=float(row[field]))
+                for field in STEP_SCALARS
+                if row[field] is not None
+            ]
+            values += [
+                value(tag=tag, simple_value=norm)
+                for tag, norm in zip(self._tags, norms, strict=True)
+            ]
+            file_writer.add_summary(summary(value=values), row["step"])
         by_step: dict[int, list[str]] = {}
         for event in events:
             by_step.setdefault(event.step, []).append(_event_markdown(event))
@@ -255,7 +271,6 @@ class TensorBoardSink:
         self._drains += 1
         if self.histograms_every and self._drains % self.histograms_every == 0 and len(window):
             self._histogram(window)
-        self._writer.flush()
 
     def _histogram(self, window: Window) -> None:
         norms = window.per_layer[-1]
@@ -264,6 +279,11 @@ class TensorBoardSink:
             step = int(window.steps[-1])
             self._writer.add_histogram("layers/log10_grad_norm", np.log10(positive), step)
 
+    def flush(self) -> None:
+        """Write everything queued to the event file now (waits for the writer thread)."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
         """Flush and close the event file."""
         if self._writer is not None:
@@ -271,16 +291,18 @@ class TensorBoardSink:
             self._writer = None
 
 
-def _import_summary_writer() -> Any:
-    """``torch.utils.tensorboard.SummaryWriter``, imported on first use (an optional extra)."""
+def _import_tensorboard() -> tuple[Any, Any]:
+    """``SummaryWriter`` and the ``Summary`` proto, imported on first use (an optional extra)."""
     if not tensorboard_available():
         raise ConfigError(
             "TensorBoard logging needs the tensorboard package: pip install "
             "'gradguard[tensorboard]' (or pass tensorboard=False to the Guard)."
         )
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter, summary
 
-    return SummaryWriter
+    # The Summary proto class, from torch's own builder: tensorboard is reached only
+    # through torch.utils.tensorboard, and one Summary per step holds all its values.
+    return SummaryWriter, type(summary.scalar("", 0.0))  # type: ignore[no-untyped-call]
 
 
 def _markdown_code(text: str) -> str:

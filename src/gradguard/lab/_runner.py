@@ -73,7 +73,19 @@ def run(
     (run_dir / RESULTS_JSON).write_text(text + "\n", encoding="utf-8")
     (run_dir / RESULTS_MD).write_text(to_markdown(result), encoding="utf-8")
     write_plots(data, run_dir)
+    _write_report(run_dir)
     return result
+
+
+def _write_report(run_dir: Path) -> None:
+    """``report.html`` with every experiment's claims and figures, when matplotlib is here."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    from gradguard.report import write_lab_report
+
+    write_lab_report(run_dir)
 
 
 def _run_one(

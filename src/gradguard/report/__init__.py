@@ -1,0 +1,93 @@
+"""HTML reports from a run directory: verdict, plots, events and configuration in one file.
+
+``write_report(run_dir)`` reads a guarded run's files (``docs/run-format.md``) and writes
+``run_dir/report.html``; ``write_lab_report(lab_dir)`` does the same for a lab run
+(``results.json`` and its figures). The page is self-contained (inline PNG images, no
+scripts, a Content-Security-Policy that forbids any network access) and opens from disk.
+
+This package reads files only and never imports torch (nor any gradguard module that
+does), so a report can be made on a machine without it; it needs matplotlib (the
+``report`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from gradguard.errors import ConfigError
+from gradguard.report._data import META_FILE, METRICS_FILE
+from gradguard.report._html import write_page
+from gradguard.report._lab import RESULTS_FILE, build_lab_report
+from gradguard.report._run_report import REPORT_FILE, write_run_report
+
+__all__ = ["REPORT_FILE", "write_lab_report", "write_report"]
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "gradguard report draws with matplotlib: pip install 'gradguard[report]'."
+        ) from None
+
+
+def write_report(run_dir: str | os.PathLike[str]) -> Path:
+    """Write ``run_dir/report.html`` for a guarded run and return its path.
+
+    The page opens with a one-sentence verdict, then the loss, global-norm and
+    learning-rate timelines (skipped steps, spikes, rollbacks and cool-downs marked), a
+    heatmap of per-layer gradient norms over steps (log colour, layers in depth order),
+    per-layer bars at the start and the end, the event table and the configuration. A
+    figure whose fields the run lacks (e.g. no loss was given) is replaced by a note.
+
+    Args:
+        run_dir: a directory written by ``Guard(run_dir=...)``.
+
+    Returns:
+        The path of the report.
+
+    Raises:
+        ConfigError: ``run_dir`` is not a run directory, or matplotlib is missing.
+    """
+    path = Path(run_dir)
+    if not (path / META_FILE).is_file() and not (path / METRICS_FILE).is_file():
+        raise ConfigError(
+            f"{path} is not a run directory: it has neither {META_FILE} nor {METRICS_FILE}. "
+            "Pass the run_dir given to gradguard.Guard (or a lab run directory, which has "
+            f"{RESULTS_FILE}, to write_lab_report)."
+        )
+    _require_matplotlib()
+    return write_run_report(path)
+
+
+def write_lab_report(lab_run_dir: str | os.PathLike[str]) -> Path:
+    """Write ``lab_run_dir/report.html`` for a lab run and return its path.
+
+    One section per experiment: its claims table (paper vs measured, pass or fail), its
+    figures (the PNG files named after it in the directory, embedded), its result tables
+    and references. Guarded run directories inside the lab directory get their own
+    report, linked from this one.
+
+    Args:
+        lab_run_dir: a directory written by ``gradguard.lab.run`` (holds ``results.json``).
+
+    Returns:
+        The path of the report.
+
+    Raises:
+        ConfigError: there is no readable ``results.json`` in ``lab_run_dir``.
+    """
+    path = Path(lab_run_dir)
+    results_path = path / RESULTS_FILE
+    try:
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"{path} is not a lab run directory: {RESULTS_FILE} is missing or unreadable "
+            f"({err}). Pass a directory written by gradguard.lab.run, or a guard's run_dir "
+            "to write_report."
+        ) from None
+    return write_page(path / REPORT_FILE, build_lab_report(path, results))

@@ -1,0 +1,155 @@
+"""``LAB_DIR/report.html`` for a lab run: ``results.json`` and the figures beside it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gradguard.report._data import META_FILE, METRICS_FILE, number
+from gradguard.report._html import definitions, esc, fmt, image, page, table
+
+RESULTS_FILE = "results.json"
+_CLAIM_COLUMNS = ("claim", "source", "statement", "paper", "measured", "criterion", "passed")
+
+
+def _measured(claim: Mapping[str, Any]) -> str:
+    """The measurement: the value, or the mean and range over seeds and configurations."""
+    values = [number(v) for v in claim.get("values", ())]
+    note = str(claim.get("note", "") or "")
+    if len(values) == 1:
+        text = fmt(values[0])
+    elif values and len(set(values)) == 1:
+        text = f"{fmt(values[0])} (all {len(values)})"
+    elif values:
+        low, high = fmt(number(claim.get("min"))), fmt(number(claim.get("max")))
+        text = f"{fmt(number(claim.get('mean')))} (range {low}–{high}, n={len(values)})"
+    else:
+        text = "no value"
+    return f"{text}; {note}" if note else text
+
+
+def _claims(claims: Sequence[Mapping[str, Any]]) -> str:
+    if not claims:
+        return '<p class="note">No claims.</p>'
+    rows, classes = [], {}
+    for i, claim in enumerate(claims):
+        passed = bool(claim.get("passed"))
+        classes[(i, 6)] = "pass" if passed else "fail"
+        rows.append(
+            (
+                claim.get("id", ""),
+                claim.get("source", ""),
+                claim.get("statement", ""),
+                claim.get("paper", ""),
+                _measured(claim),
+                claim.get("criterion", ""),
+                f"yes ({claim.get('n_passed', '?')}/{claim.get('n', '?')})"
+                if passed
+                else f"NO ({claim.get('n_passed', '?')}/{claim.get('n', '?')})",
+            )
+        )
+    return table(_CLAIM_COLUMNS, rows, cell_class=classes)
+
+
+def _tables(tables: Sequence[Mapping[str, Any]]) -> str:
+    """The experiment's result tables, folded: the claims and figures come first."""
+    if not tables:
+        return ""
+    out = []
+    for t in tables:
+        note = f'<p class="note">{esc(t["note"])}</p>' if t.get("note") else ""
+        out.append(
+            f"<h4>{esc(t.get('title', ''))}</h4>"
+            f"{table(t.get('columns', ()), t.get('rows', ()))}{note}"
+        )
+    return f"<details><summary>Result tables ({len(tables)})</summary>{''.join(out)}</details>"
+
+
+def _figures_by_experiment(lab_dir: Path, names: Sequence[str]) -> dict[str, list[Path]]:
+    """PNG files named after an experiment (``<name>.png``, ``<name>-*.png``); the rest to ""."""
+    found: dict[str, list[Path]] = {name: [] for name in [*names, ""]}
+    for path in sorted(lab_dir.glob("*.png")):
+        owners = [n for n in names if path.stem == n or path.stem.startswith(n + "-")]
+        found[max(owners, key=len) if owners else ""].append(path)
+    return found
+
+
+def _figure_html(path: Path) -> str:
+    return (
+        f"<figure>{image(path.read_bytes(), path.stem, path.stem)}"
+        f"<figcaption>{esc(path.name)}</figcaption></figure>"
+    )
+
+
+def _experiment(experiment: Mapping[str, Any], figures: Sequence[Path]) -> str:
+    name = str(experiment.get("name", ""))
+    refs = "".join(f"<li>{esc(r)}</li>" for r in experiment.get("references", ()))
+    status = "all claims reproduced" if experiment.get("all_passed") else "NOT all reproduced"
+    duration = number(experiment.get("duration_s"))
+    config = json.dumps(experiment.get("config", {}), indent=1, ensure_ascii=False)
+    return (
+        f'<section class="experiment" id="exp-{esc(name)}">'
+        f"<h2>{esc(experiment.get('title', name))}</h2>"
+        f'<p class="note"><code>{esc(name)}</code> · {esc(status)} · seeds '
+        f"{esc(experiment.get('seeds', []))} · {fmt(duration)} s</p>"
+        f"<p>{esc(experiment.get('setting', ''))}</p>"
+        f"<h3>Claims</h3>{_claims(experiment.get('claims', ()))}"
+        f"{''.join(_figure_html(p) for p in figures)}"
+        f"{_tables(experiment.get('tables', ()))}"
+        f"<details><summary>References</summary><ul>{refs}</ul></details>"
+        f"<details><summary>Configuration</summary><pre>{esc(config)}</pre></details>"
+        "</section>"
+    )
+
+
+def _guard_runs(lab_dir: Path) -> str:
+    """Guarded run directories inside the lab run: each gets its own report, linked here."""
+    from gradguard.report._run_report import write_run_report
+
+    runs = [d for d in sorted(lab_dir.iterdir()) if (d / META_FILE).is_file()]
+    runs = [d for d in runs if (d / METRICS_FILE).is_file()]
+    if not runs:
+        return ""
+    links = []
+    for run_dir in runs:
+        report = write_run_report(run_dir)
+        href = esc(report.relative_to(lab_dir).as_posix())
+        links.append(f'<li><a href="{href}">{esc(run_dir.name)}</a></li>')
+    return f'<section id="runs"><h2>Guarded runs</h2><ul>{"".join(links)}</ul></section>'
+
+
+def build_lab_report(lab_dir: Path, results: Mapping[str, Any]) -> str:
+    """The whole page for a lab run."""
+    experiments = list(results.get("experiments", ()))
+    claims = [c for e in experiments for c in e.get("claims", ())]
+    failed = [str(c.get("id")) for c in claims if not c.get("passed")]
+    if not claims:
+        level, sentence = "warn", "No claims checked in this run."
+    elif failed:
+        level = "bad"
+        sentence = (
+            f"{len(claims) - len(failed)} of {len(claims)} claims reproduced; not reproduced: "
+            f"{', '.join(failed)}."
+        )
+    else:
+        level, sentence = "ok", f"All {len(claims)} claims reproduced."
+    names = [str(e.get("name", "")) for e in experiments]
+    figures = _figures_by_experiment(lab_dir, names)
+    about = {k: results.get(k) for k in ("seed", "quick", "started_at", "duration_s")}
+    about.update({f"{k} version": v for k, v in dict(results.get("versions", {})).items()})
+    nav = "".join(f'<a href="#exp-{esc(n)}">{esc(n)}</a>' for n in names)
+    body = [
+        "<header><h1>gradguard lab report</h1>",
+        f'<p class="path">{esc(lab_dir.resolve())}</p>',
+        f'<p class="verdict {level}" id="verdict">{esc(sentence)}</p></header>',
+        f"<nav>{nav}</nav>",
+        *(_experiment(e, figures[n]) for e, n in zip(experiments, names, strict=True)),
+    ]
+    if figures[""]:
+        others = "".join(_figure_html(p) for p in figures[""])
+        body.append(f'<section id="other-figures"><h2>Other figures</h2>{others}</section>')
+    body.append(_guard_runs(lab_dir))
+    body.append(f'<section id="config"><h2>Run</h2>{definitions(about)}</section>')
+    return page(f"gradguard lab report: {lab_dir.name}", "\n".join(body))

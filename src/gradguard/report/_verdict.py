@@ -1,0 +1,123 @@
+"""The one-sentence verdict at the top of a report, from the metrics and the events."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from gradguard.report._data import RunData, number
+
+Level = Literal["ok", "warn", "bad"]
+
+_SPIKE_WORDS = {"loss": "loss spike", "grad_norm": "gradient-norm spike"}
+_TRIGGER_WORDS = {
+    "nonfinite": "streak of non-finite gradients",
+    "exploding": "gradient explosion",
+    "overflow": "gradient-norm overflow",
+    "vanishing": "vanishing gradient",
+    "divergence": "divergence",
+}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _first_step(events: Sequence[dict[str, Any]]) -> int:
+    return min(int(number(e.get("step"))) for e in events)
+
+
+def _layers_text(events: Sequence[dict[str, Any]]) -> str:
+    names = list(dict.fromkeys(n for e in events for n in e.get("layers", ())))
+    if not names:
+        return ""
+    more = f" (+{len(names) - 2} more)" if len(names) > 2 else ""
+    return f" in {', '.join(names[:2])}{more}"
+
+
+def _describe_trigger(run: RunData, rollback: dict[str, Any]) -> str:
+    """``a loss spike at step 701``: what a rollback undid, from its onset's event."""
+    onset = int(number(rollback.get("threshold")))
+    trigger = str(rollback.get("extra", {}).get("trigger", "fault"))
+    if trigger == "spike":
+        metrics = [e.get("metric") for e in run.events_of("spike") if e.get("step") == onset]
+        metric = "loss" if "loss" in metrics else str(metrics[0]) if metrics else ""
+        words = _SPIKE_WORDS.get(metric, "spike")
+    else:
+        words = _TRIGGER_WORDS.get(trigger, trigger)
+    article = "an" if words[0] in "aeiou" else "a"
+    return f"{article} {words} at step {onset}"
+
+
+def _rollback_part(run: RunData) -> tuple[str | None, bool]:
+    """The rollbacks' clause, and whether one of them failed."""
+    rollbacks = run.events_of("rollback")
+    done = [e for e in rollbacks if np.isfinite(number(e.get("value")))]
+    failed = [e for e in rollbacks if not np.isfinite(number(e.get("value")))]
+    clauses = []
+    if done:
+        first = _describe_trigger(run, done[0])
+        if len(done) == 1:
+            clauses.append(f"1 rollback after {first}")
+        else:
+            clauses.append(f"{len(done)} rollbacks, the first after {first}")
+    if failed:
+        onset = int(number(failed[0].get("threshold")))
+        clauses.append(f"no rollback possible after the fault at step {onset}")
+    return ("; ".join(clauses) or None), bool(failed)
+
+
+def _event_parts(run: RunData) -> list[str]:
+    parts = []
+    nonfinite = [e for e in run.events_of("nonfinite") if e.get("metric") != "skipped_steps"]
+    skipped = int(run.flag("skipped").sum())
+    if skipped:
+        parts.append(f"{_plural(skipped, 'step')} skipped for non-finite gradients")
+    elif nonfinite:
+        steps = len({e.get("step") for e in nonfinite})
+        parts.append(f"non-finite gradients at {_plural(steps, 'step')} (not skipped)")
+    overflow = run.events_of("overflow")
+    if overflow:
+        parts.append(f"the fp32 gradient norm overflowed at {_plural(len(overflow), 'step')}")
+    spikes = Counter(str(e.get("metric", "")) for e in run.events_of("spike"))
+    for metric, count in sorted(spikes.items()):
+        first = _first_step([e for e in run.events_of("spike") if e.get("metric") == metric])
+        word = _SPIKE_WORDS.get(metric, "spike")
+        parts.append(f"{_plural(count, word)} (first at step {first})")
+    for kind in ("vanishing", "exploding"):
+        found = run.events_of(kind)
+        if found:
+            where = _layers_text(found)
+            parts.append(f"{kind} gradients from step {_first_step(found)}{where}")
+    return parts
+
+
+def verdict(run: RunData) -> tuple[Level, str]:
+    """The run in one sentence, and how worried to be (``ok``, ``warn``, ``bad``).
+
+    ``bad``: the run diverged or a rollback could not be made; ``warn``: any other
+    event or skipped step; ``ok``: none.
+    """
+    final_steps = len(np.unique(run.steps))
+    if not run.metrics:
+        return "warn", "no steps logged: metrics.jsonl is empty or missing."
+    parts = _event_parts(run)
+    rollback, failed = _rollback_part(run)
+    if rollback:
+        parts.append(rollback)
+    divergence = run.events_of("divergence")
+    if divergence:
+        parts.append(f"diverged at step {_first_step(divergence)} (training stopped)")
+    if not parts:
+        clipped = int((run.column("scale")[run.final] < 1.0).sum())
+        shrunk = f"; the clip policy shrank {_plural(clipped, 'step')}" if clipped else ""
+        return "ok", f"healthy: no events in {_plural(final_steps, 'step')}{shrunk}."
+    level: Level = "bad" if divergence or failed else "warn"
+    sentence = "; ".join(parts)
+    undone = len(run.metrics) - int(run.final.sum())
+    more = f", {undone} more undone by rollbacks" if undone else ""
+    count = f"{_plural(final_steps, 'step')} logged{more}"
+    return level, f"{sentence[0].upper()}{sentence[1:]} ({count})."

@@ -1,0 +1,375 @@
+"""The HTML report: from a real guarded run with injected faults, and from a lab run."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import contextlib
+import html
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard import lab
+from gradguard.errors import ConfigError
+from gradguard.report import write_lab_report, write_report
+from gradguard.report._data import load_run
+from gradguard.report._figures import draw_heatmap
+from gradguard.report._verdict import verdict
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "gradguard"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "report.md"
+PLOT_IDS = ["img-loss", "img-grad_norm", "img-lr", "img-heatmap", "img-layer_bars"]
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def verdict_of(page: str) -> tuple[str, str]:
+    found = re.search(r'<p class="verdict (\w+)" id="verdict">([^<]*)</p>', page)
+    assert found, "no verdict"
+    return found.group(1), html.unescape(found.group(2))
+
+
+def images_of(page: str) -> dict[str, np.ndarray[Any, Any]]:
+    """Every inline image, decoded: a PNG that does not decode fails here."""
+    out = {}
+    for ident, data in re.findall(
+        r'<img class="plot" id="([^"]+)"[^>]* src="data:image/png;base64,([^"]+)"', page
+    ):
+        out[ident] = matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png")
+    return out
+
+
+def event_rows(page: str) -> list[list[str]]:
+    table = re.search(r'<table id="events-table">.*?<tbody>(.*?)</tbody>', page, re.S)
+    assert table, "no event table"
+    return [
+        [html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+        for row in re.findall(r"<tr>(.*?)</tr>", table.group(1))
+    ]
+
+
+def write_run(
+    run_dir: Path,
+    norms: Sequence[Sequence[float | str]],
+    *,
+    layer_names: Sequence[str] | None = None,
+    events: Sequence[dict[str, Any]] = (),
+    loss: bool = True,
+    scale: float = 1.0,
+) -> Path:
+    """A run directory in the documented format (docs/run-format.md), written directly."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    names = list(layer_names or [str(2 * i) for i in range(len(norms[0]))])
+    meta = {
+        "format_version": 1,
+        "layer_names": names,
+        "layer_depth": {n: i for i, n in enumerate(names)},
+        "tensor_names": [f"{n}.weight" for n in names],
+        "config": {"clip": "NormClip(max_norm=1.0, norm_type=2.0)", "log_every": 10},
+        "versions": {"gradguard": "0.1.0"},
+    }
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    metrics, layers = [], []
+    for step, row in enumerate(norms, start=1):
+        total = float(np.sqrt(sum(float(v) ** 2 for v in row)))
+        skipped = not np.isfinite(total)
+        metrics.append(
+            {"step": step, "loss": 1.0 / step if loss else None,
+             "grad_norm": "nan" if skipped else total,
+             "clipped_norm": "nan" if skipped else total * scale, "scale": scale,
+             "skipped": skipped, "finite": not skipped, "overflow": False, "lr": 0.01}
+        )  # fmt: skip
+        layers.append({"step": step, "norms": list(row)})
+    for name, rows in (("metrics", metrics), ("layers", layers), ("events", events)):
+        (run_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def event(step: int, kind: str, **fields: Any) -> dict[str, Any]:
+    base = {"step": step, "kind": kind, "metric": "", "value": "nan", "threshold": "nan"}
+    return {**base, "layers": [], "message": f"{kind} at {step}", **fields}
+
+
+# --- a real run with faults --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run of docs/report.md, executed as written there (in a temporary directory).
+
+    160 steps: NaN gradients at 30 and 31, Inf at 75 (skipped); a 1000-fold loss at 101,
+    a spike the rollback undoes. The block writes ``runs/faulty/report.html``.
+    """
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
+    assert len(blocks) == 1
+    workdir = tmp_path_factory.mktemp("report")
+    cwd = Path.cwd()
+    os.chdir(workdir)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(blocks[0], str(DOC), "exec"), {})
+    finally:
+        os.chdir(cwd)
+    return workdir / "runs" / "faulty"
+
+
+def test_report_of_a_faulty_run(faulty_run: Path) -> None:
+    page = (faulty_run / "report.html").read_text(encoding="utf-8")
+    level, sentence = verdict_of(page)
+    assert level == "warn"
+    assert sentence.startswith("3 steps skipped for non-finite gradients;")
+    assert "1 rollback after a loss spike at step 101" in sentence
+    assert "30 more undone by rollbacks" in sentence
+    images = images_of(page)
+    assert list(images) == PLOT_IDS
+    for ident, pixels in images.items():
+        assert pixels.shape[0] > 200, ident
+        assert pixels.shape[1] > 800, ident
+        assert pixels[..., :3].std() > 0.05, f"{ident} is blank"
+    assert "data-skipped" not in page
+    events = [json.loads(line) for line in (faulty_run / "events.jsonl").read_text().splitlines()]
+    rows = event_rows(page)
+    assert len(rows) == len(events) == 7
+    assert [int(r[0]) for r in rows] == sorted(e["step"] for e in events)
+    assert {r[1] for r in rows} == {"nonfinite", "spike", "rollback", "cooldown"}
+    for e in events:
+        assert any(r[6] == e["message"] for r in rows)
+    assert "NormClip(max_norm=1.0, norm_type=2.0)" in html.unescape(page)
+    # self-contained: no reference leaves the file (only data: URLs and in-page anchors)
+    assert not re.search(r'(?:src|href)="(?!data:|#)', page)
+    assert "<script" not in page
+
+
+def test_heatmap_rows_are_layers_in_depth_order(tmp_path: Path) -> None:
+    norms = [[10.0**-i for i in range(4)] for _ in range(30)]
+    norms[11] = [1.0, "nan", 0.01, 0.001]  # step 12: column 11
+    run = load_run(write_run(tmp_path, norms, layer_names=["in", "h1", "h2", "out"]))
+    fig = draw_heatmap(run)
+    ax = fig.axes[0]
+    shown = ax.images[0].get_array()
+    assert shown.shape == (4, 30)  # a row per layer, a column per step
+    np.testing.assert_allclose(shown[:, 0], [1.0, 0.1, 0.01, 0.001])  # input layer on top
+    assert bool(np.ma.getmaskarray(shown)[1, 11])  # the NaN cell is not coloured as a norm
+    overlay = ax.images[1].get_array()  # and the red NaN overlay marks exactly it
+    assert np.argwhere(~np.ma.getmaskarray(overlay)).tolist() == [[1, 11]]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["in", "h1", "h2", "out"]
+    assert ax.images[0].norm.vmin == pytest.approx(1e-3)  # log colour over the real range
+
+
+def test_long_runs_are_binned_by_geometric_mean(tmp_path: Path) -> None:
+    norms = [[10.0 if i % 2 else 0.1, 1.0] for i in range(1500)]
+    run = load_run(write_run(tmp_path, norms))
+    shown = draw_heatmap(run).axes[0].images[0].get_array()
+    assert shown.shape == (2, 600)  # 1500 steps in 600 columns of 2 or 3 steps
+    np.testing.assert_allclose(shown[1], 1.0)
+    # geometric means of 10 and 0.1: 1 over two steps, 10^(+-1/3) over three
+    assert set(np.round(np.log10(shown[0]) * 3).astype(int).tolist()) == {-1, 0, 1}
+
+
+def test_missing_loss_skips_its_plot_with_a_note(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gg.Guard(model, optimizer, log_every=5, run_dir=tmp_path, tensorboard=False) as guard:
+        for _ in range(20):
+            optimizer.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            guard.step()  # no loss given
+    page = write_report(tmp_path).read_text(encoding="utf-8")
+    assert verdict_of(page) == ("ok", "healthy: no events in 20 steps.")
+    assert re.search(
+        r'data-skipped="loss">.*Skipped: no loss in metrics.jsonl \(guard.step\(\) was called '
+        r"without a loss\)",
+        page,
+    )
+    assert list(images_of(page)) == [i for i in PLOT_IDS if i != "img-loss"]
+    assert "No events." in page
+
+
+def test_torn_last_line_and_missing_layers(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path, [[1.0, 2.0]] * 12)
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 13, "loss": 0.')  # what a crash mid-write leaves
+    (run_dir / "layers.jsonl").unlink()
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    assert verdict_of(page) == ("ok", "healthy: no events in 12 steps.")
+    assert "metrics.jsonl: the torn last line (line 13) was ignored" in page
+    assert "layers.jsonl is missing" in page
+    for key in ("heatmap", "layer_bars"):
+        assert f'data-skipped="{key}"' in page
+    assert list(images_of(page)) == ["img-loss", "img-grad_norm", "img-lr"]
+
+
+def test_event_text_is_escaped(tmp_path: Path) -> None:
+    evil = event(
+        3, "spike", metric="loss", value=9.0, layers=["<b>x</b>"], message="<script>x()</script>&"
+    )
+    page = write_report(write_run(tmp_path, [[1.0]] * 5, events=[evil])).read_text()
+    assert "<script>" not in page
+    assert "<b>x</b>" not in page
+    assert "&lt;script&gt;x()&lt;/script&gt;&amp;" in page
+    assert event_rows(page)[0][5:] == ["<b>x</b>", "<script>x()</script>&"]
+
+
+@pytest.mark.parametrize(
+    ("events", "scale", "level", "expected"),
+    [
+        ([], 0.5, "ok", "healthy: no events in 20 steps; the clip policy shrank 20 steps."),
+        (
+            [event(4, "vanishing", layers=["0", "2", "4"]), event(9, "vanishing", layers=["6"])],
+            1.0,
+            "warn",
+            "Vanishing gradients from step 4 in 0, 2 (+2 more) (20 steps logged).",
+        ),
+        (
+            [event(7, "divergence", metric="loss")],
+            1.0,
+            "bad",
+            "Diverged at step 7 (training stopped) (20 steps logged).",
+        ),
+        (
+            [event(9, "rollback", value=5.0, threshold=7.0, extra={"trigger": "exploding"})],
+            1.0,
+            "warn",
+            "1 rollback after a gradient explosion at step 7 (20 steps logged).",
+        ),
+        (
+            [event(5, "spike", metric="grad_norm"), event(8, "rollback", threshold=5.0)],
+            1.0,
+            "bad",
+            "1 gradient-norm spike (first at step 5); no rollback possible after the fault at "
+            "step 5 (20 steps logged).",
+        ),
+    ],
+)
+def test_verdicts(
+    tmp_path: Path, events: list[dict[str, Any]], scale: float, level: str, expected: str
+) -> None:
+    run_dir = write_run(tmp_path, [[1.0, 1.0]] * 20, events=events, scale=scale)
+    assert verdict(load_run(run_dir)) == (level, expected)
+
+
+def test_bad_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="not a run directory"):
+        write_report(tmp_path)
+    with pytest.raises(ConfigError, match="not a lab run directory"):
+        write_lab_report(tmp_path)
+    run_dir = write_run(tmp_path / "run", [[1.0]])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"gradguard\[report\]"):
+        write_report(run_dir)
+
+
+# --- never imports torch ---------------------------------------------------------------------
+
+
+def test_report_modules_import_no_torch() -> None:
+    """``report/`` imports only the standard library, numpy, matplotlib and torch-free modules.
+
+    A plain ``import gradguard.report`` runs ``gradguard/__init__.py`` first, which imports
+    torch, so a subprocess cannot simply check ``sys.modules`` after that import. This test
+    reads the imports of every module in ``report/``; the next one runs the package in a
+    process where ``gradguard`` is a bare namespace (its ``__init__`` not run).
+    """
+    allowed_gradguard = {"gradguard.errors"}
+    for path in sorted((SRC / "report").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                if module.startswith("gradguard."):
+                    ok = module.startswith("gradguard.report") or module in allowed_gradguard
+                else:
+                    ok = top in sys.stdlib_module_names or top in ("numpy", "matplotlib")
+                    ok = ok or top == "__future__"
+                assert ok, f"{path.name} imports {module}"
+    errors_tree = ast.parse((SRC / "errors.py").read_text())
+    errors_imports = [
+        n for n in ast.walk(errors_tree) if isinstance(n, ast.Import | ast.ImportFrom)
+    ]
+    assert all(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in errors_imports)
+
+
+def test_report_runs_without_torch_loaded(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", [[1.0, 0.5]] * 15, events=[event(3, "spike")])
+    lab_dir = tmp_path / "lab"
+    lab_dir.mkdir()
+    (lab_dir / "results.json").write_text(json.dumps({"experiments": []}))
+    script = textwrap.dedent(
+        f"""
+        import sys, types
+        package = types.ModuleType("gradguard")
+        package.__path__ = [{str(SRC)!r}]
+        sys.modules["gradguard"] = package  # gradguard/__init__.py (which imports torch) not run
+        from gradguard.report import write_lab_report, write_report
+        written = write_report({str(run_dir)!r}), write_lab_report({str(lab_dir)!r})
+        print(all(path.is_file() for path in written))
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["True", "[]"]
+
+
+# --- lab run ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lab") / "lab-run"
+    lab.run(["depth-activation"], quick=True, out=out, progress=False)
+    return out
+
+
+def test_lab_report(lab_dir: Path) -> None:
+    results = json.loads((lab_dir / "results.json").read_text(encoding="utf-8"))
+    claims = [c for e in results["experiments"] for c in e["claims"]]
+    page = write_lab_report(lab_dir).read_text(encoding="utf-8")
+    assert verdict_of(page) == ("ok", f"All {len(claims)} claims reproduced.")
+    assert 'id="exp-depth-activation"' in page
+    for claim in claims:
+        assert f"<td>{html.escape(claim['id'])}</td>" in page
+    embedded = re.findall(
+        r'id="img-depth-activation"[^>]* src="data:image/png;base64,([^"]+)"', page
+    )
+    assert [base64.b64decode(d) for d in embedded] == [
+        (lab_dir / "depth-activation.png").read_bytes()
+    ]
+    assert not re.search(r'(?:src|href)="(?!data:|#)', page)
+
+
+def test_lab_report_links_guarded_runs_and_lists_other_figures(
+    lab_dir: Path, tmp_path: Path
+) -> None:
+    copy = Path(shutil.copytree(lab_dir, tmp_path / "lab"))
+    write_run(copy / "recovery-run", [[1.0, 2.0]] * 10)
+    shutil.copy(copy / "depth-activation.png", copy / "unrelated.png")
+    page = write_lab_report(copy).read_text(encoding="utf-8")
+    assert '<a href="recovery-run/report.html">recovery-run</a>' in page
+    assert (copy / "recovery-run" / "report.html").is_file()
+    assert re.search(r'id="other-figures">.*id="img-unrelated"', page, re.S)
