@@ -2,7 +2,7 @@
 
 Runs :func:`gradguard.bench.run_overhead` with the full settings (the 9M-parameter
 GPT-like model, the 500-layer MLP, a history of 100,000 norms), prints the tables and
-rewrites ``docs/performance.md``. Takes about a minute on a 2-core CPU.
+rewrites ``docs/performance.md``. Takes about two minutes on a quiet 2-core CPU.
 
 Usage: ``make bench`` or ``python benchmarks/overhead.py [--rounds N] [--out PATH]``.
 """

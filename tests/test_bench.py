@@ -68,6 +68,66 @@ def test_ratios_are_medians_over_reference_medians(result: bench.OverheadResult)
             assert row.step_percent == pytest.approx(100.0 * medians[row.name] / step)
 
 
+def test_guard_cost_is_the_difference_of_the_reported_medians(
+    result: bench.OverheadResult,
+) -> None:
+    for table in result.models:
+        medians = _medians(table.rows)
+        baseline = medians[bench.BASELINE]
+        assert [c.optimizer for c in table.guard_costs] == ["foreach", "fused"]
+        for optimizer, step_row, clip_row, guard_row in bench.GUARD_ROWS:
+            cost = table.guard_cost(optimizer)
+            assert (cost.model, cost.step_row, cost.clip_row, cost.guard_row) == (
+                table.key,
+                step_row,
+                clip_row,
+                guard_row,
+            )
+            step, clip, guard = table.row(step_row), table.row(clip_row), table.row(guard_row)
+            assert step.calls == clip.calls == guard.calls
+            assert step.calls % bench.LOG_EVERY == 0  # whole drains in every guard block
+            own = medians[guard_row] - medians[step_row]
+            in_place = medians[clip_row] - medians[step_row]
+            assert (cost.step_us, cost.clip_step_us, cost.guard_us, cost.baseline_us) == (
+                medians[step_row],
+                medians[clip_row],
+                medians[guard_row],
+                baseline,
+            )
+            assert cost.own_us == pytest.approx(own)
+            assert cost.ratio == pytest.approx(own / baseline)
+            assert cost.clip_before_step_us == pytest.approx(in_place)
+            assert cost.ratio_before_step == pytest.approx(own / in_place)
+            pairs = [g - s for g, s in zip(guard.samples_us, step.samples_us, strict=True)]
+            assert cost.paired_us == pytest.approx(statistics.median(pairs))
+
+
+def test_guard_cost_without_its_rows_is_not_measured() -> None:
+    cost = bench.GuardCost(
+        model="mlp",
+        optimizer="fused",
+        step_row="a",
+        clip_row="b",
+        guard_row="c",
+        step_us=None,
+        clip_step_us=None,
+        guard_us=None,
+        baseline_us=10.0,
+        paired_us=None,
+        note="no fused",
+    )
+    assert (cost.own_us, cost.ratio, cost.clip_before_step_us, cost.ratio_before_step) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    _, rows = bench._guard_cost_cells(
+        [bench.ModelTable("mlp", "t", "d", 1, 1, (), guard_costs=(cost,))]
+    )
+    assert rows == [["mlp", "fused", "no fused", *["—"] * 7]]
+
+
 def test_history_rows_are_relative_to_their_step_10(result: bench.OverheadResult) -> None:
     history = result.history
     medians = _medians(history.rows)
@@ -83,8 +143,13 @@ def test_history_rows_are_relative_to_their_step_10(result: bench.OverheadResult
 
 def test_goals_use_the_reported_numbers(result: bench.OverheadResult) -> None:
     goals = {goal.name: goal for goal in result.goals}
-    assert len(goals) == 5
+    assert len(goals) == 7
     for table in result.models:
+        guard = goals[
+            f"guard.step own cost (minus AdamW foreach step) vs torch clip_grad_norm_, {table.key}"
+        ]
+        assert guard.measured == table.guard_cost("foreach").ratio
+        assert guard.target == pytest.approx(1.15)
         norm = goals[f"grad_stats + NormClip vs torch clip_grad_norm_, {table.key}"]
         assert norm.measured == table.row(bench.NORM_CLIP).ratio
         assert norm.target == pytest.approx(1.10)
@@ -120,7 +185,7 @@ def _tables(markdown: str) -> list[list[str]]:
 def test_markdown_tables_are_well_formed(result: bench.OverheadResult) -> None:
     markdown = result.to_markdown()
     tables = _tables(markdown)
-    assert len(tables) == len(result.models) + 2  # models, history, goals
+    assert len(tables) == len(result.models) + 3  # models, guard cost, history, goals
     for lines in tables:
         assert re.fullmatch(r"\|( -{3,}:? \|)+", lines[1]), lines[1]
         widths = {line.count("|") for line in lines}
@@ -130,6 +195,16 @@ def test_markdown_tables_are_well_formed(result: bench.OverheadResult) -> None:
         assert len(lines) == 2 + len(bench.MODEL_ROWS)
         for row, line in zip(table.rows, lines[2:], strict=True):
             assert line.startswith(f"| {row.name} |")
+    guard_lines = tables[len(result.models)]
+    costs = [cost for table in result.models for cost in table.guard_costs]
+    assert len(guard_lines) == 2 + len(costs)
+    for cost, line in zip(costs, guard_lines[2:], strict=True):
+        assert line.startswith(f"| {cost.model} | {cost.optimizer} |")
+        assert cost.ratio is not None
+        assert cost.ratio_before_step is not None
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[-3] == f"{cost.ratio:.2f}×"
+        assert cells[-1] == f"{cost.ratio_before_step:.2f}×"
     assert len(tables[-1]) == 2 + len(result.goals)
     for goal, line in zip(result.goals, tables[-1][2:], strict=True):
         assert line.endswith({True: "| ✓ |", False: "| ✗ |", None: "| n/a |"}[goal.met])
@@ -147,7 +222,7 @@ def test_report_and_console_output(result: bench.OverheadResult) -> None:
     console = Console(record=True, width=240)
     bench.print_result(result, console)
     text = console.export_text()
-    for name in (bench.BASELINE, bench.TRAIN_STEP, "Goals"):
+    for name in (bench.BASELINE, bench.TRAIN_STEP, "Guard cost per step", "Goals"):
         assert name in text
 
 
@@ -181,3 +256,16 @@ def test_leaves_threads_and_rng_as_found() -> None:
 def test_bad_arguments_fail_before_running(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         bench.run_overhead(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_skipped_guard_step_fails_the_benchmark() -> None:
+    model = torch.nn.Linear(3, 1)
+    model.weight.grad, model.bias.grad = torch.ones(1, 3), torch.ones(1)
+    guarded = bench._Guarded("foreach", ("bare", "clip", "guard"), model, torch.tensor(1.0))
+    for contender in (guarded.bare, guarded.clipped, guarded.guarded):
+        contender.fn()
+    guarded.check_not_skipped()  # three real steps: fine
+    model.weight.grad = torch.full((1, 3), float("nan"))
+    guarded.guarded.fn()
+    with pytest.raises(RuntimeError, match="made 3 steps in 2 bare calls and 2 guard calls"):
+        guarded.check_not_skipped()

@@ -1,15 +1,17 @@
 """Overhead benchmark: what gradguard costs between ``loss.backward()`` and ``optimizer.step()``.
 
-Every claim about overhead in the documentation comes from here. One process times, on
-real gradients of two models (a 9M-parameter GPT-like transformer and a 500-layer MLP of
-small tensors): torch's ``clip_grad_norm_(foreach=True)`` (the baseline), gradguard's
+Every claim about overhead in the documentation comes from here. One process times, on real
+gradients of two models (a 9M-parameter GPT-like transformer and a 500-layer MLP of small
+tensors): torch's ``clip_grad_norm_(foreach=True)`` (the baseline), gradguard's
 :func:`~gradguard.stats.grad_stats` alone and with each clipping policy, the peer packages
 ``zclip`` and ``autoclip``, a per-parameter ``.item()`` logger, one memory-bound pass over
-the gradient bytes (the floor) and one whole AdamW training step. The contenders run in
-interleaved rounds (each round times every contender once, in a shuffled order), so slow
-drifts of the machine hit all of them alike; medians and min-max over the rounds are
-reported. A second table times AutoClip's history at step 10 against step 100,000, and the
-``autoclip`` package's growing history.
+the gradient bytes (the floor), one whole AdamW training step, and ``Guard.step`` next to
+the bare ``optimizer.step()`` it makes and to torch's clip before that same step (the
+guard's own cost, a :class:`GuardCost`). The contenders run in interleaved rounds (each
+round times every contender once, in a shuffled order), so slow drifts of the machine hit
+all of them alike; medians and min-max over the rounds are reported. A second table times
+AutoClip's history at step 10 against step 100,000, and the ``autoclip`` package's growing
+history.
 
 ``gradguard bench`` and ``benchmarks/overhead.py`` call :func:`run_overhead`, then
 :func:`print_result`, :meth:`OverheadResult.to_markdown` or :func:`report_markdown`.
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 
 from gradguard.clip import AGC, AutoClip, NormClip, ValueClip, ZClip, clip_
 from gradguard.errors import ConfigError
+from gradguard.guard import Guard
 from gradguard.stats import grad_stats
 
 if TYPE_CHECKING:
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Goal",
+    "GuardCost",
     "HistoryTable",
     "Machine",
     "ModelTable",
@@ -69,6 +73,18 @@ AUTOCLIP_PACKAGE = "autoclip QuantileClip(0.1, 1000, global).step()"
 ITEM_LOGGER = "per-parameter p.grad.norm().item() logger"
 FLOOR = "floor: one sum() over the gradient bytes"
 TRAIN_STEP = "AdamW training step (fwd + bwd + step)"
+OPT_FOREACH = "torch AdamW(lr=1e-6, foreach=True).step()"
+CLIP_FOREACH = "torch clip_grad_norm_ (foreach), then the same AdamW(foreach=True).step()"
+GUARD_FOREACH = "gg.Guard(model, AdamW(foreach=True), clip=NormClip(1.0)).step(loss)"
+OPT_FUSED = "torch AdamW(lr=1e-6, fused=True).step()"
+CLIP_FUSED = "torch clip_grad_norm_ (foreach), then the same AdamW(fused=True).step()"
+GUARD_FUSED = "gg.Guard(model, AdamW(fused=True), clip=NormClip(1.0)).step(loss)"
+#: (AdamW implementation, bare ``optimizer.step()`` row, torch's clip followed by that
+#: step, ``guard.step`` making that step): the rows of one :class:`GuardCost`.
+GUARD_ROWS = (
+    ("foreach", OPT_FOREACH, CLIP_FOREACH, GUARD_FOREACH),
+    ("fused", OPT_FUSED, CLIP_FUSED, GUARD_FUSED),
+)
 MODEL_ROWS = (
     BASELINE,
     GRAD_STATS,
@@ -81,6 +97,12 @@ MODEL_ROWS = (
     AUTOCLIP_PACKAGE,
     ITEM_LOGGER,
     FLOOR,
+    OPT_FOREACH,
+    CLIP_FOREACH,
+    GUARD_FOREACH,
+    OPT_FUSED,
+    CLIP_FUSED,
+    GUARD_FUSED,
     TRAIN_STEP,
 )
 NOT_INSTALLED = "not installed"
@@ -97,6 +119,12 @@ PACKAGE_HISTORY = 1000
 MAX_CALLS = 500
 #: Pareto tail index of the synthetic norm history: heavy-tailed, minimum 1 (> GRAD_NORM).
 PARETO_ALPHA = 1.5
+#: Learning rate of the AdamW steps timed bare and under the guard: small, so that the
+#: weights barely move between the per-round restores (AdamW's cost does not depend on it).
+#: The row names and the method text spell it out as ``lr=1e-6``.
+GUARD_LR = 1e-6
+#: The guard's drain interval (its default); guard blocks hold whole multiples of it.
+LOG_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -202,10 +230,82 @@ class ModelTable:
     num_params: int
     num_tensors: int
     rows: tuple[Row, ...]
+    guard_costs: tuple[GuardCost, ...] = ()
 
     def row(self, name: str) -> Row:
         """Return the row called ``name`` (one of :data:`MODEL_ROWS`)."""
         return _find(self.rows, name)
+
+    def guard_cost(self, optimizer: str) -> GuardCost:
+        """Return the guard's own cost with AdamW ``optimizer`` (``"foreach"``, ``"fused"``)."""
+        for cost in self.guard_costs:
+            if cost.optimizer == optimizer:
+                return cost
+        raise KeyError(f"no guard cost for {optimizer!r} on {self.key!r}")
+
+
+@dataclass(frozen=True)
+class GuardCost:
+    """The guard's own cost per step: ``guard.step`` minus the ``optimizer.step()`` it makes.
+
+    All rows, and torch's ``clip_grad_norm_``, are timed in the same interleaved rounds;
+    the cost is the difference of two medians. The same subtraction for torch's clip
+    followed by the same optimizer step prices the clip where the guard's statistics
+    run: after an optimizer step has streamed its state through the caches, not on
+    gradients left hot by the previous call, as back-to-back calls leave them.
+
+    Attributes:
+        model: the model's key (``"gpt"`` or ``"mlp"``).
+        optimizer: the AdamW implementation of the rows (``"foreach"`` or ``"fused"``).
+        step_row: the bare ``optimizer.step()`` row of the model table.
+        clip_row: the row of torch's ``clip_grad_norm_`` followed by that step.
+        guard_row: the ``guard.step(loss)`` row of the model table.
+        step_us: median of ``step_row``; None when it did not run.
+        clip_step_us: median of ``clip_row``; None when it did not run.
+        guard_us: median of ``guard_row``; None when it did not run.
+        baseline_us: median of torch's ``clip_grad_norm_`` alone, in the same rounds.
+        paired_us: median over the rounds of ``guard - step`` within each round, a check
+            on the difference of medians that cancels drifts between rounds.
+        note: why the rows did not run.
+    """
+
+    model: str
+    optimizer: str
+    step_row: str
+    clip_row: str
+    guard_row: str
+    step_us: float | None
+    clip_step_us: float | None
+    guard_us: float | None
+    baseline_us: float | None
+    paired_us: float | None
+    note: str = ""
+
+    @property
+    def own_us(self) -> float | None:
+        """``guard_us - step_us``: what the guard adds to the optimizer step, in µs."""
+        if self.guard_us is None or self.step_us is None:
+            return None
+        return self.guard_us - self.step_us
+
+    @property
+    def ratio(self) -> float | None:
+        """``own_us / baseline_us``: the guard's own cost in units of torch's clip."""
+        own = self.own_us
+        return None if own is None or not self.baseline_us else own / self.baseline_us
+
+    @property
+    def clip_before_step_us(self) -> float | None:
+        """``clip_step_us - step_us``: torch's clip where the guard's statistics run."""
+        if self.clip_step_us is None or self.step_us is None:
+            return None
+        return self.clip_step_us - self.step_us
+
+    @property
+    def ratio_before_step(self) -> float | None:
+        """``own_us / clip_before_step_us``: the guard against torch's clip, both in place."""
+        own, clip = self.own_us, self.clip_before_step_us
+        return None if own is None or not clip else own / clip
 
 
 @dataclass(frozen=True)
@@ -276,6 +376,10 @@ class OverheadResult:
             parts.append(
                 f"### {table.title}\n\n{table.description}\n\n{_markdown_table(header, rows)}"
             )
+        header, rows = _guard_cost_cells(self.models)
+        parts.append(
+            f"### Guard cost per step\n\n{GUARD_COST_TEXT}\n\n{_markdown_table(header, rows)}"
+        )
         header, rows = _history_cells(self.history)
         parts.append(
             "### Cost against history length\n\n"
@@ -317,6 +421,59 @@ def _row_cells(row: Row, with_step: bool) -> list[str]:
 def _model_cells(table: ModelTable) -> tuple[list[str], list[list[str]]]:
     header = ["contender", "median µs", "min–max µs", "× torch clip", "% of AdamW step"]
     return header, [_row_cells(row, with_step=True) for row in table.rows]
+
+
+GUARD_COST_TEXT = (
+    '`gg.Guard(model, optimizer, clip=gg.NormClip(1.0), detectors="default", '
+    f"log_every={LOG_EVERY})`: per-layer statistics, NormClip, the six default detectors "
+    f"and a drain every {LOG_EVERY} steps, with the drains and detectors amortised over the steps. "
+    '"guard\'s own" = median of `guard.step(loss)` − median of the bare '
+    "`optimizer.step()` of the same AdamW configuration, timed in the same rounds; "
+    '"per-round pairs" is the median of that difference taken within each round; '
+    "\"× torch clip\" divides the guard's own cost by the median of torch's foreach "
+    '`clip_grad_norm_` from the same rounds, timed alone, back to back. "torch clip before '
+    "the step\" is the median of torch's clip followed by the same `optimizer.step()`, "
+    "minus the bare step's median: the clip where the guard's statistics run, after an "
+    "optimizer step has streamed its state through the caches, rather than on gradients "
+    'still hot from the previous call; "own × that" divides the guard\'s own cost by it.'
+)
+
+
+def _guard_cost_cells(tables: Sequence[ModelTable]) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "model",
+        "AdamW",
+        "optimizer.step() µs",
+        "guard.step(loss) µs",
+        "guard's own µs",
+        "per-round pairs µs",
+        "torch clip µs",
+        "own × torch clip",
+        "torch clip before the step µs",
+        "own × that",
+    ]
+    rows = []
+    for table in tables:
+        for cost in table.guard_costs:
+            ratio, in_place = cost.ratio, cost.ratio_before_step
+            if cost.own_us is None:
+                rows.append([table.key, cost.optimizer, cost.note or "—", *["—"] * 7])
+                continue
+            rows.append(
+                [
+                    table.key,
+                    cost.optimizer,
+                    _us(cost.step_us),
+                    _us(cost.guard_us),
+                    _us(cost.own_us),
+                    _us(cost.paired_us),
+                    _us(cost.baseline_us),
+                    "—" if ratio is None else f"{ratio:.2f}×",
+                    _us(cost.clip_before_step_us),
+                    "—" if in_place is None else f"{in_place:.2f}×",
+                ]
+            )
+    return header, rows
 
 
 def _history_cells(table: HistoryTable) -> tuple[list[str], list[list[str]]]:
@@ -403,7 +560,28 @@ spike and skips its multiply: its cheapest path. gradguard rows call
 `{{name: p.grad.norm().item()}}` over the parameters. The training step is
 `zero_grad(set_to_none=True)`, forward, backward and `torch.optim.AdamW(lr=1e-4).step()`
 with torch's default implementation, on a copy of the same model, timed in the same
-rounds; "% of AdamW step" divides each median by its median."""
+rounds; "% of AdamW step" divides each median by its median.
+
+The guard's own cost is a subtraction within the same rounds: on another copy of the
+model, whose gradients are views of the same buffer, `guard.step(loss)` of
+`gg.Guard(model, optimizer, clip=gg.NormClip(1.0), detectors="default",
+log_every={LOG_EVERY})` (per-layer statistics, the clip, the optimizer step, the ring
+buffer, and a drain to the six default detectors every {LOG_EVERY} steps) is timed next
+to the bare `optimizer.step()` of the very same `torch.optim.AdamW(lr=1e-6)`
+(two instances of one configuration were seen to differ by up to 3% in step time, 1.4 ms
+on the GPT-like model, where they land in memory), and the cost is the difference of the
+two medians. Two configurations: `foreach=True` (torch's default on GPUs; on the CPU its
+default is a per-tensor loop, on which the guard takes the same path) and `fused=True`,
+on which the guard skips on the device through `found_inf`, with no host read. A third
+row, torch's `clip_grad_norm_` followed by the same optimizer step, minus the bare step,
+prices torch's clip in the guard's position: after an optimizer step has streamed its
+state through the caches, whereas back-to-back calls of the clip alone find the
+gradients still cached. All three blocks hold the same number of calls, a multiple of
+{LOG_EVERY}, and the guard's ring buffer is drained (untimed) before each block, so
+every timed block holds whole drains and their cost is amortised over the steps as in
+training. The weights are restored at the start of each round; after timing, each
+optimizer has made as many steps as it was called bare plus through the guard, and no
+non-finite event was raised (checked: no step was skipped)."""
 
 
 def _rich_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> object:
@@ -433,6 +611,7 @@ def print_result(result: OverheadResult, console: Console | None = None) -> None
     )
     for table in result.models:
         out.print(_rich_table(table.title, *_model_cells(table)))
+    out.print(_rich_table("Guard cost per step", *_guard_cost_cells(result.models)))
     out.print(_rich_table("Cost against history length", *_history_cells(result.history)))
     out.print(_rich_table("Goals", *_goal_cells(result.goals)))
 
@@ -578,13 +757,18 @@ def _noop() -> None:
 
 @dataclass(frozen=True)
 class _Contender:
-    """Something timed: ``fn`` runs once per call; ``reset`` runs untimed before a block."""
+    """Something timed: ``fn`` runs once per call; ``reset`` runs untimed before a block.
+
+    ``multiple``: the calls per block are a multiple of it (a guard's ``log_every``, so
+    that every block holds whole drains).
+    """
 
     name: str
     fn: Callable[[], object]
-    reset: Callable[[], None] = _noop
+    reset: Callable[[], object] = _noop
     available: bool = True
     note: str = ""
+    multiple: int = 1
 
 
 def _missing(name: str, note: str = NOT_INSTALLED) -> _Contender:
@@ -618,7 +802,8 @@ def _calibrate(contender: _Contender, target_us: float) -> int:
     """Warm up (first calls allocate) and pick the calls per block to last ``target_us``."""
     _time_block(contender, 2)
     single = _time_block(contender, 1)
-    return max(1, min(MAX_CALLS, math.ceil(target_us / max(single, 1e-3))))
+    calls = max(1, min(MAX_CALLS, math.ceil(target_us / max(single, 1e-3))))
+    return math.ceil(calls / contender.multiple) * contender.multiple
 
 
 def _time_rounds(
@@ -715,12 +900,17 @@ def _prepare_grads(model: nn.Module, params: Sequence[Tensor]) -> Tensor:
     torch._foreach_mul_(grads, GRAD_NORM / float(total))
     clip_(model, AGC())  # AGC clips some units once; later AGC calls leave them as they are
     flat = torch.cat([g.reshape(-1) for g in grads])
+    _view_grads(params, flat)
+    _check_normal([flat], "before timing")
+    return flat
+
+
+def _view_grads(params: Sequence[Tensor], flat: Tensor) -> None:
+    """Make each ``p.grad`` a view into ``flat``, in order (another model may share them)."""
     offset = 0
     for param in params:
         param.grad = flat[offset : offset + param.numel()].view_as(param)
         offset += param.numel()
-    _check_normal([flat], "before timing")
-    return flat
 
 
 def _heavy_tailed_norms(count: int, gen: torch.Generator) -> Tensor:
@@ -804,6 +994,67 @@ def _train_step(model: nn.Module, loss: Callable[[nn.Module], Tensor]) -> Callab
     return step
 
 
+class _Guarded:
+    """One AdamW stepped bare and through a guard, in separate blocks; counts bare steps.
+
+    One optimizer serves both rows, as the issue asks for "the bare ``optimizer.step()`` it
+    makes": two AdamW of the same configuration were seen to differ by up to 3% in step time
+    (where their state lands in memory), 1.4 ms on the GPT-like model, a large part of the
+    guard's own cost there. The guard's blocks start with an empty ring buffer (flushed
+    before, untimed) and both rows hold whole multiples of ``LOG_EVERY`` calls.
+    """
+
+    def __init__(
+        self, optimizer: str, names: tuple[str, str, str], model: nn.Module, loss: Tensor
+    ) -> None:
+        self.bare_steps = 0
+        self.guard: Guard | None = None
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params
+        foreach, fused = (True, None) if optimizer == "foreach" else (None, True)
+        try:
+            opt = torch.optim.AdamW(params, lr=GUARD_LR, foreach=foreach, fused=fused)
+        except RuntimeError as error:  # fused needs a supported device and dtype
+            note = f"AdamW({optimizer}) unsupported here: {error}"
+            self.bare, self.clipped, self.guarded = (_missing(name, note) for name in names)
+            return
+        self.optimizer = opt
+        guard = Guard(model, opt, clip=NormClip(1.0), detectors="default", log_every=LOG_EVERY)
+        self.guard = guard
+        self.bare = _Contender(names[0], self._bare_step, multiple=LOG_EVERY)
+        self.clipped = _Contender(names[1], self._clipped_step, multiple=LOG_EVERY)
+        self.guarded = _Contender(
+            names[2], lambda: guard.step(loss), guard.flush, multiple=LOG_EVERY
+        )
+
+    def _bare_step(self) -> None:
+        self.optimizer.step()
+        self.bare_steps += 1
+
+    def _clipped_step(self) -> None:
+        nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+        self.optimizer.step()
+        self.bare_steps += 1
+
+    def check_not_skipped(self) -> None:
+        """Raise when the guard skipped a step: it would have timed another path."""
+        guard = self.guard
+        if guard is None:
+            return
+        param = next(p for p in guard.model.parameters() if p.requires_grad)
+        state = self.optimizer.state[param]
+        steps = int(state["step"]) if "step" in state else 0  # sync: after timing
+        guard.flush()
+        events = [e for e in guard.events if e.kind in ("nonfinite", "overflow")]
+        if steps != self.bare_steps + guard.step_count or events:
+            raise RuntimeError(
+                f"the optimizer made {steps} steps in {self.bare_steps} bare calls and "
+                f"{guard.step_count} guard calls, and the guard raised {events[:3]}: it "
+                "skipped steps, so its timing is not that of a normal step. This is a bug "
+                "in the benchmark's set-up."
+            )
+
+
 def _model_contenders(
     case: _Case,
     params: Sequence[Tensor],
@@ -811,6 +1062,7 @@ def _model_contenders(
     train_model: nn.Module,
     history: AutoClip,
     norms: Tensor,
+    guarded: Sequence[_Guarded],
 ) -> list[_Contender]:
     model = case.model
     norm_clip, value_clip, z_clip, agc = NormClip(1.0), ValueClip(1.0), _warm_zclip(model), AGC()
@@ -826,6 +1078,7 @@ def _model_contenders(
         _quantile_clip(AUTOCLIP_PACKAGE, params, norms[:PACKAGE_HISTORY], PACKAGE_HISTORY),
         _Contender(ITEM_LOGGER, _item_logger(model)),
         _Contender(FLOOR, flat.sum),
+        *(c for g in guarded for c in (g.bare, g.clipped, g.guarded)),
         _Contender(TRAIN_STEP, _train_step(train_model, case.loss)),
     ]
     if [c.name for c in contenders] != list(MODEL_ROWS):  # pragma: no cover - a typo guard
@@ -838,21 +1091,63 @@ def _bench_model(
 ) -> ModelTable:
     model = case.model
     train_model = copy.deepcopy(model)  # its AdamW steps must not touch the measured grads
-    torch.autograd.backward(case.loss(model))
+    # The guards and their bare AdamW step this copy's weights (so AGC's fixed point on
+    # `model` holds); its gradients are views of the same buffer as `model`'s.
+    stepped = copy.deepcopy(model)
+    loss = case.loss(model)
+    torch.autograd.backward(loss)
     params = [p for p in model.parameters() if p.requires_grad]
     flat = _prepare_grads(model, params)
     pristine = flat.clone()
-    contenders = _model_contenders(case, params, flat, train_model, history, norms)
-    timings = _time_rounds(contenders, settings, rng, before_round=lambda: flat.copy_(pristine))
+    weights: list[Tensor] = [p for p in stepped.parameters() if p.requires_grad]
+    _view_grads(weights, flat)
+    saved = [w.detach().clone() for w in weights]
+    guarded = [
+        _Guarded(optimizer, (bare, clipped, guard), stepped, loss.detach())
+        for optimizer, bare, clipped, guard in GUARD_ROWS
+    ]
+    contenders = _model_contenders(case, params, flat, train_model, history, norms, guarded)
+
+    def restore() -> None:
+        flat.copy_(pristine)
+        with torch.no_grad():
+            torch._foreach_copy_(weights, saved)
+
+    timings = _time_rounds(contenders, settings, rng, before_round=restore)
     _check_normal([flat], "after timing")
+    for pair in guarded:
+        pair.check_not_skipped()
     n, tensors = _count(model)
+    rows = _rows(contenders, timings, lambda _: BASELINE, step=TRAIN_STEP)
     return ModelTable(
         key=case.key,
         title=case.title,
         description=case.description,
         num_params=n,
         num_tensors=tensors,
-        rows=_rows(contenders, timings, lambda _: BASELINE, step=TRAIN_STEP),
+        rows=rows,
+        guard_costs=tuple(_guard_cost(case.key, rows, *names) for names in GUARD_ROWS),
+    )
+
+
+def _guard_cost(
+    key: str, rows: Sequence[Row], optimizer: str, step_row: str, clip_row: str, guard_row: str
+) -> GuardCost:
+    """Difference of the medians (and per-round pairs) of ``guard_row`` and ``step_row``."""
+    step, guard = _find(rows, step_row), _find(rows, guard_row)
+    pairs = [g - s for g, s in zip(guard.samples_us, step.samples_us, strict=True)]
+    return GuardCost(
+        model=key,
+        optimizer=optimizer,
+        step_row=step_row,
+        clip_row=clip_row,
+        guard_row=guard_row,
+        step_us=step.median_us,
+        clip_step_us=_find(rows, clip_row).median_us,
+        guard_us=guard.median_us,
+        baseline_us=_find(rows, BASELINE).median_us,
+        paired_us=statistics.median(pairs) if pairs else None,
+        note=guard.note,
     )
 
 
@@ -923,6 +1218,15 @@ def _goals(models: Sequence[ModelTable], history: HistoryTable) -> tuple[Goal, .
                 note=f"zclip {NOT_INSTALLED}",
             )
         )
+    goals.extend(
+        Goal(
+            f"guard.step own cost (minus AdamW foreach step) vs torch clip_grad_norm_, {t.key}",
+            t.guard_cost("foreach").ratio,
+            1.15,
+            note=t.guard_cost("foreach").note,
+        )
+        for t in models
+    )
     old = history.row(history.autoclip_old)
     goals.append(
         Goal(f"AutoClip per-step cost at step {history.steps:,} vs step 10", old.ratio, 1.2)
@@ -966,7 +1270,7 @@ def run_overhead(
 ) -> OverheadResult:
     """Time gradguard's per-step gradient post-processing against torch and peer packages.
 
-    Takes about a minute on a 2-core laptop CPU (``quick``: a second or two). The caller's
+    Takes about two minutes on a quiet 2-core CPU (``quick``: a second or two). The caller's
     torch thread count and RNG state are restored afterwards.
 
     Args:
