@@ -1780,6 +1780,17 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_cols:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _figures(diag: Diagnosis) -> str:
+    """The page's plots (gradient flow, saturation, Jacobian), when matplotlib is here."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "<p><i>Install matplotlib (the report extra) for the plots.</i></p>"
+    from gradguard.report._diagnosis import figures_html
+
+    return "<h2>Plots</h2>\n" + figures_html(diag.to_dict())
+
+
 def _html_page(diag: Diagnosis) -> str:
     esc = html.escape
     parts = [
@@ -1793,6 +1804,7 @@ def _html_page(diag: Diagnosis) -> str:
         "<h2>Layers, in the order they run</h2>",
         _html_table(LAYER_COLUMNS, _layer_rows(diag), {1, 2, 5, 11}),
         f"<p>{esc(_jacobian_line(diag.jacobian))}</p>",
+        _figures(diag),
     ]
     if diag.recurrent:
         parts += ["<h2>Recurrent modules</h2>"]
