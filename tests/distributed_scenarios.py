@@ -279,15 +279,19 @@ def worker(rank: int, scenario: str, kind: str, store: str, out: str) -> None:
     torch.set_num_threads(1)
     # A file store, not a TCP port: no race for a free port with other processes.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        result = SCENARIOS[scenario](kind, rank)
-        results: list[Any] = [None] * WORLD
-        dist.all_gather_object(results, result)
-        if rank == 0:
-            with open(out, "w") as handle:
-                json.dump({"ranks": results}, handle)
-    finally:
-        dist.destroy_process_group()
+    result = SCENARIOS[scenario](kind, rank)
+    results: list[Any] = [None] * WORLD
+    dist.all_gather_object(results, result)
+    if rank == 0:
+        with open(out, "w") as handle:
+            json.dump({"ranks": results}, handle)
+    dist.barrier()
+    dist.destroy_process_group()
+    # gloo's worker threads can abort the interpreter's teardown ("terminate called without
+    # an active exception", seen under load): the results are written, so leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
