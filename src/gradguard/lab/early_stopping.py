@@ -52,16 +52,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from gradguard.guard import Guard
-from gradguard.lab._harness import data_generator, seeds_for, single_thread
+from gradguard.lab._harness import seeds_for, single_thread
 from gradguard.lab._records import (
     Claim,
     Criterion,
@@ -70,12 +70,9 @@ from gradguard.lab._records import (
     Table,
     format_value,
 )
+from gradguard.lab.recovery import BATCH_SIZE, N_INPUTS, N_POINTS, WIDTH, build_model, regression
 from gradguard.records import Event, Window
 
-N_POINTS = 1024
-N_INPUTS = 8
-WIDTH = 64
-BATCH_SIZE = 64
 LR = 0.1
 RAMP = 0.002
 ABRUPT_LR = 2.0
@@ -90,48 +87,6 @@ ARM_LABELS: Mapping[str, str] = {
     "healthy": f"LR {LR:g} constant",
     "abrupt": f"LR {ABRUPT_LR:g} constant",
 }
-
-
-@dataclass(frozen=True)
-class Regression:
-    """The synthetic data of one seed and the state its batch stream starts from."""
-
-    x: Tensor
-    y: Tensor
-    stream_state: Tensor
-
-    def batches(self) -> Iterator[Tensor]:
-        """Yield index batches of :data:`BATCH_SIZE`, epoch after shuffled epoch, forever."""
-        generator = torch.Generator()
-        generator.set_state(self.stream_state)
-        while True:
-            order = torch.randperm(N_POINTS, generator=generator)
-            for start in range(0, N_POINTS, BATCH_SIZE):
-                yield order[start : start + BATCH_SIZE]
-
-
-def regression(seed: int) -> Regression:
-    """Return ``x ~ N(0, 1)^8``, ``y = tanh(x·w)`` with ``w ~ N(0, 1)^8``; data seed 1000+seed."""
-    generator = data_generator(seed)
-    x = torch.randn(N_POINTS, N_INPUTS, generator=generator)
-    teacher = torch.randn(N_INPUTS, 1, generator=generator)
-    return Regression(x, torch.tanh(x @ teacher), generator.get_state())
-
-
-def build_model(seed: int) -> nn.Sequential:
-    """Return the 8 → 64 → 64 → 1 tanh MLP, PyTorch's default init under ``seed``.
-
-    The global RNG is forked, so building leaves it as it was.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(
-            nn.Linear(N_INPUTS, WIDTH),
-            nn.Tanh(),
-            nn.Linear(WIDTH, WIDTH),
-            nn.Tanh(),
-            nn.Linear(WIDTH, 1),
-        )
 
 
 def lr_at(arm: str, step: int) -> float:
