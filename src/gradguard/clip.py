@@ -640,6 +640,9 @@ class AGC:
         _check_keys(self, state_dict, set())
 
 
+_CHECKED_POLICY_TYPES: set[type] = set()
+
+
 def clip_(
     model: nn.Module | NamedParameters, policy: ClipPolicy, stats: GradStats | None = None
 ) -> Tensor:
@@ -656,8 +659,11 @@ def clip_(
         >>> model.weight.grad
         tensor([[0.6000, 0.8000]])
     """
-    if not isinstance(policy, ClipPolicy):
-        raise ConfigError(
-            f"policy must be a clipping policy such as NormClip(1.0), got {type(policy).__name__}."
-        )
+    if type(policy) not in _CHECKED_POLICY_TYPES:
+        if not isinstance(policy, ClipPolicy):  # a Protocol check: slow, so once per type
+            raise ConfigError(
+                "policy must be a clipping policy such as NormClip(1.0), got "
+                f"{type(policy).__name__}."
+            )
+        _CHECKED_POLICY_TYPES.add(type(policy))
     return policy.clip_(stats if stats is not None else grad_stats(model))

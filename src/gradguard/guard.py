@@ -161,6 +161,17 @@ class Guard:
         self._nan = torch.full((), float("nan"), device=self.device)
         self._one = torch.ones((), device=self.device)
         self._zero = torch.zeros((), device=self.device)
+        self._true, self._false = layout.true, layout.false
+        # The ring buffer's rows as (scalars, per-layer, per-tensor) views, made once.
+        n_layers = len(self.layer_names)
+        self._rows = [
+            (
+                row[:_N_SCALARS],
+                row[_N_SCALARS : _N_SCALARS + n_layers],
+                row[_N_SCALARS + n_layers :],
+            )
+            for row in self._buffer
+        ]
         self._closed = False
         for sink in self.sinks:
             sink.open(self._meta())
@@ -277,7 +288,7 @@ class Guard:
     def _step_on_device(self, stats: GradStats) -> tuple[Tensor, Tensor]:
         """Fused path: clip and step with ``found_inf``; nothing is read on the host."""
         scale = self._clip(stats)
-        found_inf = (~stats.finite).float()
+        found_inf = self._flag(~stats.finite) if stats.finite is not self._true else self._zero
         if self.scaler is not None:
             found_inf = self._merge_into_scaler(found_inf)
             with self._cooled_lr():
@@ -297,16 +308,20 @@ class Guard:
 
     def _step_with_read(self, stats: GradStats) -> tuple[GradStats, Tensor, Tensor]:
         """Non-fused path (and raise/zero modes): one host read decides the step."""
-        bad = ~stats.finite
-        if self.scaler is not None:
-            bad = bad | (self._scaler_found_inf() > 0)
         self.sync_count += 1
-        if bool(bad):  # sync: the one read per step, as GradScaler.step makes
+        if self.scaler is None and stats.finite_on_host:  # read already (CPU): no kernel
+            bad = False
+        else:
+            flags = ~stats.finite
+            if self.scaler is not None:
+                flags = flags | (self._scaler_found_inf() > 0)
+            bad = bool(flags)  # sync: the one read per step, as GradScaler.step makes
+        if bad:
             stats, proceed = self._nonfinite_step(stats)
             if not proceed:
                 if self.scaler is not None:
                     self.scaler.update()
-                return stats, torch.ones((), dtype=torch.bool, device=self.device), self._one
+                return stats, self._true, self._one
         scale = self._clip(stats)
         with self._cooled_lr():
             self.optimizer.step()
@@ -314,7 +329,7 @@ class Guard:
             self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
-        return stats, torch.zeros((), dtype=torch.bool, device=self.device), scale
+        return stats, self._false, scale
 
     # --- non-finite handling ---------------------------------------------------------
 
@@ -390,13 +405,14 @@ class Guard:
     # --- the ring buffer and drains --------------------------------------------------
 
     def _loss_tensor(self, loss: Tensor | float) -> Tensor:
+        """The loss for grad_stats, which detaches it and makes it a 0-d fp32 tensor."""
         if isinstance(loss, Tensor):
             if loss.numel() != 1:
                 raise ConfigError(
                     f"guard.step(loss) needs a scalar loss, got a tensor of shape "
                     f"{tuple(loss.shape)}; pass loss.mean() or loss.sum()."
                 )
-            return loss.detach().reshape(()).to(self.device, torch.float32)
+            return loss if loss.device == self.device else loss.detach().to(self.device)
         return torch.full((), float(loss), device=self.device)
 
     def _lr_tensor(self) -> Tensor:
@@ -408,23 +424,32 @@ class Guard:
         self._window_lr.append(float(lr) * self.lr_factor)
         return self._nan
 
+    def _flag(self, flag: Tensor) -> Tensor:
+        """A bool flag as fp32 for the ring buffer; the shared constants need no kernel."""
+        if flag is self._true:
+            return self._one
+        if flag is self._false:
+            return self._zero
+        return flag.float()
+
     def _record(self, report: StepReport, stats: GradStats) -> None:
-        loss = self._nan if report.loss is None else report.loss
-        given = self._zero if report.loss is None else self._one
-        scalars = torch.stack(
+        scalars, per_layer, per_tensor = self._rows[self._buffered]
+        torch.stack(
             [
-                loss.float(),
-                given,
+                self._nan if report.loss is None else report.loss.float(),
+                self._zero if report.loss is None else self._one,
                 report.grad_norm,
                 report.clipped_norm,
                 report.scale.float(),
-                report.skipped.float(),
-                stats.finite.float(),
-                stats.overflow.float(),
+                self._flag(report.skipped),
+                self._flag(stats.finite),
+                self._flag(stats.overflow),
                 self._lr_tensor(),
-            ]
+            ],
+            out=scalars,
         )
-        self._buffer[self._buffered].copy_(torch.cat([scalars, stats.per_layer, stats.per_tensor]))
+        per_layer.copy_(stats.per_layer)
+        per_tensor.copy_(stats.per_tensor)
         self._buffered += 1
 
     def flush(self) -> list[Event]:

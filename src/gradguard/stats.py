@@ -54,6 +54,7 @@ class Layout:
     trainable_mask: tuple[bool, ...]
     sharding: _distributed.Sharding | None = None
     false: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
+    true: Tensor = field(default_factory=lambda: torch.ones((), dtype=torch.bool))
 
     @property
     def accumulate_dtype(self) -> torch.dtype:
@@ -139,6 +140,7 @@ def _build_layout(
         trainable_mask=tuple(p.requires_grad for _, p in pairs),
         sharding=_distributed.detect(model, params, device, group),
         false=torch.zeros((), dtype=torch.bool, device=device),
+        true=torch.ones((), dtype=torch.bool, device=device),
     )
 
 
@@ -328,7 +330,9 @@ def grad_stats(
         resolve: tell NaN/Inf elements apart from an overflowed norm (:meth:`GradStats.resolve`).
             ``None`` (default) resolves when the gradients live on the CPU, where reading a
             flag costs no device sync; on an accelerator the statistics stay sync-free and
-            ``finite`` is False for an overflowed norm until resolved.
+            ``finite`` is False for an overflowed norm until resolved. On the CPU the
+            global norm is always read, so a finite one comes back resolved whatever
+            ``resolve`` says.
         loss: this step's loss, carried in the same reduction and averaged across ranks
             when the model is distributed (``stats.loss``).
         process_group: the group (or 1-D device mesh) to reduce over; detected otherwise.
@@ -374,10 +378,17 @@ def grad_stats(
         .sqrt_()
         .float()
     )
-    finite = torch.isfinite(total)
-    resolving = resolve or (resolve is None and layout.device.type == "cpu")
-    # The common resolved case costs one read and no second record (see GradStats.resolve).
-    clean = resolving and bool(finite)  # sync: the documented read when resolving
+    on_cpu = layout.device.type == "cpu"
+    if on_cpu:
+        # Reading a CPU tensor is no device sync: one float read instead of isfinite kernels.
+        clean_norm = math.isfinite(total.item())
+        finite = layout.true if clean_norm else layout.false
+    else:
+        finite = torch.isfinite(total)
+    resolving = resolve or (resolve is None and on_cpu)
+    # The common resolved case costs one read and no second record (see GradStats.resolve);
+    # on the CPU a finite global norm, already read, leaves nothing to resolve.
+    clean = clean_norm if on_cpu else (resolving and bool(finite))  # sync: when resolving
     stats = GradStats(
         per_tensor=per_tensor,
         per_layer=per_layer,
