@@ -102,16 +102,20 @@ def train(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     loss_fn: nn.Module,
     steps: int,
-) -> None:
+) -> list[float]:
+    """Train through the guard; return the losses (stops early when the guard says so)."""
+    losses = []
     for step in range(steps):
         x, y = batches[step % len(batches)]
         optimizer.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
         guard.step(loss)
+        losses.append(loss.item())
         if guard.should_stop:
             break
     guard.flush()
+    return losses
 
 
 def digits_batches(batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -122,8 +126,10 @@ def digits_batches(batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tenso
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, 1280, batch_size)]
 
 
-def mlp(depth: int, activation: type[nn.Module], width: int = 64, he: bool = False) -> nn.Module:
-    torch.manual_seed(0)
+def mlp(
+    depth: int, activation: type[nn.Module], width: int = 64, he: bool = False, seed: int = 0
+) -> nn.Module:
+    torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(64, width), activation()]
     for _ in range(depth - 1):
         layers += [nn.Linear(width, width), activation()]
@@ -151,12 +157,17 @@ def test_deep_sigmoid_mlp_raises_vanishing_naming_its_first_layers() -> None:
     assert vanishing[0].value < 1e-3
 
 
-def test_healthy_he_relu_mlp_raises_no_event_over_500_steps() -> None:
-    model = mlp(6, nn.ReLU, he=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_he_relu_mlp_raises_no_event_over_500_steps(seed: int) -> None:
+    # Plain SGD at a moderate LR: a run that is healthy on every seed. (Momentum 0.9 at
+    # LR 0.05 is not: on some seeds and thread counts its loss jumps 10-20x for a step,
+    # real spikes that the detectors rightly report.)
+    model = mlp(6, nn.ReLU, he=True, seed=seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     guard = gg.Guard(model, optimizer, log_every=10)
-    train(model, optimizer, guard, digits_batches(), nn.CrossEntropyLoss(), 500)
+    losses = train(model, optimizer, guard, digits_batches(), nn.CrossEntropyLoss(), 500)
     assert guard.step_count == 500
+    assert sum(losses[-50:]) / 50 < 0.1 * sum(losses[:50]) / 50  # it trains
     assert guard.events == [], [str(e) for e in guard.events]
 
 
