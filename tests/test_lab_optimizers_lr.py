@@ -17,10 +17,12 @@ from gradguard.lab import optimizers_lr as ol
 from gradguard.lab._harness import single_thread
 from gradguard.lab.plots import write_plots
 
-# The quick run's verdicts, seed 0. The warm-up spike claim does not reproduce on this seed:
-# the warmed-up run spikes to 1.68x its initial loss at step 47 (LR 2.35), above the 1.5x
-# fixed before the lab's seeds were run (docs: the claim is reported as not reproduced).
-EXPECTED = {
+# The quick run's verdicts, seed 0. None: the two warm-up spike claims, whose verdict on
+# seed 0 depends on the machine. The warmed-up BN net at LR up to 5 has sporadic loss
+# spikes whose size is chaotic in the last bits of the arithmetic: with the same code, torch
+# and seed, step 47-48 spikes to 1.68x the initial loss on the machine the lab was written
+# on and to 1.04x on another (docs/lab.md, row 10). Their numbers are checked below instead.
+EXPECTED: dict[str, bool | None] = {
     "sgd-usual-lr-converges": True,
     "sgd-high-lr-blows-up": True,
     "guard-clip-rescues-high-lr": True,
@@ -28,7 +30,8 @@ EXPECTED = {
     "rmsprop-converges": True,
     "adagrad-converges": True,
     "constant-high-lr-spikes-early": True,
-    "warmup-removes-early-spike": False,
+    "warmup-removes-early-spike": None,
+    "warmup-no-spike-at-transition": None,
     "warmup-decay-converges": True,
 }
 
@@ -66,12 +69,20 @@ def _runs(stored: dict[str, Any]) -> dict[str, ol.Run]:
 def test_quick_run_gives_the_recorded_verdicts(quick: tuple[lab.LabResult, list[int]]) -> None:
     (result,) = quick[0].experiments
     assert result.seeds == (0,)
-    assert {c.id: c.passed for c in result.claims} == EXPECTED
     assert list(EXPECTED) == [c.id for c in result.claims]
-    spike = next(c for c in result.claims if c.id == "warmup-removes-early-spike")
-    assert 1.5 < spike.values[0] < 2.0  # smaller than the constant-LR spike, but not gone
-    constant = next(c for c in result.claims if c.id == "constant-high-lr-spikes-early")
-    assert constant.values[0] > 2 * spike.values[0]
+    by_id = {c.id: c for c in result.claims}
+    for claim_id, verdict in EXPECTED.items():
+        if verdict is not None:
+            assert by_id[claim_id].passed is verdict, claim_id
+    spike = by_id["warmup-removes-early-spike"].values[0]
+    transition = by_id["warmup-no-spike-at-transition"].values[0]
+    for claim_id in ("warmup-removes-early-spike", "warmup-no-spike-at-transition"):
+        assert by_id[claim_id].passed is (by_id[claim_id].values[0] < 1.5)
+    # Whichever machine: warm-up at least halves the constant-LR spike, never goes above
+    # 2x the initial loss in its first 50 steps, and the longer window contains the shorter.
+    assert 1.0 <= spike < 2.0
+    assert transition >= spike
+    assert by_id["constant-high-lr-spikes-early"].values[0] > 2 * spike
 
 
 def test_every_arm_is_trained_single_threaded_and_recorded(
@@ -149,4 +160,9 @@ def test_claims_round_trip_and_fail_when_the_measurement_contradicts_them(
     assert verdicts("sgd-high", final_loss=20 * usual)["sgd-high-lr-blows-up"] is True
     assert verdicts("sgd-high-clip", final_loss=math.nan)["guard-clip-rescues-high-lr"] is False
     assert verdicts("bn-warmup", early_peak=1.1)["warmup-removes-early-spike"] is True
+    assert verdicts("bn-warmup", early_peak=1.6)["warmup-removes-early-spike"] is False
+    spiked = verdicts("bn-warmup", early_peak=1.1, transition_peak=2.4)
+    assert spiked["warmup-removes-early-spike"] is True
+    assert spiked["warmup-no-spike-at-transition"] is False
+    assert verdicts("bn-warmup", transition_peak=1.2)["warmup-no-spike-at-transition"] is True
     assert verdicts("adam", final_loss=2.3)["adam-converges"] is False

@@ -47,6 +47,16 @@ on seeds 0 and 4, whose warmed-up runs still spike to 1.68x and 1.67x at steps 4
 (LR 2.35 and 1.70) while the constant-LR runs spike to 2.4-6.7x at step 2-4. Warm-up
 shrinks the early spike (it moves it later and makes it smaller) but does not always
 remove it here: the claim is reported as not reproduced.
+
+Revised (2026-12-05). The spikes of the warmed-up run are chaotic in the last bits of the
+arithmetic: on another machine (same code, torch, seeds) seed 0 peaks at 1.04x, not 1.68x,
+and the default seeds pass; seed 4 gives 1.67x on both. Steps 1-50 also end halfway up the
+ramp (LR 2.5), before the move to the full LR that Goyal et al.'s spike is about (Sec. 2.2).
+Added, criterion fixed before held-out seeds were run: ``warmup-no-spike-at-transition``,
+the largest batch loss of steps 1-150 below 1.5x the first. The setup is unchanged (pilots
+on seeds 0-2 over target LRs 2.5-5, 100-300 warm-up steps and momentum found no setting
+without sporadic spikes). Old / new claim: seeds 0-2 pass 3/3 / 3/3; held-out seeds 10-15
+6/6 / 5/6 (seed 14: 2.47x); seeds 20-25 6/6 / 5/6 (seed 24: 1.95x).
 """
 
 from __future__ import annotations
@@ -188,6 +198,8 @@ class Run:
         test_accuracy: on the test split after training.
         nonfinite_step: the first step whose loss or gradient was not finite, or None.
         early_peak: largest batch loss of steps 1-50 over the loss of step 1.
+        transition_peak: largest batch loss of steps 1-150 (the warm-up, the step it reaches
+            the target LR and 50 more) over the loss of step 1.
         clipped_fraction: share of steps the clip policy scaled down (0 without one).
         loss: the batch loss of every step taken.
         grad_norm: the global gradient norm of every step taken (before clipping).
@@ -201,6 +213,7 @@ class Run:
     test_accuracy: float
     nonfinite_step: int | None
     early_peak: float
+    transition_peak: float
     clipped_fraction: float
     loss: tuple[float, ...]
     grad_norm: tuple[float, ...]
@@ -215,7 +228,13 @@ class Run:
     def from_dict(cls, record: Mapping[str, Any]) -> Run:
         """Rebuild a run from :meth:`to_dict` output (non-finite numbers may be text)."""
         fields = dict(record)
-        for key in ("final_loss", "test_accuracy", "early_peak", "clipped_fraction"):
+        for key in (
+            "final_loss",
+            "test_accuracy",
+            "early_peak",
+            "transition_peak",
+            "clipped_fraction",
+        ):
             fields[key] = float(fields[key])
         for key in ("loss", "grad_norm", "lr"):
             fields[key] = tuple(float(v) for v in fields[key])
@@ -277,14 +296,15 @@ def train(arm: str, seed: int) -> Run:
         guard.close()
         events = tuple(e.to_dict() for e in guard.events)
     final_loss, accuracy = _evaluate(model)
-    head = [v if math.isfinite(v) else math.inf for v in losses[:SPIKE_STEPS]]
+    head = [v if math.isfinite(v) else math.inf for v in losses[: WARMUP + SPIKE_STEPS]]
     return Run(
         arm=arm,
         seed=seed,
         final_loss=final_loss,
         test_accuracy=accuracy,
         nonfinite_step=nonfinite_step,
-        early_peak=max(head) / losses[0],
+        early_peak=max(head[:SPIKE_STEPS]) / losses[0],
+        transition_peak=max(head) / losses[0],
         clipped_fraction=clipped / len(losses),
         loss=tuple(losses),
         grad_norm=tuple(norms),
@@ -408,6 +428,20 @@ def _warmup_claims(r: _Runs) -> list[Claim]:
             criterion=Criterion(high=1.5),
         ),
         Claim(
+            id="warmup-no-spike-at-transition",
+            source="Goyal et al. 2017; seed text 001",
+            statement=f"Through the whole warm-up, the step it reaches LR {BN_LR:g} and "
+            f"{SPIKE_STEPS} steps more, the warmed-up loss stays below 1.5x its initial value.",
+            paper="gradual warm-up avoids the spike an abrupt move to the large LR causes "
+            "(Sec. 2.2; qualitative)",
+            measured_on=f"largest batch loss of steps 1-{WARMUP + SPIKE_STEPS} / loss at step "
+            f"1, BN net, warm-up + cosine to LR {BN_LR:g}, {n}",
+            values=tuple(x.transition_peak for x in r.get("bn-warmup")),
+            criterion=Criterion(high=1.5),
+            note="added after the first version: steps 1-50 end halfway up the ramp (LR "
+            f"{BN_LR * SPIKE_STEPS / WARMUP:g}), before the transition the paper's spike is about",
+        ),
+        Claim(
             id="warmup-decay-converges",
             source="Goyal et al. 2017; seed text 001",
             statement="The warmed-up, decayed run trains.",
@@ -451,6 +485,7 @@ def tables(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Table, ...]:
                 _cell([x.final_loss for x in rs]),
                 _cell([x.test_accuracy for x in rs]),
                 _cell([x.early_peak for x in rs]),
+                _cell([x.transition_peak for x in rs]),
                 _cell([max(x.grad_norm) for x in rs]),
                 ", ".join(lost) or "never",
                 ", ".join(kinds) or ("none" if spec.guard else "(no guard)"),
@@ -464,6 +499,7 @@ def tables(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Table, ...]:
                 "final train loss",
                 "test accuracy",
                 f"early peak (steps 1-{SPIKE_STEPS})",
+                f"peak, steps 1-{WARMUP + SPIKE_STEPS}",
                 "largest gradient norm",
                 "non-finite at step",
                 "guard events",
