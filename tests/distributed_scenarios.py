@@ -30,16 +30,17 @@ STEPS = 20
 
 
 def make_model(seed: int = 0) -> nn.Module:
+    """A small MLP whose one-output last layer leaves rank 1 empty shards under FSDP2."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 1)
     )
 
 
 def full_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     x = torch.randn(8, 6, generator=g)
-    return x, torch.randn(8, 3, generator=g)
+    return x, torch.randn(8, 1, generator=g)
 
 
 def local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +144,8 @@ def nan_on_one_rank(kind: str, rank: int) -> dict[str, Any]:
         if kind == "ddp" and step == 6 and rank == 0:
             handle.remove()
         if kind == "fsdp" and step == 6 and rank == 0:  # after reduce-scatter: one shard
-            grad = next(model.parameters()).grad
+            # The last layer's weight has one row: rank 0 holds it and rank 1 an empty shard.
+            grad = list(model.parameters())[-2].grad
             assert grad is not None
             _distributed.local(grad).view(-1)[0] = float("nan")
         before = [full(p).detach().clone() for p in model.parameters()]

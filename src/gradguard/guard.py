@@ -96,6 +96,10 @@ class Guard:
         tensorboard: with ``run_dir``, also write TensorBoard event files to
             ``run_dir/tensorboard``: None when the package is installed, True always
             (:class:`ConfigError` when it is not installed), False never.
+        process_group: the group (or 1-D device mesh) the statistics and the loss are
+            reduced over (``grad_stats``'s argument); detected from DDP or the DTensor
+            gradients otherwise. Give DDP's group when ``model`` is the module inside
+            the DDP wrapper, so the loss is averaged over the ranks too.
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class Guard:
         on_event: Callable[[Event], None] | None = None,
         sinks: Iterable[Sink] = (),
         tensorboard: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         _validate(model, optimizer, clip, nonfinite, recovery, scheduler, log_every, on_event)
         self.model = model
@@ -138,7 +143,8 @@ class Guard:
                 "sinks=[gradguard.sinks.TensorBoardSink(log_dir)]."
             )
 
-        layout = layout_for(model)
+        self.process_group = process_group
+        layout = layout_for(model, process_group)
         self.layer_names = layout.layer_names
         self.tensor_names = layout.names
         self.device = layout.device
@@ -204,7 +210,9 @@ class Guard:
         if self.scaler is not None:
             self._unscale()
         loss_tensor = None if loss is None else self._loss_tensor(loss)
-        stats = grad_stats(self.model, resolve=False, loss=loss_tensor)
+        stats = grad_stats(
+            self.model, resolve=False, loss=loss_tensor, process_group=self.process_group
+        )
         no_sync = self.fused and self.nonfinite == "skip" and self._fused_state_ready()
         self._window_on_device.append(no_sync)
         if no_sync:
@@ -370,7 +378,9 @@ class Guard:
         for name, grad in zip(stats.names, stats.grads, strict=True):
             if grad is not None and name in names:
                 grad.zero_()
-        return grad_stats(self.model, resolve=True, loss=stats.loss)
+        return grad_stats(
+            self.model, resolve=True, loss=stats.loss, process_group=self.process_group
+        )
 
     # --- AMP -------------------------------------------------------------------------
 

@@ -152,16 +152,20 @@ def layout_for(source: nn.Module | NamedParameters, process_group: Any = None) -
     if layout is not None and (
         tuple(map(_get_requires_grad, layout.all_params)) == layout.trainable_mask
         and _distributed.local(layout.params[0]).device == layout.device
-        and (
-            process_group is None
-            or layout.sharding is None
-            or process_group is layout.sharding.group
-        )
+        and (process_group is None or _reduces_over(layout, process_group))
     ):
         return layout
     layout = _build_layout(_named_parameters(source), source, process_group)
     _LAYOUTS[source] = layout
     return layout
+
+
+def _reduces_over(layout: Layout, process_group: Any) -> bool:
+    """Whether a cached layout already reduces over ``process_group`` (a group or 1-D mesh)."""
+    if layout.sharding is None:
+        return not _distributed.available()  # single process: there is nothing to reduce
+    wanted = process_group.get_group() if hasattr(process_group, "get_group") else process_group
+    return wanted is layout.sharding.group
 
 
 def forget(model: nn.Module) -> None:
@@ -246,6 +250,8 @@ def _resolve_nonfinite(stats: GradStats) -> GradStats:
         if grad is None:  # a missing grad has norm 0: never here, kept for the type checker
             continue
         values = grad.coalesce()._values() if grad.is_sparse else grad
+        if values.numel() == 0:  # an empty FSDP2 shard: it adds nothing, its norm is 0
+            continue
         if not bool(torch.isfinite(values).all()):
             local[i] = math.nan
             continue
