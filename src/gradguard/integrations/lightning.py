@@ -11,7 +11,12 @@ swaps the optimizer the strategy steps for the guard's wrapped one. Lightning th
 exactly, with no host read beyond the guard's own. Each drain is written to the Trainer's
 loggers as ``gradguard/*`` scalars; events also go to the ``gradguard`` Python logger. When
 the guard sets ``should_stop`` (divergence), the callback stops the fit.
-See ``docs/integrations.md`` for what is and is not supported.
+
+Under ``strategy="ddp"`` the guard is given DDP's process group, so the loss it logs and
+detects on is the mean over the ranks and every rank takes the same decisions; under
+``ModelParallelStrategy`` with ``fully_shard`` the gradients are DTensors and the guard
+reduces their norms itself. ``FSDPStrategy`` (FSDP1) and ``DeepSpeedStrategy`` are refused.
+See ``docs/integrations.md`` and ``docs/distributed.md`` for what is and is not supported.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 try:
     import lightning.pytorch as pl
@@ -78,6 +83,12 @@ class GradGuardCallback(Callback):
         optimizer = _single_optimizer(trainer.strategy.optimizers)
         _check_trainer(trainer, self.guard_options)
         options = dict(self.guard_options)
+        group = _data_parallel_group(trainer)
+        if group is not None:
+            # The guard measures the LightningModule, not Lightning's DDP wrapper around it:
+            # DDP's group makes it average the loss over the ranks (gradients are already
+            # averaged), so loss-based events and should_stop agree on every rank.
+            options.setdefault("process_group", group)
         self._sink = _LoggerSink(trainer)
         sinks = [*options.pop("sinks", ()), self._sink]
         self.guard = Guard(pl_module, optimizer, sinks=sinks, **options)
@@ -216,7 +227,35 @@ def _single_optimizer(optimizers: Sequence[torch.optim.Optimizer]) -> torch.opti
     return optimizer
 
 
+def _data_parallel_group(trainer: pl.Trainer) -> Any:
+    """The process group DDP averages the gradients over, when the strategy wraps in DDP."""
+    wrapper = trainer.strategy.model
+    if isinstance(wrapper, nn.parallel.DistributedDataParallel):
+        return wrapper.process_group
+    return None
+
+
+def _check_strategy(strategy: pl.strategies.Strategy) -> None:
+    """Refuse strategies whose gradients or optimizer step the guard cannot see whole."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise ConfigError(
+            "GradGuardCallback does not support FSDPStrategy (FSDP1): each rank holds a flat "
+            "shard of the gradients that is not a DTensor, so the guard would measure and decide "
+            "on its own shard only and the ranks would disagree. Use ModelParallelStrategy and "
+            "torch.distributed.fsdp.fully_shard in configure_model (FSDP2): the guard reduces "
+            "the norms of its DTensor gradients over the ranks."
+        )
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise ConfigError(
+            "GradGuardCallback does not support DeepSpeedStrategy: DeepSpeed steps inside its "
+            "engine and keeps the gradients in its own partitions, out of the guard's reach."
+        )
+
+
 def _check_trainer(trainer: pl.Trainer, options: Mapping[str, Any]) -> None:
+    _check_strategy(trainer.strategy)
     if getattr(trainer.precision_plugin, "scaler", None) is not None:
         raise ConfigError(
             f"GradGuardCallback does not support precision={trainer.precision!r}: its GradScaler "

@@ -12,7 +12,12 @@ Trainer steps. The Trainer's ``optimizer.step()`` then runs ``guard.step(loss)``
 non-finite step is skipped exactly. The loss reaches the guard as a device tensor from a
 forward hook (the model output's ``loss``), so a NaN loss is reported, never hidden.
 When the guard sets ``should_stop`` (divergence), the callback stops training.
-See ``docs/integrations.md``.
+
+Under DDP (several processes) the guard is given the data-parallel group, so the loss it
+logs and detects on is the mean over the ranks and every rank takes the same decisions;
+with FSDP2 (DTensor parameters) the guard reduces the gradient norms itself. FSDP1
+(``FullyShardedDataParallel``) is refused. See ``docs/integrations.md`` and
+``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from torch.utils.hooks import RemovableHandle
 try:
     from accelerate.optimizer import AcceleratedOptimizer  # type: ignore[import-untyped]
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.training_args import ParallelMode
 except ModuleNotFoundError as error:  # pragma: no cover - depends on the extras installed
     raise ModuleNotFoundError(
         f"{__name__} needs transformers and accelerate: pip install 'gradguard[transformers]'"
     ) from error
 
+from gradguard import _distributed
 from gradguard.errors import ConfigError
 from gradguard.guard import Guard, GuardedOptimizer
 from gradguard.integrations import LossFedOptimizer, check_guard_options
@@ -87,10 +94,17 @@ class GradGuardCallback(TrainerCallback):
         if not isinstance(model, nn.Module):
             raise ConfigError("GradGuardCallback needs the Trainer's model at on_train_begin.")
         _check(args, accelerated.scaler, self.guard_options)
+        _check_sharding(model)
         optimizer = accelerated.optimizer
         if isinstance(optimizer, GuardedOptimizer):  # left by a train() that raised
             optimizer = optimizer.optimizer
         options = dict(self.guard_options)
+        group = _data_parallel_group(args, model)
+        if group is not None:
+            # The guard measures the model, not the DDP wrapper the Trainer steps through:
+            # the data-parallel group makes it average the loss over the ranks (gradients
+            # are already averaged), so loss-based events and should_stop agree everywhere.
+            options.setdefault("process_group", group)
         sink = _HistorySink(state, step_offset=state.global_step)
         self.guard = Guard(model, optimizer, sinks=[*options.pop("sinks", ()), sink], **options)
         self._loss, self._micro_batches = None, 0
@@ -185,6 +199,38 @@ def _accelerated(optimizer: object) -> Any:
             "inside their engine and are not supported)."
         )
     return optimizer
+
+
+def _data_parallel_group(args: TrainingArguments, model: nn.Module) -> Any:
+    """The group DDP averages the gradients over, when the Trainer runs data-parallel.
+
+    None on one process and for DTensor (FSDP2, tensor-parallel) parameters, whose
+    norms the guard reduces over their own device mesh. Accelerate's DDP wrapper uses the
+    default group.
+    """
+    if args.parallel_mode != ParallelMode.DISTRIBUTED or not _distributed.available():
+        return None
+    if torch.distributed.get_world_size() < 2:
+        return None
+    if any(_distributed.is_dtensor(p) for p in model.parameters()):
+        return None
+    return torch.distributed.group.WORLD
+
+
+def _check_sharding(model: nn.Module) -> None:
+    """Refuse FSDP1: its gradients are flat per-rank shards the guard cannot reduce."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ConfigError(
+            "GradGuardCallback does not support FSDP1 (FullyShardedDataParallel): each rank "
+            "holds a flat shard of the gradients that is not a DTensor, so the guard would "
+            "measure and decide on its own shard only and the ranks would disagree. Use FSDP2: "
+            "fsdp_config={'version': 2} (the default), whose DTensor gradients the guard "
+            "reduces over the ranks."
+        )
 
 
 def _check(args: TrainingArguments, scaler: object, options: Mapping[str, Any]) -> None:
