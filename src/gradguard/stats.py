@@ -59,12 +59,16 @@ class Layout:
     @property
     def accumulate_dtype(self) -> torch.dtype:
         """fp64 for sums of squared norms, except on MPS, which has no fp64."""
-        return torch.float32 if self.device.type == "mps" else torch.float64
+        return _accumulate_dtype(self.device)
 
     @property
     def in_order(self) -> bool:
         """True when one group holds every parameter in order: no scatter needed."""
         return len(self.groups) == 1
+
+
+def _accumulate_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, Layout] = weakref.WeakKeyDictionary()
@@ -199,7 +203,6 @@ class GradStats:
     """
 
     per_tensor: Tensor
-    per_layer: Tensor
     total: Tensor
     finite: Tensor
     overflow: Tensor
@@ -214,6 +217,33 @@ class GradStats:
     loss: Tensor | None = None
     local_squares: Tensor | None = field(default=None, repr=False)
     sharding: _distributed.Sharding | None = field(default=None, repr=False)
+    squares: Tensor | None = field(default=None, repr=False)
+    _per_layer: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def per_layer(self) -> Tensor:
+        """fp32 L2 norm over each layer's parameters, in ``layer_names`` order.
+
+        Computed from the global squared norms on first use (a few small kernels, no
+        communication), so a clip that needs only the global norm does not pay for it.
+        """
+        if self._per_layer is None:
+            norms = _layer_norms(self.global_squares(), self.layer_index, len(self.layer_names))
+            object.__setattr__(self, "_per_layer", norms)  # a cache on a frozen record
+            return norms
+        return self._per_layer
+
+    def global_squares(self) -> Tensor:
+        """Per-tensor squared norms over every rank, in fp64 (fp32 on MPS).
+
+        fp32 squares of norms under 1e-19 or over 1.8e19 would leave the fp32 range: a
+        vanishing layer's 1e-25 norm must not read 0, a 1e20 norm must not read inf.
+        """
+        if self.squares is None:
+            dtype = _accumulate_dtype(self.per_tensor.device)
+            object.__setattr__(self, "squares", self.per_tensor.to(dtype).square())
+        assert self.squares is not None
+        return self.squares
 
     def all_reduce_(self, tensor: Tensor, op: str = "sum") -> Tensor:
         """Reduce a per-rank partial result across ranks when the gradients are sharded.
@@ -243,8 +273,9 @@ class GradStats:
 
 def _resolve_nonfinite(stats: GradStats) -> GradStats:
     """Recompute non-finite norms robustly; collective (same calls on every rank) if sharded."""
-    assert stats.local_squares is not None
-    local = stats.local_squares.clone()
+    local = (
+        stats.local_squares if stats.local_squares is not None else stats.global_squares()
+    ).clone()
     for i in torch.nonzero(~torch.isfinite(stats.per_tensor)).flatten().tolist():
         grad = stats.grads[i]
         if grad is None:  # a missing grad has norm 0: never here, kept for the type checker
@@ -265,13 +296,13 @@ def _resolve_nonfinite(stats: GradStats) -> GradStats:
         local[i] = robust.square().to(local.device) / divisor
     squares = stats.all_reduce_(local)
     all_finite = bool(torch.isfinite(squares).all())  # sync: the rare path only
-    per_tensor, per_layer, total = _aggregate(squares, stats.layer_index, len(stats.layer_names))
     device = stats.total.device
     return replace(
         stats,
-        per_tensor=per_tensor,
-        per_layer=per_layer,
-        total=total,
+        per_tensor=squares.sqrt().float(),
+        squares=squares,
+        _per_layer=None,
+        total=squares.sum().sqrt().float(),
         finite=torch.tensor(all_finite, device=device),
         overflow=torch.tensor(all_finite, device=device),
         resolved=True,
@@ -279,17 +310,14 @@ def _resolve_nonfinite(stats: GradStats) -> GradStats:
     )
 
 
-def _aggregate(
-    squares: Tensor, layer_index: Tensor, n_layers: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-tensor, per-layer and global norms (fp32) from per-tensor squared norms."""
-    per_layer = (
+def _layer_norms(squares: Tensor, layer_index: Tensor, n_layers: int) -> Tensor:
+    """Per-layer fp32 norms from per-tensor squared norms (summed in their own dtype)."""
+    return (
         torch.zeros(n_layers, dtype=squares.dtype, device=squares.device)
         .index_add_(0, layer_index, squares)
-        .sqrt()
+        .sqrt_()
         .float()
     )
-    return squares.sqrt().float(), per_layer, squares.sum().sqrt().float()
 
 
 def _per_tensor_norms(
@@ -364,26 +392,22 @@ def grad_stats(
     if sharding is not None and sharding.sharded:
         grads = [None if g is None else _distributed.local(g) for g in grads]
     per_tensor, grad_groups = _per_tensor_norms(layout, grads)
-    # Squares of fp32 norms under 1e-19 or over 1.8e19 leave the fp32 range: sum them in fp64
-    # (a vanishing layer's 1e-25 norm must not read 0, a 1e20 norm must not read inf).
-    local_squares = per_tensor.to(layout.accumulate_dtype).square_()
+    # Norms are summed in fp64 (GradStats.global_squares says why). One process: the global
+    # norm in one kernel; squared norms only if per-layer norms or a resolve want them.
+    local_squares: Tensor | None = None
+    squares: Tensor | None = None
     if sharding is None:
-        squares = local_squares
+        total = _foreach.vector_norm(per_tensor, dtype=layout.accumulate_dtype).float()
         loss = None if loss is None else loss.detach().reshape(()).float()
     else:
+        local_squares = per_tensor.to(layout.accumulate_dtype).square()
         if sharding.replicas is not None:
             local_squares = local_squares / sharding.replicas
         squares, loss = _distributed.reduce_squares_and_loss(local_squares, loss, sharding)
         if sharding.sharded:
             per_tensor = squares.sqrt().float()
         loss = None if loss is None else loss.reshape(())
-    total = squares.sum().sqrt_().float()
-    per_layer = (
-        torch.zeros(len(layout.layer_names), dtype=squares.dtype, device=layout.device)
-        .index_add_(0, layout.layer_index, squares)
-        .sqrt_()
-        .float()
-    )
+        total = squares.sum().sqrt_().float()
     on_cpu = layout.device.type == "cpu"
     if on_cpu:
         # Reading a CPU tensor is no device sync: one float read instead of isfinite kernels.
@@ -397,7 +421,6 @@ def grad_stats(
     clean = clean_norm if on_cpu else (resolving and bool(finite))  # sync: when resolving
     stats = GradStats(
         per_tensor=per_tensor,
-        per_layer=per_layer,
         total=total,
         finite=finite,
         overflow=layout.false,
@@ -412,6 +435,7 @@ def grad_stats(
         loss=loss,
         local_squares=local_squares,
         sharding=sharding,
+        squares=squares,
     )
     return _resolve_nonfinite(stats) if resolving and not clean else stats
 
