@@ -47,6 +47,7 @@ def main() -> None:
     skipped = [e.step for e in guard.events if e.kind == "nonfinite"]
     assert report.loss is not None
     print(f"rank {rank}: mean loss {report.loss.item():.4f}, skipped steps {skipped}")
+    dist.barrier()  # both ranks done before either tears gloo down
     dist.destroy_process_group()
 
 

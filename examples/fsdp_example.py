@@ -57,6 +57,7 @@ def main() -> None:
     guard.close()
     skipped = [e.step for e in guard.events if e.kind == "nonfinite"]
     print(f"rank {rank}: global grad norm {report.grad_norm.item():.4f}, skipped steps {skipped}")
+    dist.barrier()  # both ranks done before either tears gloo down
     dist.destroy_process_group()
 
 
