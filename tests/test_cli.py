@@ -59,6 +59,36 @@ def test_lab_quick_writes_a_run_directory(tmp_path: Path) -> None:
     assert (out / "results.md").is_file()
 
 
+def test_lab_only_selects_experiments_in_order(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["lab", "--quick", "--out", str(out), "--only", "selu", "--only", "depth-activation"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert [e["name"] for e in data["experiments"]] == ["selu", "depth-activation"]
+
+
+def test_lab_seeds_sets_how_many_seeds_the_full_variants_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["lab", "--only", "depth-activation", "--seed", "3", "--seeds", "2", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["quick"] is False
+    assert [e["seeds"] for e in data["experiments"]] == [[3, 4]]  # its own default is 5
+
+
+def test_lab_seeds_rejects_quick_and_counts_below_one(tmp_path: Path) -> None:
+    quick = runner.invoke(app, ["lab", "--quick", "--seeds", "2", "--out", str(tmp_path / "a")])
+    assert quick.exit_code == 2
+    assert "quick variants run one seed" in quick.output
+    zero = runner.invoke(app, ["lab", "--seeds", "0", "--out", str(tmp_path / "b")])
+    assert zero.exit_code == 2
+    assert "seeds must be an int >= 1, got 0" in zero.output
+    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "b").exists()
+
+
 def test_report_writes_html_for_a_guarded_run(tmp_path: Path) -> None:
     import torch
 

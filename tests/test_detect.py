@@ -782,6 +782,9 @@ def test_divergence_uses_the_absolute_best_for_negative_losses() -> None:
     assert run(Divergence(), loss_windows([-2.0] + [-1.0] * 10)) == []
     (event,) = run(Divergence(), loss_windows([-2.0] + [0.5] * 10))
     assert event.threshold == pytest.approx(0.0)
+    # with a start fraction, its margin is taken on |start| too: -2 + 2 + 0.05 * 2
+    (margined,) = run(Divergence(start_fraction=0.05), loss_windows([-2.0] + [0.5] * 10))
+    assert margined.threshold == pytest.approx(0.1)
 
 
 def test_divergence_counts_all_nan_loss_windows_as_bad() -> None:
@@ -809,6 +812,34 @@ def test_divergence_ignores_windows_without_a_usable_loss() -> None:
     assert detector.state_dict()["best"] is None
 
 
+def test_divergence_start_fraction_ignores_noise_near_zero_but_not_a_climb_back() -> None:
+    # A run that fell from 2.3 to ~0.005 and wobbles up to 4x its best: batch noise.
+    means = [2.3, 0.5, 0.05, 0.005] + [0.02, 0.015, 0.03, 0.02, 0.015, 0.02]
+    assert run(Divergence(start_fraction=0.05), loss_windows(means, spread=0.0)) == []
+    (default_rule,) = run(Divergence(), loss_windows(means, spread=0.0))
+    assert default_rule.threshold == pytest.approx(0.01)
+    # Climbing back to a tenth of the start for five drains is divergence.
+    climb = loss_windows([2.3, 0.5, 0.05, 0.005] + [0.25] * 5, spread=0.0)
+    (event,) = run(Divergence(start_fraction=0.05), climb)
+    assert event.threshold == pytest.approx(0.005 * 2 + 0.05 * 2.3)
+    assert event.step == 1 + 4 * 4
+
+
+def test_divergence_state_keeps_the_start_and_loads_states_saved_without_it() -> None:
+    detector = Divergence(start_fraction=0.05)
+    run(detector, loss_windows([2.3, 0.005], spread=0.0))
+    state = detector.state_dict()
+    assert state["start"] == pytest.approx(2.3)
+    restored = Divergence(start_fraction=0.05)
+    restored.load_state_dict(state)
+    assert restored.threshold() == pytest.approx(detector.threshold())
+    assert restored.threshold() == pytest.approx(0.01 + 0.05 * 2.3)
+    old = {k: v for k, v in state.items() if k != "start"}
+    older = Divergence(start_fraction=0.05)
+    older.load_state_dict(old)  # gradguard 0.1 saved no start: the margin starts at 0
+    assert older.threshold() == pytest.approx(0.01)
+
+
 def test_divergence_min_delta_is_an_absolute_margin_for_losses_near_zero() -> None:
     means = [1e-6] + [3e-6] * 6
     assert len(run(Divergence(), loss_windows(means, spread=0.0))) == 1
@@ -816,9 +847,10 @@ def test_divergence_min_delta_is_an_absolute_margin_for_losses_near_zero() -> No
 
 
 def test_divergence_tolerance_zero_stops_after_patience_drains_worse_than_the_best() -> None:
-    assert run(Divergence(tolerance=0.0, patience=3), loss_windows([3, 2, 2, 2, 2], spread=0)) == []
+    strict = {"tolerance": 0.0, "patience": 3}
+    assert run(Divergence(**strict), loss_windows([3, 2, 2, 2, 2], spread=0)) == []
     means = [3.0, 2.0, 2.1, 2.2, 2.05]
-    (event,) = run(Divergence(tolerance=0.0, patience=3), loss_windows(means, spread=0.0))
+    (event,) = run(Divergence(**strict), loss_windows(means, spread=0.0))
     assert event.step == 1 + 2 * 4
     assert event.threshold == 2.0
 

@@ -235,3 +235,11 @@ def test_claim_summary_and_text() -> None:
     assert claim.measured_text() == "2 (range 1–3, n=3)"
     assert not Claim("c", "s", "st", "p", "on", (), Criterion()).passed
     assert format_value(3.0e-7) == "3.00e-07"
+
+
+def test_claim_summary_of_several_values_with_an_infinite_one_has_no_spread() -> None:
+    claim = Claim("c", "s", "st", "p", "on", (1.0, math.inf, 3.0), Criterion(low=0.0))
+    summary = claim.summary()
+    assert summary["mean"] == math.inf
+    assert math.isnan(summary["std"])  # statistics.pstdev raises on inf
+    assert (summary["min"], summary["max"]) == (1.0, math.inf)

@@ -49,10 +49,21 @@ def lab(
         list[str] | None,
         typer.Argument(help="Experiments to run (default: all). See --list."),
     ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Run this experiment (repeat for several); as NAMES."),
+    ] = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="Small, single-seed variants (seconds).")
     ] = False,
     seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
+    seeds: Annotated[
+        int | None,
+        typer.Option(
+            "--seeds",
+            help="Seeds per full variant: SEED to SEED+SEEDS-1 (default: each experiment's own).",
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Run directory (default: runs/lab-<timestamp>).")
     ] = None,
@@ -69,7 +80,8 @@ def lab(
             console.print(f"[bold]{name}[/bold]  {description}")
         return
     try:
-        result = lab_module.run(names=names or None, quick=quick, seed=seed, out=out)
+        chosen = [*(names or ()), *(only or ())]
+        result = lab_module.run(names=chosen or None, quick=quick, seed=seed, out=out, seeds=seeds)
     except GradGuardError as error:
         console.print(f"[red]error:[/red] {error}", soft_wrap=True)
         raise typer.Exit(2) from error

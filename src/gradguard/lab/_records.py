@@ -88,9 +88,12 @@ class Claim:
     def summary(self) -> dict[str, float]:
         """Return mean, standard deviation, minimum and maximum of the values."""
         vals = list(self.values)
+        spread = 0.0
+        if len(vals) > 1:  # pstdev cannot take inf; a spread with inf in it is not a number
+            spread = statistics.pstdev(vals) if all(map(math.isfinite, vals)) else math.nan
         return {
             "mean": statistics.fmean(vals),
-            "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
+            "std": spread,
             "min": min(vals),
             "max": max(vals),
         }

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
+from gradguard.errors import ConfigError
+from gradguard.lab._harness import FULL_SEED_COUNT
 from gradguard.lab._records import Experiment, ExperimentResult, LabResult, Progress
 from gradguard.lab._registry import select
 from gradguard.lab._render import to_markdown
@@ -33,6 +35,7 @@ def run(
     seed: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
+    seeds: int | None = None,
 ) -> LabResult:
     """Run lab experiments and write their results to a run directory.
 
@@ -44,21 +47,34 @@ def run(
         seed: base seed; full variants use ``seed, seed + 1, ...``.
         out: run directory; default ``runs/lab-YYYYmmdd-HHMMSS`` under the working directory.
         progress: show a progress bar on stderr.
+        seeds: how many seeds each full variant runs (``seed`` to ``seed + seeds - 1``);
+            None keeps each experiment's own number (3 or more). Quick variants run one.
 
     Returns:
         The results, with ``run_dir`` where ``results.json`` and ``results.md`` were written.
 
     Raises:
-        ConfigError: an unknown experiment name.
+        ConfigError: an unknown experiment name, or ``seeds`` below 1 or with ``quick``.
     """
     experiments = select(names)
+    if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
+        raise ConfigError(f"seeds must be an int >= 1, got {seeds!r}.")
+    if seeds is not None and quick:
+        raise ConfigError(
+            "seeds sets how many seeds the full variants run; the quick variants run one "
+            "seed each. Drop --quick to run several seeds, or --seeds to run the quick lab."
+        )
+    token = FULL_SEED_COUNT.set(seeds)
     run_dir = _make_run_dir(out)
     started_at = datetime.now().isoformat(timespec="seconds")
     start = time.perf_counter()
     results: list[ExperimentResult] = []
-    with _progress_bar(progress) as bar:
-        for experiment in experiments:
-            results.append(_run_one(experiment, quick=quick, seed=seed, bar=bar))
+    try:
+        with _progress_bar(progress) as bar:
+            for experiment in experiments:
+                results.append(_run_one(experiment, quick=quick, seed=seed, bar=bar))
+    finally:
+        FULL_SEED_COUNT.reset(token)
     result = LabResult(
         run_dir=run_dir,
         experiments=tuple(results),
