@@ -320,6 +320,16 @@ def lightning_run(rank: int, sharded: bool) -> dict[str, Any]:
     }
 
 
+def reference_step(guard: gg.Guard, loss: torch.Tensor) -> dict[str, Any]:
+    """Step the single-process reference's guard; return what the ranks' logs are held to."""
+    report = guard.step(loss)
+    return {
+        "grad_norm": float(report.grad_norm),
+        "loss": float(loss.detach()),
+        "skipped": bool(report.skipped),
+    }
+
+
 def lightning_reference(ranks: list[dict[str, Any]], tmp: str) -> dict[str, Any]:
     """The same steps in one process, on each step's global batch (both ranks' batches)."""
     net = make_net()
@@ -336,12 +346,7 @@ def lightning_reference(ranks: list[dict[str, Any]], tmp: str) -> dict[str, Any]
         if step == NAN_GRAD[0]:
             assert net[0].weight.grad is not None
             net[0].weight.grad.view(-1)[0] = math.nan
-        report = guard.step(loss)
-        steps[step] = {
-            "grad_norm": float(report.grad_norm),
-            "loss": float(loss.detach()),
-            "skipped": bool(report.skipped),
-        }
+        steps[step] = reference_step(guard, loss)
     guard.close()
     return {"steps": steps, "weights": {f"net.{n}": p.tolist() for n, p in net.named_parameters()}}
 
@@ -515,12 +520,7 @@ def hf_reference(ranks: list[dict[str, Any]], tmp: str) -> dict[str, Any]:
         if step in (NAN_FORWARD[0], NAN_GRAD[0]):  # the replayed faults: skipped steps
             assert poisoned.grad is not None
             poisoned.grad.view(-1)[0] = math.nan
-        report = guard.step(loss)
-        steps[step] = {
-            "grad_norm": float(report.grad_norm),
-            "loss": float(loss.detach()),
-            "skipped": bool(report.skipped),
-        }
+        steps[step] = reference_step(guard, loss)
     guard.close()
     return {"steps": steps, "weights": {n: p.tolist() for n, p in model.named_parameters()}}
 

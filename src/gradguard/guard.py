@@ -296,7 +296,7 @@ class Guard:
     def _step_on_device(self, stats: GradStats) -> tuple[Tensor, Tensor]:
         """Fused path: clip and step with ``found_inf``; nothing is read on the host."""
         scale = self._clip(stats)
-        found_inf = self._flag(~stats.finite) if stats.finite is not self._true else self._zero
+        found_inf = self._zero if stats.finite is self._true else (~stats.finite).float()
         if self.scaler is not None:
             found_inf = self._merge_into_scaler(found_inf)
             with self._cooled_lr():
