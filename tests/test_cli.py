@@ -112,3 +112,59 @@ def test_report_on_a_directory_that_is_no_run_is_a_usage_error(tmp_path: Path) -
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2
     assert "is not a run directory" in " ".join(result.output.split())
+
+
+def test_bench_detection_runs_the_chosen_scenarios_and_writes_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "detection.md"
+    args = ["bench", "detection", "--quick", "--seeds", "1", "--only", "nan_log0"]
+    completed = subprocess.run(
+        [str(Path(sys.executable).with_name("gradguard")), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "nan_log0 seed 0 quick: pathological" in completed.stdout
+    table = out.read_text()
+    assert "| nan_log0 (quick) | 0 | pathological |" in table
+    assert "Recall: 1 / 1" in table
+
+
+def test_bench_unknown_benchmark_or_scenario_is_a_clear_error() -> None:
+    unknown = runner.invoke(app, ["bench", "speed"])
+    assert unknown.exit_code == 2
+    assert "overhead or detection" in unknown.output
+    scenario = runner.invoke(app, ["bench", "detection", "--quick", "--only", "no_such_run"])
+    assert scenario.exit_code == 2
+    assert "no_such_run" in scenario.output
+
+
+def _guarded_run(run_dir: Path, nan_at: int | None) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    with gradguard.Guard(model, optimizer, run_dir=run_dir, tensorboard=False) as guard:
+        for step in range(1, 31):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if step == nan_at:
+                model[0].weight.grad[0, 0] = float("nan")  # type: ignore[index]
+            guard.step(loss)
+
+
+def test_report_prints_the_verdict_and_strict_fails_on_a_warning(tmp_path: Path) -> None:
+    _guarded_run(tmp_path / "clean", nan_at=None)
+    _guarded_run(tmp_path / "nan", nan_at=12)
+    clean = runner.invoke(app, ["report", "--strict", str(tmp_path / "clean")])
+    assert clean.exit_code == 0, clean.output
+    assert "healthy: no events in 30 steps." in clean.output
+    nan = runner.invoke(app, ["report", str(tmp_path / "nan")])
+    assert nan.exit_code == 0
+    assert "1 step skipped for non-finite gradients" in nan.output
+    strict = runner.invoke(app, ["report", "--strict", str(tmp_path / "nan")])
+    assert strict.exit_code == 1

@@ -377,3 +377,46 @@ def test_fused_adamw_step_does_not_sync_on_cuda_between_drains() -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert guard.sync_count <= 3
+
+
+def _layer_weight_norms(model: nn.Module) -> list[float]:
+    """Per-layer parameter norms, computed directly (the reference)."""
+    squares: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        layer = name.rpartition(".")[0]
+        squares[layer] = squares.get(layer, 0.0) + float(p.detach().double().pow(2).sum())
+    return [math.sqrt(v) for v in squares.values()]
+
+
+def test_each_drain_carries_the_layers_weight_norms_now_and_at_the_last_drain() -> None:
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    at_start = _layer_weight_norms(model)
+    windows: list[Any] = []
+    guard = gg.Guard(model, optimizer, log_every=5, detectors=None)
+    drain = guard._window
+
+    def keep(*args: Any, **kwargs: Any) -> Any:
+        window = drain(*args, **kwargs)
+        windows.append(window)
+        return window
+
+    guard._window = keep  # type: ignore[method-assign]
+    expected_now = []
+    for step in range(1, 11):
+        x, y = batch(step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        guard.step()
+        if step % 5 == 0:
+            expected_now.append(_layer_weight_norms(model))
+    first, second = windows
+    assert first.weight_norm_before.tolist() == pytest.approx(at_start, rel=1e-6)
+    assert first.weight_norm.tolist() == pytest.approx(expected_now[0], rel=1e-6)
+    assert second.weight_norm_before is first.weight_norm
+    assert second.weight_norm.tolist() == pytest.approx(expected_now[1], rel=1e-6)
+    assert expected_now[0] != pytest.approx(at_start, rel=1e-3)  # the weights did move
+    assert guard.sync_count == 10 + 2  # one read per step, one transfer per drain: no more
+    resumed = gg.Guard(model, optimizer, log_every=5, detectors=None)
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed._last_weight_norm.tolist() == second.weight_norm.tolist()

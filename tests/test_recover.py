@@ -367,3 +367,46 @@ def test_a_resumed_run_never_rolls_back_to_before_its_checkpoint() -> None:
     _steps(guard, 10, bad=True)
     assert guard.step_count == 50  # rolled back to the post-resume snapshot, not to step 0
     assert [e.kind for e in guard.events].count("rollback") == 1
+
+
+def _drain_window(steps: int = 10) -> Any:
+    import numpy as np
+
+    from gradguard.records import Window
+
+    ones, no = np.ones(steps), np.zeros(steps, bool)
+    return Window(
+        steps=np.arange(1, steps + 1),
+        loss=ones,
+        loss_given=~no,
+        grad_norm=ones,
+        clipped_norm=ones,
+        scale=ones,
+        skipped=no,
+        finite=~no,
+        overflow=no,
+        lr=ones,
+        per_layer=ones[:, None],
+        per_tensor=ones[:, None],
+        layer_names=("0",),
+        tensor_names=("0.weight",),
+    )
+
+
+@pytest.mark.parametrize(
+    ("metric", "severity", "spike_metrics", "triggers"),
+    [
+        ("loss", "warning", ("loss",), True),
+        ("loss", "info", ("loss",), False),  # a passing spike near a low loss
+        ("grad_norm", "info", ("loss",), False),
+        ("grad_norm", "info", ("loss", "grad_norm"), True),  # opted in: every one
+    ],
+)
+def test_rollback_acts_on_warnings_and_on_gradient_spikes_it_was_asked_for(
+    metric: str, severity: str, spike_metrics: tuple[str, ...], triggers: bool
+) -> None:
+    spike = gg.Event(step=5, kind="spike", value=9.0, threshold=2.0, metric=metric)
+    spike = gg.Event(**{**spike.__dict__, "severity": severity})
+    rollback = gg.Rollback(spike_metrics=spike_metrics)
+    found = rollback._trigger(_drain_window(), [spike])
+    assert (found is spike) is triggers

@@ -148,9 +148,10 @@ def test_report_of_a_faulty_run(faulty_run: Path) -> None:
     rows = event_rows(page)
     assert len(rows) == len(events) == 7
     assert [int(r[0]) for r in rows] == sorted(e["step"] for e in events)
-    assert {r[1] for r in rows} == {"nonfinite", "spike", "rollback", "cooldown"}
+    assert {r[2] for r in rows} == {"nonfinite", "spike", "rollback", "cooldown"}
+    assert [r[1] for r in rows] == [e["severity"] for e in sorted(events, key=lambda e: e["step"])]
     for e in events:
-        assert any(r[6] == e["message"] for r in rows)
+        assert any(r[7] == e["message"] for r in rows)
     assert "NormClip(max_norm=1.0, norm_type=2.0)" in html.unescape(page)
     # self-contained: no reference leaves the file (only data: URLs and in-page anchors)
     assert not re.search(r'(?:src|href)="(?!data:|#)', page)
@@ -225,13 +226,32 @@ def test_event_text_is_escaped(tmp_path: Path) -> None:
     assert "<script>" not in page
     assert "<b>x</b>" not in page
     assert "&lt;script&gt;x()&lt;/script&gt;&amp;" in page
-    assert event_rows(page)[0][5:] == ["<b>x</b>", "<script>x()</script>&"]
+    assert event_rows(page)[0][6:] == ["<b>x</b>", "<script>x()</script>&"]
+    assert event_rows(page)[0][1] == "warning"  # a row without severity reads as a warning
 
 
 @pytest.mark.parametrize(
     ("events", "scale", "level", "expected"),
     [
         ([], 0.5, "ok", "healthy: no events in 20 steps; the clip policy shrank 20 steps."),
+        (
+            [
+                event(4, "nonfinite", metric="grad_norm", severity="info"),
+                event(9, "spike", metric="loss", severity="info"),
+            ],
+            1.0,
+            "ok",
+            "healthy: no warnings (2 info events) in 20 steps.",
+        ),
+        (
+            [
+                event(4, "spike", metric="loss", severity="info"),
+                event(9, "spike", metric="loss", severity="warning"),
+            ],
+            1.0,
+            "warn",
+            "1 loss spike (first at step 9) (20 steps logged).",
+        ),
         (
             [event(4, "vanishing", layers=["0", "2", "4"]), event(9, "vanishing", layers=["6"])],
             1.0,

@@ -143,6 +143,7 @@ def test_tensorboard_events_as_text_and_family_layout(tb_run: Path) -> None:
     for event in events:
         assert f"**{event['kind']}**" in texts[event["step"]]
     assert "**nonfinite** in `2.weight`" in texts[12]
+    assert "**nonfinite** in `2.weight` (warning):" in texts[12]
     config = acc.Tensors("gradguard/config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "NormClip(max_norm=0.5" in config
     raw = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]

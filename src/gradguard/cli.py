@@ -93,13 +93,30 @@ def lab(
 
 @app.command()
 def bench(
+    which: Annotated[str, typer.Argument(help="overhead (the default) or detection.")] = "overhead",
     rounds: Annotated[int, typer.Option(help="Interleaved timing rounds (at least 30).")] = 30,
-    quick: Annotated[bool, typer.Option("--quick", help="Tiny models, few rounds.")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Tiny models and few rounds; the quick corpus.")
+    ] = False,
+    only: Annotated[
+        list[str] | None, typer.Option(help="detection: run this scenario (repeatable).")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="detection: seeds 0..N-1 per scenario.")] = 3,
     out: Annotated[
         Path | None, typer.Option(help="Also write the markdown table to this file.")
     ] = None,
 ) -> None:
-    """Time gradguard's gradient post-processing against torch and peer packages."""
+    """Time the gradient post-processing against torch and peers, or score the detectors.
+
+    ``detection`` trains the labelled corpus of healthy and pathological runs and prints
+    each run's events against its label; it runs from a checkout (benchmarks/ beside src/).
+    """
+    if which == "detection":
+        _bench_detection(quick=quick, only=only or [], seeds=seeds, out=out)
+        return
+    if which != "overhead":
+        console.print(f"[red]error:[/red] unknown benchmark {which!r}: overhead or detection.")
+        raise typer.Exit(2)
     from gradguard import bench as bench_module
 
     result = bench_module.run_overhead(rounds=rounds, quick=quick)
@@ -107,6 +124,27 @@ def bench(
     if out is not None:
         out.write_text(result.to_markdown())
         console.print(f"Wrote {out}")
+
+
+def _bench_detection(*, quick: bool, only: list[str], seeds: int, out: Path | None) -> None:
+    """Run ``benchmarks/detection.py`` of the checkout this package was installed from."""
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not (benchmarks / "detection.py").is_file():
+        console.print(
+            "[red]error:[/red] the detection benchmark runs from a checkout of gradguard "
+            f"(installed editable): {benchmarks / 'detection.py'} does not exist."
+        )
+        raise typer.Exit(2)
+    sys.path.insert(0, str(benchmarks))
+    detection = importlib.import_module("detection")
+    argv = ["--seeds", str(seeds)] + (["--quick"] if quick else [])
+    argv += [arg for name in only for arg in ("--only", name)]
+    argv += ["--out", str(out)] if out is not None else []
+    try:
+        detection.main(argv)
+    except ValueError as error:  # an unknown scenario name
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from error
 
 
 class _UsageError(Exception):
@@ -247,9 +285,19 @@ def report(
     run_dir: Annotated[
         Path, typer.Argument(help="A guarded run directory (run_dir=) or a lab run directory.")
     ],
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Exit with status 1 if the run logged a warning or an error event."
+        ),
+    ] = False,
 ) -> None:
-    """Write RUN_DIR/report.html: timelines, the per-layer heatmap, events and verdict."""
-    from gradguard.report import write_lab_report, write_report
+    """Write RUN_DIR/report.html: timelines, the per-layer heatmap, events and verdict.
+
+    Exit status: 0, or 1 with --strict when the run needs attention (an event of warning or
+    error severity), 2 for a bad argument.
+    """
+    from gradguard.report import run_verdict, write_lab_report, write_report
 
     try:
         lab_run = (run_dir / "results.json").is_file()
@@ -258,6 +306,13 @@ def report(
         console.print(f"[red]error:[/red] {error}", soft_wrap=True)
         raise typer.Exit(2) from error
     console.print(f"Wrote {path}")
+    if lab_run:
+        return
+    level, sentence = run_verdict(run_dir)
+    colour = {"ok": "green", "warn": "yellow", "bad": "red"}[level]
+    console.print(f"[{colour}]{sentence}[/{colour}]", soft_wrap=True)
+    if strict and level != "ok":
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -23,18 +23,23 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from itertools import pairwise
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from gradguard.errors import ConfigError
-from gradguard.records import BoolArray, Event, FloatArray, Window
+from gradguard.records import BoolArray, Event, FloatArray, Severity, Window
 
 #: Largest finite fp32 value: a norm above it overflowed the fp32 accumulation.
 FP32_MAX = float(np.finfo(np.float32).max)
 
 SPIKE_METRICS = ("loss", "grad_norm")
+
+#: Bad drains in a row, each worse than the last, after which Divergence stops a run
+#: without waiting for its full patience: a loss that climbs at every drain is running away.
+RUNAWAY_DRAINS = 3
 
 #: Relative margin of the spike test against rounding: a window of equal values has a
 #: std of 0 and a mean that summation can put an ulp below them (or a std that underflows
@@ -140,19 +145,50 @@ class NonFinite:
     overflowed norm of finite gradients is :class:`Overflow`'s, never a false
     non-finite). The event's ``value`` is the global gradient norm (NaN or inf) and
     ``layers`` names the tensors whose own norm is not finite, so the first bad tensor
-    in depth order points at where the NaN was born. There is nothing to tune; the
-    detector has no state.
+    in depth order points at where the NaN was born.
+
+    Severity: ``error`` when the step was not skipped (the NaN reached the weights);
+    ``info`` for the later steps of a streak of skipped non-finite steps, whose first step
+    carried the warning;
+    ``info`` when the guard steps through a ``GradScaler``, the loss is finite and the
+    streak of non-finite steps is at most ``scaler_streak`` long (the scaler halves its
+    scale and tries again: its start-up backoffs are its normal work; 20 halvings take
+    the default scale of 65,536 below 1, past which the scaler cannot help); ``warning``
+    otherwise.
+
+    Args:
+        scaler_streak: consecutive non-finite steps a loss scaler is allowed, >= 1.
     """
 
     name = "nonfinite"
 
+    def __init__(self, scaler_streak: int = 20) -> None:
+        self.scaler_streak = _int_at_least("scaler_streak", scaler_streak, 1)
+        self._streak = 0  # consecutive non-finite steps, across windows
+        self._warned = False  # the current streak has had its warning
+
     def __repr__(self) -> str:
-        return "NonFinite()"
+        return f"NonFinite(scaler_streak={self.scaler_streak})"
+
+    def _severity(self, window: Window, row: int, loss_bad: bool) -> Severity:
+        if not window.skipped[row]:
+            return "error"  # NaN/Inf went into the weights
+        if window.loss_scaled and not loss_bad and self._streak <= self.scaler_streak:
+            return "info"  # the loss scaler backs off and tries again: its normal work
+        if self._warned:
+            return "info"  # this streak already has its warning
+        self._warned = True
+        return "warning"
 
     def observe(self, window: Window) -> list[Event]:
         """Return one event per non-finite step of ``window``."""
         events = []
-        for i in np.flatnonzero(~window.finite & ~window.overflow):
+        bad_rows = ~window.finite & ~window.overflow
+        for i in range(len(window)):
+            self._streak = self._streak + 1 if bad_rows[i] else 0
+            if not bad_rows[i]:
+                self._warned = False
+                continue
             row = int(i)
             tensors = _tensors_where(window, row, ~np.isfinite(window.per_tensor[row]))
             skipped = bool(window.skipped[row])
@@ -161,10 +197,16 @@ class NonFinite:
             origin = (
                 " The loss itself is NaN/Inf: the forward pass produced it." if loss_bad else ""
             )
+            severity = self._severity(window, row, loss_bad)
+            if severity == "info" and window.loss_scaled and not self._warned:
+                origin += " The loss scaler backs off: its normal work."
+            elif severity == "info":
+                origin += f" The streak of {self._streak} non-finite step(s) was warned about."
             events.append(
                 Event(
                     step=int(window.steps[row]),
                     kind="nonfinite",
+                    severity=severity,
                     metric="grad_norm",
                     value=float(window.grad_norm[row]),
                     threshold=math.nan,
@@ -179,12 +221,14 @@ class NonFinite:
         return events
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the detector's state: none."""
-        return {}
+        """Return the number of consecutive non-finite steps at the end of the last window."""
+        return {"streak": self._streak, "warned": self._warned}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore state; only an empty mapping fits."""
-        _check_keys(self, state, set())
+        """Restore the state saved by :meth:`state_dict` (an empty mapping: no streak)."""
+        _check_keys(self, state, {"streak", "warned"} if state else set())
+        self._streak = int(state.get("streak", 0))
+        self._warned = bool(state.get("warned", False))
 
 
 class Overflow:
@@ -237,47 +281,70 @@ class Overflow:
 
 
 class Spike:
-    """Loss and gradient-norm spikes: a one-sided z-test against a rolling window.
+    """Loss and gradient-norm spikes: a jump far above the local level, judged in log scale.
 
-    Rule, per metric and per step: with at least ``min_samples`` earlier values in the
-    rolling window of the last ``window`` values, ``v`` is a spike when
-    ``v - mean > sigma * std`` (population std of the window, plus a 1e-12 relative margin
-    against rounding); the event's threshold is ``mean + sigma * std``. Only finite values
-    of non-skipped steps are tested or enter the window (the loss only where given), so a
-    NaN step neither fires nor poisons the statistics.
+    Rule, per metric and per step, on ``x = log(value)`` (on the value itself once the
+    metric has been zero or negative, as a log-likelihood can be): with at least
+    ``min_samples`` earlier values, the local level is the median of the last
+    ``reference`` values and the noise is the spread of step-to-step changes over the last
+    ``window`` values (1.4826 times their median absolute deviation, over sqrt 2). A value
+    is a spike when ``x`` exceeds the level by more than ``sigma`` times the noise and by
+    at least a factor ``min_factor``. Only finite values of non-skipped steps are tested or
+    kept (the loss only where given), so a NaN step neither fires nor poisons the history.
 
-    A spike enters the window winsorized, clipped to the threshold it crossed. OLMo-core
-    adds every value as it is, so one huge spike inflates the std and hides the rest of
-    a burst (with N(0, 1) history, 3 of 10 spikes at 10 sigma are caught); leaving spikes
-    out catches a whole burst but freezes the window forever after a genuine level
-    shift, which then fires at every step. Clipping to the threshold catches every spike
-    of a 5-step burst at 10 sigma and of a 10-step burst at 20 sigma, and after a
-    permanent shift the window catches up within tens of steps (the same rule as
-    :class:`~gradguard.clip.ZClip`, which updates its EMA with the clipped value).
+    Why this shape: a rolling mean and standard deviation (OLMo-core's rule) read the
+    steep descent at the start of training as noise (the window's std is the descent
+    itself), so a blow-up there, while the loss still falls fast, stays under the
+    threshold; a median of recent values follows the descent, and step-to-step changes
+    measure the noise without the trend. The log scale makes one rule fit a loss of 2.3
+    and one of 0.01. A spike enters the history winsorized (clipped to the threshold it
+    crossed), so one huge value neither hides the rest of a burst nor freezes the history
+    after a real level shift.
 
-    Defaults are OLMo-core's skip-step rule (``SkipStepOptimizer``): 128 steps, 6 sigma,
-    at least half the window before testing. Lower ``sigma`` (4-5) to catch smaller
-    spikes in a smooth run; raise it, or ``min_samples``, if noisy small-batch runs flag
-    ordinary steps. A window whose values are all equal flags any increase at all.
+    Severity: a loss spike is a ``warning`` when it undoes at least ``damage`` of the
+    progress made so far (by default all of it: the jump above the level is at least the
+    start level minus the current level, and at least the level itself), or once the loss
+    has stayed at least ``min_factor`` times its level before the spike for ``persist``
+    steps (it did not come back: the weights were moved, as after an LR burst; that
+    warning is an event of its own, at the spike's step, known ``persist`` steps later).
+    A smaller, passing loss spike, as momentum SGD makes near a low loss, is ``info``. A
+    gradient-norm spike is ``info`` when the loss was given (the clip policy or the skip
+    contain it, and a loss spike reports any damage), a ``warning`` otherwise. Within one
+    run of consecutive spike steps only the first warning stays a warning; the later ones
+    are ``info`` and say which warning they continue.
+    ``layers`` names the layers whose gradient norm jumped most against their own recent
+    level, the largest jump first. ``extra["onset"]`` is the first step of the run of
+    consecutive steps with a spike (of either metric) that this one belongs to: after an
+    LR burst the gradient often jumps a step before the loss shows the damage.
 
     Args:
-        window: how many recent values the mean and std are taken over.
-        sigma: how many standard deviations above the mean make a spike.
-        min_samples: values needed in the window before any test, in [2, window].
+        window: how many recent values the noise is measured over.
+        sigma: how many noise widths above the level make a spike.
+        min_samples: values needed before any test, in [2, window].
         metrics: which of ``"loss"`` and ``"grad_norm"`` to watch.
+        min_factor: the least ratio of a spike to the level, > 1.
+        reference: how many recent values the level is the median of.
+        damage: share of the progress a loss spike must undo to be a warning, > 0.
+        persist: steps a loss spike must last to be a warning whatever its size, >= 1.
 
     References:
-        OLMo-core, ``olmo_core.optim.skip_step_optimizer.SkipStepOptimizer``.
+        Hampel 1974, "The influence curve and its role in robust estimation" (JASA): the
+        median and MAD as outlier-resistant level and scale; OLMo-core's
+        ``SkipStepOptimizer`` for the z-test this rule refines.
     """
 
     name = "spike"
 
     def __init__(
         self,
-        window: int = 128,
+        window: int = 64,
         sigma: float = 6.0,
-        min_samples: int = 64,
+        min_samples: int = 8,
         metrics: Sequence[str] = SPIKE_METRICS,
+        min_factor: float = 2.0,
+        reference: int = 8,
+        damage: float = 1.0,
+        persist: int = 5,
     ) -> None:
         self.window = _int_at_least("window", window, 2)
         self.sigma = _float_in("sigma", sigma, 0.0, math.inf)
@@ -288,79 +355,260 @@ class Spike:
                 "the window can never hold more values than its length."
             )
         self.metrics = _spike_metrics(metrics)
+        self.min_factor = _float_in("min_factor", min_factor, 1.0, math.inf)
+        self.reference = _int_at_least("reference", reference, 1)
+        self.damage = _float_in("damage", damage, 0.0, math.inf)
+        self.persist = _int_at_least("persist", persist, 1)
         self._history: dict[str, deque[float]] = {
-            metric: deque(maxlen=self.window) for metric in self.metrics
+            m: deque(maxlen=self.window) for m in self.metrics
         }
+        self._linear: dict[str, bool] = dict.fromkeys(self.metrics, False)
+        self._start: dict[str, list[float]] = {m: [] for m in self.metrics}
+        self._layers: deque[list[float]] = deque(maxlen=self.reference)
+        # [first, last] step of the current run of consecutive steps with a spike
+        self._streak = [0, -1]
+        self._episode: list[float] | None = None  # a loss spike being followed
+        self._warned = False  # the current run of spikes has had its warning
 
     def __repr__(self) -> str:
         return (
-            f"Spike(window={self.window}, sigma={self.sigma}, "
-            f"min_samples={self.min_samples}, metrics={self.metrics!r})"
+            f"Spike(window={self.window}, sigma={self.sigma}, min_samples={self.min_samples}, "
+            f"metrics={self.metrics!r}, min_factor={self.min_factor}, "
+            f"reference={self.reference}, damage={self.damage}, persist={self.persist})"
         )
 
     def observe(self, window: Window) -> list[Event]:
         """Test each usable value of ``window`` in step order; return the spikes."""
+        usable = _usable(window)
+        tested = {
+            metric: usable
+            & np.isfinite(window.loss if metric == "loss" else window.grad_norm)
+            & (window.loss_given if metric == "loss" else True)
+            for metric in self.metrics
+        }
+        layers_ok = window.per_layer.ndim == 2 and window.per_layer.shape[1] == len(
+            window.layer_names
+        )
         events: list[Event] = []
-        for metric in self.metrics:
-            values = window.loss if metric == "loss" else window.grad_norm
-            ok = _usable(window) & np.isfinite(values)
-            if metric == "loss":
-                ok &= window.loss_given
-            for i in np.flatnonzero(ok):
-                event = self._test(metric, int(window.steps[i]), float(values[i]))
+        for i in range(len(window)):
+            step = int(window.steps[i])
+            found = []
+            for metric in self.metrics:
+                if not tested[metric][i]:
+                    continue
+                value = float(window.loss[i] if metric == "loss" else window.grad_norm[i])
+                event = self._test(metric, step, value, window, i if layers_ok else None)
                 if event is not None:
-                    events.append(event)
-        events.sort(key=lambda event: event.step)  # stable: loss before grad_norm
+                    found.append(event)
+            if found:
+                events += self._follow_streak(step, found)
+            if "loss" in tested and tested["loss"][i]:
+                lasting = self._follow_episode(step, float(window.loss[i]), found)
+                events += [lasting] if lasting is not None else []
+            if layers_ok and usable[i] and np.isfinite(window.per_layer[i]).all():
+                self._layers.append([float(v) for v in window.per_layer[i]])
         return events
 
-    def _test(self, metric: str, step: int, value: float) -> Event | None:
-        """Test one value against the window, then add it (winsorized) to the window."""
+    def _follow_episode(self, step: int, loss: float, found: list[Event]) -> Event | None:
+        """Follow a loss spike until the loss is back under ``min_factor`` x its level.
+
+        The level is the one before the spike; a warning once it has stayed up ``persist``
+        steps.
+        """
+        spike = next((e for e in found if e.metric == "loss"), None)
+        if self._episode is None:
+            if spike is not None:  # [onset, level before, steps up, warned]
+                warned = 1.0 if spike.severity == "warning" else 0.0
+                self._episode = [float(step), float(spike.extra["level"]), 1.0, warned]
+            return None
+        onset, before, count, warned = self._episode
+        if loss < self.min_factor * before:
+            self._episode = None  # it passed
+            return None
+        self._episode[2] = count = count + 1
+        if count < self.persist or warned or self._warned:
+            return None
+        self._episode[3] = 1.0
+        self._warned = True
+        return Event(
+            step=int(onset),
+            kind="spike",
+            metric="loss",
+            value=loss,
+            threshold=self.min_factor * before,
+            severity="warning",
+            message=(
+                f"Loss spike at step {int(onset)} has not passed: the loss has stayed at least "
+                f"{self.min_factor:g}x its level before ({before:.4g}) for {self.persist} steps "
+                f"(now {loss:.4g}): the weights were moved. Check the batch for bad data, "
+                "lower the learning rate or clip gradients."
+            ),
+            extra={"onset": int(onset), "detected_at": step, "level": before},
+        )
+
+    def _follow_streak(self, step: int, found: list[Event]) -> list[Event]:
+        """Extend (or start) the run of spike steps; only its first warning stays one."""
+        if self._streak[1] != step - 1:
+            self._streak = [step, step]
+            self._warned = False
+        self._streak[1] = step
+        out = []
+        for event in found:
+            event.extra["onset"] = self._streak[0]
+            repeat = event.severity == "warning" and self._warned
+            out.append(_continued(event, self._streak[0]) if repeat else event)
+            self._warned = self._warned or event.severity == "warning"
+        return out
+
+    def _to_scale(self, metric: str, value: float) -> float:
+        if value <= 0 and not self._linear[metric]:
+            self._linear[metric] = True  # a zero or negative value: judge it linearly
+            self._history[metric].clear()
+            self._start[metric] = []
+        return value if self._linear[metric] else math.log(value)
+
+    def _test(
+        self, metric: str, step: int, value: float, window: Window, row: int | None
+    ) -> Event | None:
+        """Test one value against the history, then add it (winsorized) to the history."""
+        x = self._to_scale(metric, value)
         history = self._history[metric]
+        start = self._start[metric]
         event = None
         if len(history) >= self.min_samples:
             past = np.fromiter(history, dtype=np.float64, count=len(history))
-            mean, std = float(past.mean()), float(past.std())
-            threshold = mean + self.sigma * std
-            if value - mean > self.sigma * std + SPIKE_ROUNDING * abs(mean):
-                event = self._event(metric, step, value, threshold, mean, std)
-                value = min(value, threshold)
-        history.append(value)
+            level = float(np.median(past[-self.reference :]))
+            steps = np.diff(past)
+            noise = 1.4826 * float(np.median(np.abs(steps - np.median(steps)))) / math.sqrt(2)
+            floor = (
+                (self.min_factor - 1.0) * abs(level)
+                if self._linear[metric]
+                else math.log(self.min_factor)
+            )
+            limit = level + max(self.sigma * noise, floor) + SPIKE_ROUNDING * abs(level)
+            if x > limit:
+                event = self._event(metric, step, value, limit, level, noise, window, row)
+                x = limit
+        history.append(x)
+        if len(start) < self.reference:
+            start.append(x)
         return event
 
+    def _value(self, metric: str, x: float) -> float:
+        return x if self._linear[metric] else math.exp(x)
+
     def _event(
-        self, metric: str, step: int, value: float, threshold: float, mean: float, std: float
+        self,
+        metric: str,
+        step: int,
+        value: float,
+        limit: float,
+        level: float,
+        noise: float,
+        window: Window,
+        row: int | None,
     ) -> Event:
-        what = "Loss" if metric == "loss" else "Gradient-norm"
-        fix = (
-            "Check the batch for bad data, lower the learning rate or clip gradients."
-            if metric == "loss"
-            else "Clip the gradient norm (NormClip, ZClip), lower the learning rate, "
-            "check the batch."
-        )
+        level_value, threshold = self._value(metric, level), self._value(metric, limit)
+        start_value = self._value(metric, float(np.median(self._start[metric])))
+        jump = value - level_value
+        if metric == "loss":
+            undone = jump / (start_value - level_value) if start_value > level_value else math.inf
+            hurt = jump >= self.damage * max(start_value - level_value, abs(level_value))
+            severity: Severity = "warning" if hurt else "info"
+            what = "Loss"
+            effect = (
+                f"it undoes {min(undone, 9.99):.0%} of the progress since the start "
+                f"({start_value:.4g} -> {level_value:.4g})"
+                if math.isfinite(undone)
+                else "the loss had not improved on its start"
+            )
+            fix = (
+                "Check the batch for bad data, lower the learning rate or clip gradients."
+                if severity == "warning"
+                else "No action needed unless it lasts."
+            )
+        else:
+            given = bool(window.loss_given[row]) if row is not None else False
+            severity = "info" if given else "warning"
+            what, effect = "Gradient-norm", "the clip policy or the optimizer contains it"
+            fix = (
+                "A loss spike at the same step would show damage."
+                if given
+                else "Clip the gradient norm (NormClip, ZClip), lower the learning rate, "
+                "check the batch."
+            )
+        layers = self._jumped_layers(window, row)
+        where = f" Largest jump in {_names(layers)}." if layers else ""
         return Event(
             step=step,
             kind="spike",
             metric=metric,
             value=value,
             threshold=threshold,
+            layers=layers,
+            severity=severity,
             message=(
-                f"{what} spike: {value:.4g} is above mean + {self.sigma:g} std = "
-                f"{threshold:.4g} of the last {len(self._history[metric])} steps. {fix}"
+                f"{what} spike: {value:.4g} against a local level of {level_value:.4g} "
+                f"(threshold {threshold:.4g}); {effect}.{where} {fix}"
             ),
-            extra={"mean": mean, "std": std},
+            extra={"level": level_value, "noise": noise, "start": start_value},
         )
 
+    def _jumped_layers(self, window: Window, row: int | None) -> tuple[str, ...]:
+        """Layers whose norm rose at least ``min_factor`` over their own recent median."""
+        if row is None or not self._layers:
+            return ()
+        now = np.array([_log(v) for v in window.per_layer[row]])
+        before = np.array([_log(v) for v in np.median(np.array(self._layers), axis=0)])
+        with np.errstate(invalid="ignore"):  # a layer at exactly 0 before and now: no jump
+            jumps = np.nan_to_num(now - before, nan=0.0)
+        order = np.argsort(-jumps, kind="stable")
+        return tuple(window.layer_names[j] for j in order if jumps[j] >= math.log(self.min_factor))
+
     def state_dict(self) -> dict[str, Any]:
-        """Return the rolling window of each metric (at most ``window`` floats each)."""
-        return {metric: list(history) for metric, history in self._history.items()}
+        """Return the histories (at most ``window`` floats per metric) and the start levels."""
+        return {
+            "history": {m: list(h) for m, h in self._history.items()},
+            "linear": dict(self._linear),
+            "start": {m: list(v) for m, v in self._start.items()},
+            "layers": [list(row) for row in self._layers],
+            "streak": list(self._streak),
+            "episode": None if self._episode is None else list(self._episode),
+            "warned": self._warned,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the rolling windows saved by :meth:`state_dict`."""
-        _check_keys(self, state, set(self.metrics))
+        """Restore the histories saved by :meth:`state_dict`."""
+        _check_keys(
+            self, state, {"history", "linear", "start", "layers", "streak", "episode", "warned"}
+        )
+        self._warned = bool(state["warned"])
+        self._streak = [int(v) for v in state["streak"]]
+        episode = state["episode"]
+        self._episode = None if episode is None else [float(v) for v in episode]
         self._history = {
-            metric: deque((float(v) for v in state[metric]), maxlen=self.window)
-            for metric in self.metrics
+            m: deque((float(v) for v in state["history"][m]), maxlen=self.window)
+            for m in self.metrics
         }
+        self._linear = {m: bool(state["linear"][m]) for m in self.metrics}
+        self._start = {m: [float(v) for v in state["start"][m]] for m in self.metrics}
+        self._layers = deque(
+            ([float(v) for v in row] for row in state["layers"]), maxlen=self.reference
+        )
+
+
+def _continued(event: Event, onset: int) -> Event:
+    """A warning that repeats one already given for the same run of spikes, as info."""
+    return replace(
+        event,
+        severity="info",
+        message=f"{event.message} (Continues the spike warned about at step {onset}.)",
+    )
+
+
+def _log(value: float) -> float:
+    """``log(value)``, with ``-inf`` for 0 (a layer whose gradient is exactly zero)."""
+    return math.log(value) if value > 0 else -math.inf
 
 
 def _spike_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
@@ -384,105 +632,143 @@ _VANISHING_FIX = (
 
 
 class Vanishing:
-    """Layers whose gradient stays tiny next to the network's largest, drain after drain.
+    """Gradients that die out on their way to the input: the first layers barely learn.
 
     Rule, per drain: each layer's gradient norm is averaged over the window's usable
-    steps and divided by the largest layer average of that window; a layer whose ratio
-    stays below ``threshold`` for ``patience`` consecutive drains is vanishing. One event
-    per layer episode: it fires when the layer first qualifies (layers qualifying at the
-    same drain share one event, named in depth order) and re-arms when its ratio climbs
-    back. ``value`` is the smallest ratio among them. A layer whose norm is exactly 0 is
-    a separate case, dead units (a dead ReLU layer) or parameters the loss never uses;
-    the message says so, and ``ignore_zero=True`` leaves such layers out.
+    steps and divided by the largest layer average of that window. The vanishing layers
+    are the leading run, in depth order (``named_parameters`` order, input side first), of
+    layers whose ratio is below ``threshold``: the gradient that reaches a layer has
+    passed every layer after it, so when it dies out through depth, every layer before
+    the point where it died is weak too. A small layer with a healthy layer before it is
+    small for its own reasons and is not vanishing: attention query and key projections
+    at initialization (their gradient is second order while attention is uniform: 1e-4
+    of the largest layer in a BERT at init), LayerNorm gains, biases. When the condition
+    holds for ``patience`` consecutive drains, one ``warning`` event names the leading
+    weak layers, the first one first; it re-arms when the condition clears.
+
+    A leading run made only of layers whose gradient is exactly 0 is dead units (ReLUs
+    that never fire, so nothing flows back through them) or parameters the loss never
+    uses. It counts only while the run is stuck: the window's mean loss is still within
+    ``stuck`` (relative) of the first window's, as it is for a network of dead units
+    sitting at chance. Without a loss it always counts. ``ignore_zero=True`` leaves
+    layers whose gradient is exactly 0 out of the rule.
 
     Defaults: a layer 1,000 times weaker than the strongest is, in practice, not being
-    trained (measured at initialization, width 32: a 10-layer sigmoid MLP with PyTorch's
-    default init gives its first layer a ratio of 3e-9, the same MLP with ReLU and He init
-    0.3); three drains rule out a noisy window. Lower ``threshold`` for networks with
-    deliberately small modules (a lone LayerNorm, a scalar gate) that trip it while
-    healthy; pass ``ignore_zero=True`` when some parameters are unused on purpose.
+    trained (measured at initialization, width 32: a 20-layer sigmoid MLP with PyTorch's
+    default init gives its first layer a ratio of 5e-17, the same MLP with ReLU and He
+    init 0.3); three drains rule out a noisy window.
 
     Args:
         threshold: ratio to the largest layer norm below which a layer counts, in (0, 1).
-        patience: consecutive drains the ratio must stay below ``threshold``.
+        patience: consecutive drains the condition must hold.
         ignore_zero: leave layers with exactly zero gradient out.
+        stuck: the relative loss improvement under which dead units count, in (0, 1).
 
     References:
         Pascanu, Mikolov & Bengio 2013, "On the difficulty of training recurrent neural
         networks" (ICML); Glorot & Bengio 2010, "Understanding the difficulty of training
-        deep feedforward neural networks" (AISTATS).
+        deep feedforward neural networks" (AISTATS); Lu et al. 2020, "Dying ReLU and
+        initialization" (CiCP).
     """
 
     name = "vanishing"
 
     def __init__(
-        self, threshold: float = 1e-3, patience: int = 3, ignore_zero: bool = False
+        self,
+        threshold: float = 1e-3,
+        patience: int = 3,
+        ignore_zero: bool = False,
+        stuck: float = 0.05,
     ) -> None:
         self.threshold = _float_in("threshold", threshold, 0.0, 1.0)
         self.patience = _int_at_least("patience", patience, 1)
         if not isinstance(ignore_zero, bool):
             raise ConfigError(f"ignore_zero must be True or False, got {ignore_zero!r}.")
         self.ignore_zero = ignore_zero
-        self._streak: dict[str, int] = {}  # layer -> consecutive drains below threshold
-        self._onset: dict[str, int] = {}  # layer -> first step of its current streak
-        self._active: list[str] = []  # layers already reported in their current episode
+        self.stuck = _float_in("stuck", stuck, 0.0, 1.0)
+        self._first_loss: float | None = None
+        self._streak = 0
+        self._onset = 0
+        self._active = False
 
     def __repr__(self) -> str:
         return (
             f"Vanishing(threshold={self.threshold}, patience={self.patience}, "
-            f"ignore_zero={self.ignore_zero})"
+            f"ignore_zero={self.ignore_zero}, stuck={self.stuck})"
         )
 
     def observe(self, window: Window) -> list[Event]:
-        """Update each layer's streak with this window; return an event for new episodes."""
+        """Update the streak with this window; return an event when an episode starts."""
         norms = _layer_means(window)
         if norms is None:
             return []
+        loss = _mean_loss(window)
+        if self._first_loss is None and not math.isnan(loss):
+            self._first_loss = loss
         top = float(norms.max())
         ratios = norms / top if top > 0 else np.zeros_like(norms)
-        below = ratios < self.threshold
-        if self.ignore_zero:
-            below &= norms != 0
-        first = int(window.steps[0])
-        newly: list[int] = []
-        streak: dict[str, int] = {}
-        onset: dict[str, int] = {}
-        for j, name in enumerate(window.layer_names):
-            if not below[j]:
-                continue
-            streak[name] = self._streak.get(name, 0) + 1
-            onset[name] = self._onset.get(name, first)
-            if streak[name] >= self.patience and name not in self._active:
-                newly.append(j)
-        self._streak, self._onset = streak, onset
-        self._active = [n for n in window.layer_names if n in streak and n in self._active]
-        self._active += [window.layer_names[j] for j in newly]
-        if not newly:
+        leading = self._leading_weak(norms, ratios)
+        if leading and all(norms[j] == 0 for j in leading) and not self._stuck(loss):
+            leading = []
+        if not leading:
+            self._streak, self._active = 0, False
             return []
-        return [self._event(window, newly, ratios, norms)]
+        self._onset = int(window.steps[0]) if self._streak == 0 else self._onset
+        self._streak += 1
+        if self._streak < self.patience or self._active:
+            return []
+        self._active = True
+        return [self._event(window, leading, ratios, norms, loss)]
+
+    def _leading_weak(self, norms: FloatArray, ratios: FloatArray) -> list[int]:
+        leading = []
+        for j in range(len(norms)):
+            if self.ignore_zero and norms[j] == 0:
+                continue
+            if ratios[j] >= self.threshold:
+                break
+            leading.append(j)
+        return leading if len(leading) < len(norms) else []
+
+    def _stuck(self, loss: float) -> bool:
+        if math.isnan(loss) or self._first_loss is None:
+            return True
+        return loss > self._first_loss - self.stuck * abs(self._first_loss)
 
     def _event(
-        self, window: Window, newly: list[int], ratios: FloatArray, norms: FloatArray
+        self,
+        window: Window,
+        leading: list[int],
+        ratios: FloatArray,
+        norms: FloatArray,
+        loss: float,
     ) -> Event:
-        names = tuple(window.layer_names[j] for j in newly)
-        zero = [window.layer_names[j] for j in newly if norms[j] == 0]
-        small = [window.layer_names[j] for j in newly if norms[j] != 0]
-        smallest = float(min(ratios[j] for j in newly))
+        names = tuple(window.layer_names[j] for j in leading)
+        zero = [window.layer_names[j] for j in leading if norms[j] == 0]
+        small = [window.layer_names[j] for j in leading if norms[j] != 0]
+        smallest = float(min(ratios[j] for j in leading))
         parts = []
         if small:
             parts.append(
-                f"Vanishing gradients in {_names(small)}: gradient norm below "
-                f"{self.threshold:g} of the largest layer's for {self.patience} log "
-                f"interval(s) (smallest ratio {smallest:.2g}). {_VANISHING_FIX}"
+                f"Vanishing gradients in the first {len(leading)} layer(s), {_names(small)}: "
+                f"gradient norm below {self.threshold:g} of the largest layer's for "
+                f"{self.patience} log interval(s) (smallest ratio {smallest:.2g}). "
+                f"{_VANISHING_FIX}"
             )
         if zero:
+            stuck = (
+                f" while the loss stays at {loss:.4g} (first window {self._first_loss:.4g})"
+                if self._first_loss is not None and not math.isnan(loss)
+                else ""
+            )
             parts.append(
-                f"Exactly zero gradient in {_names(zero)}: dead units (e.g. dead ReLUs; "
-                "try LeakyReLU or a lower learning rate) or parameters the loss does not "
-                "use (freeze or remove them, or pass ignore_zero=True)."
+                f"Exactly zero gradient in {_names(zero)}{stuck}: dead units (ReLUs that "
+                "never fire pass no gradient back; use LeakyReLU, He init, a lower learning "
+                "rate, or reinitialize) or parameters the loss does not use (freeze them, "
+                "or pass ignore_zero=True)."
             )
         return Event(
-            step=min(self._onset[name] for name in names),
+            step=self._onset,
             kind="vanishing",
             metric="grad_norm_ratio",
             value=smallest,
@@ -490,26 +776,42 @@ class Vanishing:
             layers=names,
             message=" ".join(parts),
             extra={
-                "ratios": {window.layer_names[j]: float(ratios[j]) for j in newly},
+                "ratios": {window.layer_names[j]: float(ratios[j]) for j in leading},
                 "zero": zero,
                 "detected_at": int(window.steps[-1]),
             },
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Return each below-threshold layer's streak and onset, and the reported layers."""
+        """Return the streak, its onset, whether it was reported and the first loss."""
         return {
-            "streak": dict(self._streak),
-            "onset": dict(self._onset),
-            "active": list(self._active),
+            "streak": self._streak,
+            "onset": self._onset,
+            "active": self._active,
+            "first_loss": self._first_loss,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the streaks saved by :meth:`state_dict`."""
-        _check_keys(self, state, {"streak", "onset", "active"})
-        self._streak = {str(k): int(v) for k, v in state["streak"].items()}
-        self._onset = {str(k): int(v) for k, v in state["onset"].items()}
-        self._active = [str(name) for name in state["active"]]
+        """Restore the state saved by :meth:`state_dict`."""
+        _check_keys(self, state, {"streak", "onset", "active", "first_loss"})
+        self._streak = int(state["streak"])
+        self._onset = int(state["onset"])
+        self._active = bool(state["active"])
+        first = state["first_loss"]
+        self._first_loss = None if first is None else float(first)
+
+
+def _layer_medians(window: Window) -> FloatArray:
+    """Median per-layer norm over the usable steps whose layer norms are all finite."""
+    rows = _usable(window) & np.isfinite(window.per_layer).all(axis=1)
+    medians: FloatArray = np.median(window.per_layer[rows], axis=0)
+    return medians
+
+
+def _mean_loss(window: Window) -> float:
+    """Mean of the window's given, finite losses on usable steps (NaN when none)."""
+    rows = _usable(window) & window.loss_given & np.isfinite(window.loss)
+    return float(window.loss[rows].mean()) if rows.any() else math.nan
 
 
 def _layer_means(window: Window) -> FloatArray | None:
@@ -533,45 +835,77 @@ _EXPLODING_FIX = (
 )
 
 
+class _RisingRun(NamedTuple):
+    """The current run of rising gradient norms; it restarts at any step that does not rise."""
+
+    first_step: int
+    first_norm: float
+    first_loss: float  # NaN when the step had no loss
+    length: int
+    last_norm: float
+    base_step: int  # the last step still under twice first_norm: the growth starts after it
+
+
 class Exploding:
-    """Sustained growth of the global gradient norm, or clipping that never lets go.
+    """Gradients too large for the weights they update, or growing while the loss does not fall.
 
-    Rule, per drain, over the usable steps (finite, not skipped), either of:
+    Rule, per drain, over the usable steps (finite, not skipped), any of:
 
+    * size (``metric="grad_to_weight"``): the median over layers of a layer's median
+      gradient norm over the window divided by its parameter norm at the window's start
+      is above ``max_ratio``. A plain SGD step of LR
+      ``lr`` changes a layer by ``lr`` times this ratio, relative: at 100, even LR 0.01
+      replaces the weights at every step. Healthy networks sit between 1e-4 and 1 (a GPT,
+      a BERT and an MLP at initialization, measured); a 12-layer ReLU MLP with N(0, 1)
+      weights sits at 3e7, a tanh RNN with recurrent spectral radius 3 at 80-700. Needs
+      the parameter norms the guard measures at each drain; the median ignores a few
+      zero-initialized layers, whose ratio is infinite at the start.
     * growth (``metric="grad_norm"``): the window median of the global norm grew at each
-      of the last ``patience`` drains, and by a factor of at least ``growth`` over the
-      smallest median of those drains (the one just before the growth began);
+      of the last ``patience`` drains, by a factor of at least ``growth`` in all, and the
+      loss rose meanwhile by ``loss_rise`` of the progress made before (of the loss itself
+      when none was). A gradient that grows while the loss falls or barely moves is a
+      model leaving a plateau (a learning transition) or Adam's noise near a low loss, not
+      an explosion.
     * fast growth (``metric="grad_norm"``): the norm rose at each of ``run_steps``
-      consecutive usable steps or more, by a factor of at least ``run_growth`` in all (a
-      blow-up within one log interval, as in an RNN whose recurrent weights have a
-      spectral radius above 1);
+      consecutive usable steps or more, by a factor of at least ``run_growth`` in all,
+      and the loss rose meanwhile (as below). Its onset is the last step of the run still
+      under twice the run's first norm: a run may begin with small rises of ordinary
+      noise before the blow-up proper.
+    * weights (``metric="weight_growth"``): a layer's parameter norm grew by a factor of
+      ``weight_growth`` or more since the last drain (since the guard was built, for the
+      first) while the loss rose: that layer's updates are far too large for it,
+      as with a param group whose LR is 1,000x the rest. Its own gradient may not grow
+      at all (a layer's gradient scales with the other layers' weights), so the weights
+      name the culprit; layers whose norm was 0 are left out.
     * clipping (``metric="clip_fraction"``): the clip scale was below 1 on at least
-      ``clip_fraction`` of the window's steps, for ``patience`` consecutive drains.
+      ``clip_fraction`` of the window's steps, for ``patience`` consecutive drains, and the
+      loss rose meanwhile. Clipping at every step while the loss falls is a threshold
+      below the typical norm (a recipe choice, or a scale on the LR): one ``info`` event
+      per streak says so.
 
-    One event per episode: it fires when either holds and re-arms only once neither
-    does (growth takes precedence when both start together). ``value`` is the current
-    median (or clipped fraction), ``threshold`` is ``growth`` times the smallest median
-    (or ``clip_fraction``).
-
-    Defaults: a tenfold rise of the median over three drains is far outside the drift of
-    a healthy run (a window median ignores single spikes, which :class:`Spike` reports),
-    and clipping on 90% of steps for three drains means the gradients are persistently
-    larger than the threshold, not merely noisy. Lower ``growth`` to hear of slower
-    blow-ups; raise ``clip_fraction`` to 1.0, or pass a larger clip threshold, for runs
-    that clip on purpose at every step (some LLM recipes do).
+    One ``warning`` event per episode: it fires when any holds and re-arms only once none
+    does. ``layers`` names the layers that moved most against their own history (for
+    growth, the ratio of a layer's mean norm now to its mean norm before the growth; for
+    size, the layers above ``max_ratio``, input side first), the first mover first.
 
     Args:
         growth: total growth factor of the median that counts, > 1.
         patience: consecutive drains of growth (or of heavy clipping).
         clip_fraction: share of a window's steps clipped that counts, in (0, 1].
         run_steps: consecutive rising steps that count as fast growth, >= 2.
-        run_growth: total growth over such a run that counts, > 1. A healthy run's norm
-            can swing 20-30x over a few steps (seen with momentum SGD on digits); eight
-            rises in a row and a hundredfold are well outside that.
+        run_growth: total growth over such a run that counts, > 1.
+        max_ratio: the median gradient-to-weight norm ratio above which gradients are
+            too large for the weights, > 0.
+        weight_growth: growth of one layer's parameter norm within one drain that counts
+            when the loss rises, > 1.
+        loss_rise: how much the loss must rise for growth to count, as a share of the
+            progress made before it (of the loss itself when there was none), >= 0.
 
     References:
         Pascanu, Mikolov & Bengio 2013, "On the difficulty of training recurrent neural
-        networks" (ICML): the exploding gradient problem and norm clipping.
+        networks" (ICML): the exploding gradient problem and norm clipping; You, Gitman &
+        Ginsburg 2017, "Large batch training of convolutional networks" (LARS): the
+        gradient-to-weight norm ratio per layer.
     """
 
     name = "exploding"
@@ -583,138 +917,334 @@ class Exploding:
         clip_fraction: float = 0.9,
         run_steps: int = 8,
         run_growth: float = 100.0,
+        max_ratio: float = 100.0,
+        weight_growth: float = 10.0,
+        loss_rise: float = 0.25,
     ) -> None:
         self.growth = _float_in("growth", growth, 1.0, math.inf)
         self.patience = _int_at_least("patience", patience, 1)
         self.clip_fraction = _float_in("clip_fraction", clip_fraction, 0.0, 1.0, high_closed=True)
         self.run_steps = _int_at_least("run_steps", run_steps, 2)
         self.run_growth = _float_in("run_growth", run_growth, 1.0, math.inf)
-        # the current run of rising norms: [first step, first norm, length, last norm]
-        self._run: list[float] = []
-        # (first step, median) of the last patience + 1 drains with usable steps
-        self._medians: deque[tuple[int, float]] = deque(maxlen=self.patience + 1)
+        self.max_ratio = _float_in("max_ratio", max_ratio, 0.0, math.inf)
+        self.weight_growth = _float_in("weight_growth", weight_growth, 1.0, math.inf)
+        self.loss_rise = _float_in("loss_rise", loss_rise, 0.0, math.inf, low_closed=True)
+        self._run: _RisingRun | None = None
+        # (first step, median norm, mean loss, per-layer mean norms) of recent drains
+        self._drains: deque[tuple[int, float, float, list[float]]] = deque(maxlen=self.patience + 1)
         self._clip_streak = 0
         self._clip_onset = 0
+        self._clip_onset_loss = math.nan  # the mean loss of the streak's first drain
+        self._clip_noted = False  # the streak's info event was given
         self._active = False
+        self._names: tuple[str, ...] = ()
+        self._start_loss: float | None = None  # the first drain's mean loss
 
     def __repr__(self) -> str:
         return (
             f"Exploding(growth={self.growth}, patience={self.patience}, "
             f"clip_fraction={self.clip_fraction}, run_steps={self.run_steps}, "
-            f"run_growth={self.run_growth})"
+            f"run_growth={self.run_growth}, max_ratio={self.max_ratio}, "
+            f"weight_growth={self.weight_growth}, loss_rise={self.loss_rise})"
         )
 
     def observe(self, window: Window) -> list[Event]:
-        """Update the medians and the clipping streak; return an event for a new episode."""
+        """Update the drains, the rising run and the clipping streak; return a new episode."""
         usable = _usable(window) & np.isfinite(window.grad_norm)
         if not usable.any():
             return []
         first = int(window.steps[0])
-        self._medians.append((first, float(np.median(window.grad_norm[usable]))))
+        means = _layer_means(window)
+        self._names = window.layer_names
+        if self._start_loss is None and not math.isnan(_mean_loss(window)):
+            self._start_loss = _mean_loss(window)
+        self._drains.append(
+            (
+                first,
+                float(np.median(window.grad_norm[usable])),
+                _mean_loss(window),
+                [] if means is None else [float(v) for v in means],
+            )
+        )
         fraction = float(np.mean(window.scale[usable] < 1.0))
-        if fraction >= self.clip_fraction:
-            self._clip_onset = first if self._clip_streak == 0 else self._clip_onset
-            self._clip_streak += 1
-        else:
-            self._clip_streak = 0
-        event = self._run_event(window, usable)
-        event = self._growth_event(window) or event
+        self._follow_clipping(window, fraction)
+        run_event = self._run_event(window, usable)  # always: it follows the steps
+        event = (
+            self._size_event(window, means)
+            or self._weight_event(window)
+            or self._growth_event(window)
+            or run_event
+        )
+        note: list[Event] = []
         if event is None and self._clip_streak >= self.patience:
-            event = self._clip_event(window, fraction)
+            clipping = self._clip_event(window, fraction)
+            if clipping.needs_attention:
+                event = clipping
+            elif not self._clip_noted:  # a note, once per streak; no episode opened
+                self._clip_noted = True
+                note = [clipping]
         if event is None:
             self._active = False
-            return []
+            return note
         fire, self._active = not self._active, True
         return [event] if fire else []
 
-    def _run_event(self, window: Window, usable: BoolArray) -> Event | None:
-        """Follow the run of rising norms step by step; an event if it blew up here."""
-        hit: tuple[int, float, int, float] | None = None
-        for step, norm in zip(window.steps[usable], window.grad_norm[usable], strict=True):
-            value = float(norm)
-            if self._run and value > self._run[3]:
-                self._run[2] += 1
-                self._run[3] = value
-            else:
-                self._run = [float(step), value, 1.0, value]
-            first_step, first, length, _ = self._run
-            if length >= self.run_steps and first > 0 and value >= self.run_growth * first:
-                hit = (int(first_step), first, int(length), value)
-        if hit is None:
+    def _follow_clipping(self, window: Window, fraction: float) -> None:
+        if fraction >= self.clip_fraction:
+            if self._clip_streak == 0:
+                self._clip_onset = int(window.steps[0])
+                self._clip_onset_loss = _mean_loss(window)
+            self._clip_streak += 1
+        else:
+            self._clip_streak, self._clip_noted = 0, False
+
+    def _size_event(self, window: Window, means: FloatArray | None) -> Event | None:
+        weights = window.weight_norm
+        if means is None or weights is None or len(weights) != len(means):
             return None
-        first_step, first, length, value = hit
+        means = _layer_medians(window)  # one spiked step is Spike's, not a size
+        if window.weight_norm_before is not None and len(window.weight_norm_before) == len(means):
+            weights = window.weight_norm_before  # the weights these gradients started from
+        present = weights > 0
+        if not present.any():
+            return None
+        ratios = means[present] / weights[present]
+        median = float(np.median(ratios))
+        if not median > self.max_ratio:
+            return None
+        names = np.asarray(window.layer_names)[present]
+        over = tuple(str(n) for n, r in zip(names, ratios, strict=True) if r > self.max_ratio)
+        usable = _usable(window) & np.isfinite(window.grad_norm)
         return Event(
-            step=first_step,
+            step=int(window.steps[usable][0]),
             kind="exploding",
-            metric="grad_norm",
-            value=value,
-            threshold=self.run_growth * first,
+            metric="grad_to_weight",
+            value=median,
+            threshold=self.max_ratio,
+            layers=over,
             message=(
-                f"Exploding gradients: the gradient norm rose at each of {length} steps in a "
-                f"row, {value / first:.3g}x in all ({first:.3g} -> {value:.3g}). "
+                f"Exploding gradients: the median layer's gradient norm is {median:.3g} times "
+                f"its weight norm (limit {self.max_ratio:g}; healthy networks sit near "
+                f"1e-4 to 1), in {len(over)} of {len(ratios)} layers, first {_names(over)}: "
+                f"any SGD step above LR {1 / median:.2g} replaces the weights. "
                 f"{_EXPLODING_FIX}"
             ),
-            extra={"run_steps": length, "detected_at": int(window.steps[-1])},
+            extra={"detected_at": int(window.steps[-1])},
         )
 
-    def _growth_event(self, window: Window) -> Event | None:
-        if len(self._medians) <= self.patience:
+    def _weight_event(self, window: Window) -> Event | None:
+        """A layer whose weights grew ``weight_growth``-fold in one drain while the loss rose."""
+        now, before = window.weight_norm, window.weight_norm_before
+        if now is None or before is None or len(now) != len(before):
             return None
-        medians = [median for _, median in self._medians]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            growth = np.where(before > 0, now / before, 1.0)  # zero-initialized: no ratio
+        grown = np.flatnonzero(growth >= self.weight_growth)
+        loss_before = self._drains[-2][2] if len(self._drains) > 1 else math.nan
+        if not grown.size or not self._loss_rose(window, loss_before):
+            return None
+        order = grown[np.argsort(-growth[grown], kind="stable")]
+        names = tuple(window.layer_names[j] for j in order)
+        top = float(growth[order[0]])
+        usable = _usable(window) & np.isfinite(window.grad_norm)
+        return Event(
+            step=int(window.steps[usable][0]),
+            kind="exploding",
+            metric="weight_growth",
+            value=top,
+            threshold=self.weight_growth,
+            layers=names,
+            message=(
+                f"Exploding weights in {_names(names)}: the parameter norm of {names[0]} grew "
+                f"{top:.3g}x in one log interval ({before[order[0]]:.3g} -> "
+                f"{now[order[0]]:.3g}) while the loss rose: its updates are far too "
+                "large for it. Check that layer's learning rate (its param group) and "
+                f"initialization, clip the gradient norm. {_EXPLODING_FIX}"
+            ),
+            extra={"detected_at": int(window.steps[-1])},
+        )
+
+    def _loss_rose(self, window: Window, before: float) -> bool:
+        """Whether the window's mean loss rose from ``before`` (see :meth:`_rose`).
+
+        ``before`` NaN (no earlier drain) compares with the window's first loss.
+        """
+        if math.isnan(before):
+            rows = _usable(window) & window.loss_given & np.isfinite(window.loss)
+            before = float(window.loss[rows][0]) if rows.any() else math.nan
+        return self._rose(before, _mean_loss(window))
+
+    def _run_event(self, window: Window, usable: BoolArray) -> Event | None:
+        """Follow the run of rising norms step by step; an event if it blew up here."""
+        hit: _RisingRun | None = None
+        for i in np.flatnonzero(usable):
+            step, value = int(window.steps[i]), float(window.grad_norm[i])
+            loss = float(window.loss[i]) if window.loss_given[i] else math.nan
+            run = self._run
+            if run is not None and value > run.last_norm:
+                base = step if value < 2.0 * run.first_norm else run.base_step
+                run = run._replace(length=run.length + 1, last_norm=value, base_step=base)
+            else:
+                run = _RisingRun(step, value, loss, 1, value, step)
+            self._run = run
+            grew = run.first_norm > 0 and value >= self.run_growth * run.first_norm
+            if run.length >= self.run_steps and grew and self._rose(run.first_loss, loss):
+                hit = run
+        if hit is None:
+            return None
+        return Event(
+            step=hit.base_step,
+            kind="exploding",
+            metric="grad_norm",
+            value=hit.last_norm,
+            threshold=self.run_growth * hit.first_norm,
+            layers=self._movers(),
+            message=(
+                f"Exploding gradients: the gradient norm rose at each of {hit.length} steps "
+                f"in a row, {hit.last_norm / hit.first_norm:.3g}x in all "
+                f"({hit.first_norm:.3g} -> {hit.last_norm:.3g}), while the loss rose. "
+                f"{_EXPLODING_FIX}"
+            ),
+            extra={"run_steps": hit.length, "detected_at": int(window.steps[-1])},
+        )
+
+    def _rose(self, before: float, now: float) -> bool:
+        """Whether the loss rose from ``before`` to ``now`` by ``loss_rise`` of the progress.
+
+        The progress is the start loss minus ``before`` (``before`` itself when there was
+        none); without both losses, True: nothing says the growth is learning.
+        """
+        if math.isnan(before) or math.isnan(now):
+            return True
+        start = before if self._start_loss is None else self._start_loss
+        return now - before >= self.loss_rise * max(start - before, abs(before))
+
+    def _growth_event(self, window: Window) -> Event | None:
+        if len(self._drains) <= self.patience:
+            return None
+        medians = [median for _, median, _, _ in self._drains]
         base, now = medians[0], medians[-1]
         rising = all(a < b for a, b in pairwise(medians))
         if not (rising and base > 0 and now >= self.growth * base):
             return None
+        if not self._loss_rose(window, self._drains[0][2]):
+            return None
         return Event(
-            step=self._medians[1][0],
+            step=self._drains[1][0],
             kind="exploding",
             metric="grad_norm",
             value=now,
             threshold=self.growth * base,
+            layers=self._movers(),
             message=(
                 f"Exploding gradients: the median gradient norm grew at each of the last "
                 f"{self.patience} log interval(s), {now / base:.3g}x in all ({base:.3g} -> "
-                f"{now:.3g}). {_EXPLODING_FIX}"
+                f"{now:.3g}), while the loss rose. {_EXPLODING_FIX}"
             ),
             extra={"medians": medians, "detected_at": int(window.steps[-1])},
         )
 
+    def _movers(self) -> tuple[str, ...]:
+        """Layers whose mean norm grew most from the oldest kept drain to this one."""
+        before, now = self._drains[0][3], self._drains[-1][3]
+        if not before or len(before) != len(now) or not self._names:
+            return ()
+        growth = np.array(
+            [
+                n / b if b > 0 else (math.inf if n > 0 else 1.0)
+                for b, n in zip(before, now, strict=True)
+            ]
+        )
+        top = float(growth.max())
+        if not top > 1.0:
+            return ()
+        order = np.argsort(-growth, kind="stable")
+        cut = math.sqrt(top)  # within the top half of the growth, in log scale
+        return tuple(self._names[j] for j in order if growth[j] >= cut and growth[j] > 1.0)
+
     def _clip_event(self, window: Window, fraction: float) -> Event:
+        if self._loss_rose(window, self._clip_onset_loss):
+            return Event(
+                step=self._clip_onset,
+                kind="exploding",
+                metric="clip_fraction",
+                value=fraction,
+                threshold=self.clip_fraction,
+                message=(
+                    f"Exploding gradients: clipping was active on {fraction:.0%} of steps for "
+                    f"{self.patience} log interval(s) while the loss rose: the gradients keep "
+                    f"exceeding the clip threshold. {_EXPLODING_FIX}"
+                ),
+                extra={"detected_at": int(window.steps[-1])},
+            )
         return Event(
             step=self._clip_onset,
             kind="exploding",
             metric="clip_fraction",
             value=fraction,
             threshold=self.clip_fraction,
+            severity="info",
             message=(
-                f"Exploding gradients: clipping was active on {fraction:.0%} of steps for "
-                f"{self.patience} log interval(s): the gradients keep exceeding the clip "
-                f"threshold. {_EXPLODING_FIX}"
+                f"Clipping was active on {fraction:.0%} of steps for {self.patience} log "
+                "interval(s) while the loss kept falling: the clip threshold is below the "
+                "typical gradient norm, so it scales every step like a lower learning rate. "
+                "Fine if intended; raise the threshold to clip only outliers."
             ),
             extra={"detected_at": int(window.steps[-1])},
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the recent medians, the clipping streak and whether an episode is open."""
+        """Return the recent drains, the clipping streak, the rising run and the episode."""
         return {
-            "medians": [[step, median] for step, median in self._medians],
+            "drains": [[s, m, loss, list(layers)] for s, m, loss, layers in self._drains],
             "clip_streak": self._clip_streak,
             "clip_onset": self._clip_onset,
+            "clip_onset_loss": None if math.isnan(self._clip_onset_loss) else self._clip_onset_loss,
+            "clip_noted": self._clip_noted,
             "active": self._active,
-            "run": list(self._run),
+            "run": None if self._run is None else list(self._run),
+            "start_loss": self._start_loss,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the state saved by :meth:`state_dict`."""
-        _check_keys(self, state, {"medians", "clip_streak", "clip_onset", "active", "run"})
-        self._medians = deque(
-            ((int(step), float(median)) for step, median in state["medians"]),
+        _check_keys(
+            self,
+            state,
+            {
+                "drains",
+                "clip_streak",
+                "clip_onset",
+                "clip_onset_loss",
+                "clip_noted",
+                "active",
+                "run",
+                "start_loss",
+            },
+        )
+        start = state["start_loss"]
+        self._start_loss = None if start is None else float(start)
+        self._drains = deque(
+            (
+                (int(s), float(m), float(loss), [float(v) for v in layers])
+                for s, m, loss, layers in state["drains"]
+            ),
             maxlen=self.patience + 1,
         )
         self._clip_streak = int(state["clip_streak"])
         self._clip_onset = int(state["clip_onset"])
+        onset_loss = state["clip_onset_loss"]
+        self._clip_onset_loss = math.nan if onset_loss is None else float(onset_loss)
+        self._clip_noted = bool(state["clip_noted"])
         self._active = bool(state["active"])
-        self._run = [float(v) for v in state["run"]]
+        run = state["run"]
+        self._run = (
+            None
+            if run is None
+            else _RisingRun(
+                int(run[0]), float(run[1]), float(run[2]), int(run[3]), float(run[4]), int(run[5])
+            )
+        )
 
 
 class Divergence:
@@ -725,24 +1255,30 @@ class Divergence:
     mean exceeds ``best + tolerance * |best| + min_delta + start_fraction * |start|``
     (``start`` is the first window's mean; ``abs`` keeps the margin right for negative
     losses such as log-likelihoods), or when the window has a given loss but none of them
-    finite. After ``patience`` consecutive bad drains, one
-    ``divergence`` event: the guard then sets ``should_stop``. A good drain re-arms it.
+    finite. After ``patience`` consecutive bad drains, one ``divergence`` event: the guard
+    then sets ``should_stop``. A good drain re-arms it.
     Windows without any given loss are ignored, and so are windows whose finite losses
     all fell on skipped steps (a loss-scaler warm-up is no evidence of divergence).
 
     This is Prechelt's generalization-loss criterion GL_alpha with alpha = 100 *
-    ``tolerance`` percent, applied to the training loss. Defaults: a loss twice its best,
-    for five log intervals, is a run that will not come back on its own; a spike
-    (:class:`Spike`) recovers within a drain or two. Lower ``tolerance`` (0.2-0.5) to stop
-    sooner; ``tolerance=0`` stops after ``patience`` drains each worse than the best.
-    Near a loss of 0 the relative rule reads batch noise as divergence: healthy
-    momentum-SGD runs on digits were stopped at window losses of 0.004-0.17 against a
-    start of 2.3 (the lab's ``residual`` experiment). ``start_fraction=0.05`` asks the loss
-    to climb back by 5 % of where training started as well: on 8 seeds of a 6-layer ReLU
-    MLP (SGD, momentum 0.9, LR 0.05) it stopped none of the runs the default stopped 2 of.
-    It is not the default because it also delays the stop of runs that diverge slowly
-    from a low loss (the lab's ``early-stopping`` range test then stops before NaN on 2 of
-    5 seeds instead of 5 of 5). ``min_delta`` is the same margin in absolute terms.
+    ``tolerance`` percent, applied to the training loss, with two refinements:
+
+    * a margin of ``start_fraction`` of where training started. Near a loss of 0 the
+      relative rule alone reads batch noise as divergence: healthy momentum-SGD runs on
+      digits wobble between window means of 0.003 and 0.07 after a best of 0.0026, ten
+      times their best but 3 % of the start of 2.3;
+    * a runaway rule: three bad drains in a row, each worse than the one before, stop the
+      run without waiting for the full ``patience``. A loss that climbs at every drain
+      (an LR range test headed for NaN) is not coming back; a loss that jumped and is
+      coming down (after a bad batch) keeps its full patience.
+
+    Defaults: a loss twice its best and 5 % of the start above it, for five log
+    intervals (three when it climbs at each), is a run that will not come back on its
+    own; a spike (:class:`Spike`) recovers within a drain or two. Lower ``tolerance``
+    (0.2-0.5) to stop sooner; ``tolerance=0`` and ``start_fraction=0`` stop after
+    ``patience`` drains each worse than the best. ``min_delta`` is a margin in absolute
+    terms. The event's ``step`` is the first step above the threshold in the first bad
+    drain; its severity is ``error``, since the guard asks the loop to stop.
 
     Args:
         tolerance: relative margin over the best window mean, >= 0.
@@ -762,7 +1298,7 @@ class Divergence:
         tolerance: float = 1.0,
         patience: int = 5,
         min_delta: float = 0.0,
-        start_fraction: float = 0.0,
+        start_fraction: float = 0.05,
     ) -> None:
         self.tolerance = _float_in("tolerance", tolerance, 0.0, math.inf, low_closed=True)
         self.patience = _int_at_least("patience", patience, 1)
@@ -775,6 +1311,8 @@ class Divergence:
         self._streak = 0
         self._onset = 0
         self._active = False
+        self._rising = 0  # consecutive bad drains whose mean rose, within the streak
+        self._last_mean = math.inf
 
     def __repr__(self) -> str:
         return (
@@ -810,14 +1348,30 @@ class Divergence:
             self._best = mean if self._best is None else min(self._best, mean)
             self._start = mean if self._start is None else self._start
         if not bad:
-            self._streak, self._active = 0, False
+            self._streak, self._active, self._rising = 0, False, 0
             return []
-        self._onset = int(window.steps[0]) if self._streak == 0 else self._onset
+        if self._streak == 0:
+            self._onset = self._first_bad_step(window, threshold)
+            self._rising = 1
+        elif math.isnan(mean) or mean > self._last_mean:
+            self._rising += 1
+        else:
+            self._rising = 1
+        self._last_mean = math.inf if math.isnan(mean) else mean
         self._streak += 1
-        if self._streak < self.patience or self._active:
+        runaway = self._rising >= min(self.patience, RUNAWAY_DRAINS)
+        if (self._streak < self.patience and not runaway) or self._active:
             return []
         self._active = True
         return [self._event(window, mean, threshold)]
+
+    @staticmethod
+    def _first_bad_step(window: Window, threshold: float) -> int:
+        """The first step of a bad window whose loss is above the threshold (or not finite)."""
+        given = window.loss_given & ~window.skipped
+        bad = given & ~(window.loss <= threshold) if not math.isnan(threshold) else given
+        rows = np.flatnonzero(bad)
+        return int(window.steps[rows[0]]) if rows.size else int(window.steps[0])
 
     def _event(self, window: Window, mean: float, threshold: float) -> Event:
         seen = "has been NaN/Inf" if math.isnan(mean) else f"({mean:.4g}) has stayed above"
@@ -826,6 +1380,7 @@ class Divergence:
         return Event(
             step=self._onset,
             kind="divergence",
+            severity="error",
             metric="loss",
             value=mean,
             threshold=threshold,
@@ -845,12 +1400,18 @@ class Divergence:
             "streak": self._streak,
             "onset": self._onset,
             "active": self._active,
+            "rising": self._rising,
+            "last_mean": None if math.isinf(self._last_mean) else self._last_mean,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the state saved by :meth:`state_dict`."""
         keys = {"best", "streak", "onset", "active"}
-        _check_keys(self, state, keys | {"start"} if "start" in state else keys)  # 0.1 had none
+        newer = {"start", "rising", "last_mean"} & set(state)  # saved by older versions
+        _check_keys(self, state, keys | newer)
+        self._rising = int(state.get("rising", 0))
+        last = state.get("last_mean")
+        self._last_mean = math.inf if last is None else float(last)
         start = state.get("start")
         self._start = None if start is None else float(start)
         self._best = None if state["best"] is None else float(state["best"])

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradguard._foreach import stacked_norms
 from gradguard.clip import ClipPolicy
 from gradguard.detect import Detector, default_detectors
 from gradguard.errors import ConfigError, GradGuardError
@@ -30,7 +31,7 @@ from gradguard.sinks import (
     TensorBoardSink,
     tensorboard_available,
 )
-from gradguard.stats import GradStats, grad_stats, layout_for
+from gradguard.stats import GradStats, grad_stats, layer_norms, layout_for
 
 NonFiniteMode = Literal["skip", "raise", "zero"]
 _COLUMNS = ("loss", "loss_given", "grad_norm", "clipped_norm", "scale")
@@ -179,6 +180,9 @@ class Guard:
             for row in self._buffer
         ]
         self._closed = False
+        initial = self._weight_norms()
+        # sync: once at construction, the parameter norms the first drain compares with
+        self._last_weight_norm = None if initial is None else initial.cpu().double().numpy()
         for sink in self.sinks:
             sink.open(self._meta())
         if recovery is not None:
@@ -467,10 +471,21 @@ class Guard:
         if self._buffered == 0:
             return []
         n = self._buffered
-        host = self._buffer[:n].cpu().double().numpy()  # sync: the one drain copy
+        weights = self._weight_norms()
+        rows = self._buffer[:n]
+        if weights is not None:  # one transfer for both
+            rows = torch.cat([rows.flatten(), weights.to(rows.device)]).reshape(-1)
+        flat = rows.cpu().double().numpy()  # sync: the one drain copy
         self.sync_count += 1
         self._buffered = 0
-        window = self._window(host, first_step=self.step_count - n + 1)
+        width = self._buffer.shape[1]
+        host = flat[: n * width].reshape(n, width)
+        window = self._window(
+            host,
+            first_step=self.step_count - n + 1,
+            weight_norm=None if weights is None else flat[n * width :],
+        )
+        self._last_weight_norm = window.weight_norm
         self._reconcile_scheduler(window)
         events = [event for d in self.detectors for event in d.observe(window)]
         events.sort(key=lambda e: e.step)
@@ -486,7 +501,30 @@ class Guard:
                 self.on_event(event)
         return events
 
-    def _window(self, host: np.ndarray[Any, Any], first_step: int) -> Window:
+    def _weight_norms(self) -> Tensor | None:
+        """Per-layer fp32 parameter norms on the device, for the detectors (at drains only).
+
+        One fused norm per (device, dtype) group. Parameters sharded across ranks would
+        need a reduction of their own: the detectors then go without (None).
+        """
+        layout = layout_for(self.model, self.process_group)
+        if layout.layer_names != self.layer_names or (
+            layout.sharding is not None and layout.sharding.sharded
+        ):
+            return None
+        squares = torch.zeros(len(layout.params), dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for group in layout.groups:
+                norms = stacked_norms([layout.params[i].detach() for i in group.positions])
+                squares.index_copy_(0, group.index, norms.to(self.device).double().square())
+        return layer_norms(squares, layout.layer_index, len(layout.layer_names))
+
+    def _window(
+        self,
+        host: np.ndarray[Any, Any],
+        first_step: int,
+        weight_norm: np.ndarray[Any, Any] | None = None,
+    ) -> Window:
         n_layers = len(self.layer_names)
         host_lr = np.asarray(self._window_lr, dtype=np.float64)
         self._window_lr = []
@@ -506,6 +544,9 @@ class Guard:
             per_tensor=host[:, _N_SCALARS + n_layers :],
             layer_names=self.layer_names,
             tensor_names=self.tensor_names,
+            weight_norm=weight_norm,
+            weight_norm_before=self._last_weight_norm,
+            loss_scaled=self.scaler is not None,
         )
 
     def _reconcile_scheduler(self, window: Window) -> None:
@@ -544,7 +585,16 @@ class Guard:
             "events": [e.to_dict() for e in self.events],
             "lr_factor": self.lr_factor,
             "recovery": getattr(self.recovery, "state_dict", dict)(),
+            "weight_norm": self._weight_norm_state(),
         }
+
+    def _weight_norm_state(self) -> list[float] | None:
+        last = self._last_weight_norm
+        return None if last is None else [float(v) for v in last]
+
+    def _load_weight_norm(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("weight_norm")
+        self._last_weight_norm = None if saved is None else np.asarray(saved, dtype=np.float64)
 
     def recovery_state(self) -> dict[str, Any]:
         """The state a rollback restores: step counter, policy and detectors (no drain).
@@ -562,6 +612,7 @@ class Guard:
             "lr_factor": self.lr_factor,
             "clip": None if self.clip is None else self.clip.state_dict(),
             "detectors": [d.state_dict() for d in self.detectors],
+            "weight_norm": self._weight_norm_state(),
         }
 
     def load_recovery_state(self, state: Mapping[str, Any]) -> None:
@@ -577,6 +628,7 @@ class Guard:
             self.clip.load_state_dict(state["clip"])
         for detector, detector_state in zip(self.detectors, state["detectors"], strict=True):
             detector.load_state_dict(detector_state)
+        self._load_weight_norm(state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` (same configuration)."""
@@ -598,6 +650,7 @@ class Guard:
         for detector, detector_state in zip(self.detectors, state["detectors"], strict=True):
             detector.load_state_dict(detector_state)
         self.events = [Event.from_dict(e) for e in state["events"]]
+        self._load_weight_norm(state)
         self.lr_factor = float(state.get("lr_factor", 1.0))
         if self.recovery is not None and hasattr(self.recovery, "load_state_dict"):
             self.recovery.load_state_dict(state.get("recovery", {}))

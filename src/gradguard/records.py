@@ -19,6 +19,9 @@ EventKind = Literal[
     "nonfinite", "overflow", "spike", "vanishing", "exploding", "divergence", "rollback", "cooldown"
 ]
 
+Severity = Literal["info", "warning", "error"]
+SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error")
+
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
@@ -69,6 +72,13 @@ class Window:
     per_tensor: FloatArray  # [steps, tensors]
     layer_names: tuple[str, ...]
     tensor_names: tuple[str, ...]
+    #: per-layer L2 norm of the parameters at the drain (None when not measured, e.g.
+    #: parameters sharded across ranks)
+    weight_norm: FloatArray | None = None
+    #: the same at the previous drain (at the guard's construction for the first one)
+    weight_norm_before: FloatArray | None = None
+    #: the guard steps through a ``GradScaler``: non-finite gradients are its normal work
+    loss_scaled: bool = False
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
@@ -118,6 +128,10 @@ class Event:
         layers: names of the layers or tensors concerned (may be empty).
         message: one or two sentences naming the symptom and the likely fix.
         metric: what ``value`` measures, e.g. ``loss`` or ``grad_norm``.
+        severity: ``info`` (worth a line in the log, needs no action: a clipped gradient
+            spike with no effect on the loss, a loss scaler backing off), ``warning`` (the
+            user should look: the run is being damaged or will not learn) or ``error``
+            (training cannot go on as it is: divergence, a rollback that failed).
     """
 
     step: int
@@ -128,12 +142,19 @@ class Event:
     message: str = ""
     metric: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    severity: Severity = "warning"
+
+    @property
+    def needs_attention(self) -> bool:
+        """True for warnings and errors: what the report, the console and exit codes count."""
+        return self.severity != "info"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the ``events.jsonl`` row format)."""
         return {
             "step": self.step,
             "kind": self.kind,
+            "severity": self.severity,
             "metric": self.metric,
             "value": _json_float(self.value),
             "threshold": _json_float(self.threshold),
@@ -154,9 +175,22 @@ class Event:
             message=data.get("message", ""),
             metric=data.get("metric", ""),
             extra=dict(data.get("extra", {})),
+            severity=severity_of(data),
         )
 
     def __str__(self) -> str:
         where = f" in {', '.join(self.layers[:4])}" if self.layers else ""
         more = f" (+{len(self.layers) - 4} more)" if len(self.layers) > 4 else ""
-        return f"step {self.step}: {self.kind}{where}{more}: {self.message}"
+        return f"step {self.step}: {self.severity} {self.kind}{where}{more}: {self.message}"
+
+
+def severity_of(data: dict[str, Any]) -> Severity:
+    """The severity of an ``events.jsonl`` row.
+
+    Rows written before severity existed read as warnings, except the end of a cool-down,
+    which never needed action.
+    """
+    value = data.get("severity")
+    if value in SEVERITIES:
+        return value  # type: ignore[no-any-return]
+    return "info" if data.get("kind") == "cooldown" else "warning"

@@ -243,7 +243,9 @@ class Rollback:
         spike_metrics: which spikes trigger: by default loss spikes only, since a gradient
             spike is clipped or skipped before it reaches the weights, while a loss spike
             means the weights were already hurt. Add ``"grad_norm"`` when running without
-            a clip policy.
+            a clip policy: every gradient-norm spike then triggers, even one of ``info``
+            severity. Other events trigger only at ``warning`` or ``error`` severity (a
+            passing loss spike near a low loss is ``info`` and leaves the run alone).
 
     References:
         Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways", sec. 5.1.
@@ -337,6 +339,7 @@ class Rollback:
                             f"Cool-down over after {self.cooldown} steps at {self.lr_factor}x "
                             "the learning rate: the schedule resumes."
                         ),
+                        severity="info",
                     )
                 )
         at_drain = guard.step_count % guard.log_every == 0
@@ -466,6 +469,9 @@ class Rollback:
         for event in events:
             if event.kind == "spike" and event.metric not in self.spike_metrics:
                 continue  # a gradient spike was clipped or skipped: the weights are unhurt
+            opted_in = event.kind == "spike" and event.metric == "grad_norm"
+            if not (event.needs_attention or opted_in):
+                continue  # an info event: nothing was damaged
             if event.kind in self.on:
                 return event
         if "nonfinite_streak" in self.on:
@@ -489,11 +495,12 @@ class Rollback:
                     threshold=float(self.nonfinite_streak),
                     metric="skipped_steps",
                     message=f"{self._streak} consecutive steps skipped (non-finite gradients).",
+                    severity="warning",
                 )
         return found
 
     def _roll_back(self, guard: _GuardLike, trigger: Event) -> Event:
-        onset = trigger.step
+        onset = int(trigger.extra.get("onset", trigger.step))
         # The loss and gradients of step t are computed on the weights the update of step
         # t - 1 produced: a snapshot taken at t - 1 or later may already hold the damage.
         usable = [s for s in self._snapshots if s.step < onset - 1]
@@ -524,6 +531,7 @@ class Rollback:
                 f"(rollback {self.rollbacks} of at most {self.max_rollbacks})."
             ),
             extra={"trigger": trigger.kind, "cooldown": self.cooldown},
+            severity="warning",
         )
 
     def _give_up(self, guard: _GuardLike, trigger: Event, why: str) -> Event:
@@ -542,6 +550,7 @@ class Rollback:
             threshold=float(trigger.step),
             metric="restored_step",
             message=message,
+            severity="error",
         )
 
     def _restore(self, guard: _GuardLike, payload: Mapping[str, Any]) -> None:

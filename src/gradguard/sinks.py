@@ -316,6 +316,6 @@ def _event_markdown(event: Event) -> str:
     more = f" (+{len(event.layers) - 4} more)" if len(event.layers) > 4 else ""
     metric = f" {event.metric}" if event.metric else ""
     return (
-        f"**{event.kind}**{layers}{more}:{metric} value {event.value:.4g}, threshold "
-        f"{event.threshold:.4g}. {event.message}"
+        f"**{event.kind}**{layers}{more} ({event.severity}):{metric} value "
+        f"{event.value:.4g}, threshold {event.threshold:.4g}. {event.message}"
     )

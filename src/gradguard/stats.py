@@ -228,7 +228,7 @@ class GradStats:
         communication), so a clip that needs only the global norm does not pay for it.
         """
         if self._per_layer is None:
-            norms = _layer_norms(self.global_squares(), self.layer_index, len(self.layer_names))
+            norms = layer_norms(self.global_squares(), self.layer_index, len(self.layer_names))
             object.__setattr__(self, "_per_layer", norms)  # a cache on a frozen record
             return norms
         return self._per_layer
@@ -310,7 +310,7 @@ def _resolve_nonfinite(stats: GradStats) -> GradStats:
     )
 
 
-def _layer_norms(squares: Tensor, layer_index: Tensor, n_layers: int) -> Tensor:
+def layer_norms(squares: Tensor, layer_index: Tensor, n_layers: int) -> Tensor:
     """Per-layer fp32 norms from per-tensor squared norms (summed in their own dtype)."""
     return (
         torch.zeros(n_layers, dtype=squares.dtype, device=squares.device)

@@ -17,12 +17,13 @@ import os
 from pathlib import Path
 
 from gradguard.errors import ConfigError
-from gradguard.report._data import META_FILE, METRICS_FILE
+from gradguard.report._data import META_FILE, METRICS_FILE, load_run
 from gradguard.report._html import write_page
 from gradguard.report._lab import RESULTS_FILE, build_lab_report
 from gradguard.report._run_report import REPORT_FILE, write_run_report
+from gradguard.report._verdict import verdict
 
-__all__ = ["REPORT_FILE", "write_lab_report", "write_report"]
+__all__ = ["REPORT_FILE", "run_verdict", "write_lab_report", "write_report"]
 
 
 def _require_matplotlib() -> None:
@@ -61,6 +62,16 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         )
     _require_matplotlib()
     return write_run_report(path)
+
+
+def run_verdict(run_dir: str | os.PathLike[str]) -> tuple[str, str]:
+    """The run's verdict: ``ok``, ``warn`` or ``bad``, and the sentence the report opens with.
+
+    ``ok`` when no event of warning or error severity was logged (info events, such as a
+    loss scaler's backoffs, need no action); ``bad`` when the run diverged or a rollback
+    could not be made; ``warn`` otherwise.
+    """
+    return verdict(load_run(Path(run_dir)))
 
 
 def write_lab_report(lab_run_dir: str | os.PathLike[str]) -> Path:

@@ -142,9 +142,21 @@ class RunData:
         keep = ~superseded(steps)
         return steps[keep], norms.reshape(len(rows), width)[keep]
 
-    def events_of(self, *kinds: str) -> list[dict[str, Any]]:
-        """Events of the given kinds, in file order."""
-        return [e for e in self.events if e.get("kind") in kinds]
+    def events_of(self, *kinds: str, attention: bool = False) -> list[dict[str, Any]]:
+        """Events of the given kinds, in file order; with ``attention``, warnings and errors."""
+        return [
+            e
+            for e in self.events
+            if e.get("kind") in kinds and not (attention and severity(e) == "info")
+        ]
+
+
+def severity(event: dict[str, Any]) -> str:
+    """An event row's severity; rows from before severity existed read as warnings."""
+    value = event.get("severity")
+    if value in ("info", "warning", "error"):
+        return str(value)
+    return "info" if event.get("kind") == "cooldown" else "warning"
 
 
 def load_run(run_dir: Path) -> RunData:

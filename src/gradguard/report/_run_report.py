@@ -5,13 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gradguard.report._data import RunData, load_run, number
+from gradguard.report._data import RunData, load_run, number, severity
 from gradguard.report._figures import PLOTS, missing_fields, png
 from gradguard.report._html import definitions, esc, image, page, table, write_page
 from gradguard.report._verdict import verdict
 
 REPORT_FILE = "report.html"
-_EVENT_COLUMNS = ("step", "kind", "metric", "value", "threshold", "layers", "message")
+_EVENT_COLUMNS = (
+    "step",
+    "severity",
+    "kind",
+    "metric",
+    "value",
+    "threshold",
+    "layers",
+    "message",
+)
 
 
 def render_plots(run: RunData) -> str:
@@ -49,6 +58,7 @@ def render_events(run: RunData) -> str:
     rows = [
         (
             int(number(e.get("step"))),
+            severity(e),
             e.get("kind", ""),
             e.get("metric", ""),
             number(e.get("value")),
@@ -58,7 +68,7 @@ def render_events(run: RunData) -> str:
         )
         for e in events
     ]
-    return table(_EVENT_COLUMNS, rows, numeric=(0, 3, 4), table_id="events-table")
+    return table(_EVENT_COLUMNS, rows, numeric=(0, 4, 5), table_id="events-table")
 
 
 def render_config(run: RunData) -> str:

@@ -43,7 +43,11 @@ def _describe_trigger(run: RunData, rollback: dict[str, Any]) -> str:
     onset = int(number(rollback.get("threshold")))
     trigger = str(rollback.get("extra", {}).get("trigger", "fault"))
     if trigger == "spike":
-        metrics = [e.get("metric") for e in run.events_of("spike") if e.get("step") == onset]
+        metrics = [
+            e.get("metric")
+            for e in run.events_of("spike", attention=True)
+            if e.get("step") == onset
+        ]
         metric = "loss" if "loss" in metrics else str(metrics[0]) if metrics else ""
         words = _SPIKE_WORDS.get(metric, "spike")
     else:
@@ -72,23 +76,26 @@ def _rollback_part(run: RunData) -> tuple[str | None, bool]:
 
 def _event_parts(run: RunData) -> list[str]:
     parts = []
-    nonfinite = [e for e in run.events_of("nonfinite") if e.get("metric") != "skipped_steps"]
-    skipped = int(run.flag("skipped").sum())
+    nonfinite = [
+        e for e in run.events_of("nonfinite", attention=True) if e.get("metric") != "skipped_steps"
+    ]
+    skipped = int(run.flag("skipped").sum()) if nonfinite else 0
     if skipped:
         parts.append(f"{_plural(skipped, 'step')} skipped for non-finite gradients")
     elif nonfinite:
         steps = len({e.get("step") for e in nonfinite})
         parts.append(f"non-finite gradients at {_plural(steps, 'step')} (not skipped)")
-    overflow = run.events_of("overflow")
+    overflow = run.events_of("overflow", attention=True)
     if overflow:
         parts.append(f"the fp32 gradient norm overflowed at {_plural(len(overflow), 'step')}")
-    spikes = Counter(str(e.get("metric", "")) for e in run.events_of("spike"))
+    spike_events = run.events_of("spike", attention=True)
+    spikes = Counter(str(e.get("metric", "")) for e in spike_events)
     for metric, count in sorted(spikes.items()):
-        first = _first_step([e for e in run.events_of("spike") if e.get("metric") == metric])
+        first = _first_step([e for e in spike_events if e.get("metric") == metric])
         word = _SPIKE_WORDS.get(metric, "spike")
         parts.append(f"{_plural(count, word)} (first at step {first})")
     for kind in ("vanishing", "exploding"):
-        found = run.events_of(kind)
+        found = run.events_of(kind, attention=True)
         if found:
             where = _layers_text(found)
             parts.append(f"{kind} gradients from step {_first_step(found)}{where}")
@@ -99,7 +106,8 @@ def verdict(run: RunData) -> tuple[Level, str]:
     """The run in one sentence, and how worried to be (``ok``, ``warn``, ``bad``).
 
     ``bad``: the run diverged or a rollback could not be made; ``warn``: any other
-    event or skipped step; ``ok``: none.
+    warning or error event; ``ok``: none (``info`` events, such as a loss scaler's
+    backoffs or a spike with no effect on the loss, need no action and are only counted).
     """
     final_steps = len(np.unique(run.steps))
     if not run.metrics:
@@ -114,7 +122,9 @@ def verdict(run: RunData) -> tuple[Level, str]:
     if not parts:
         clipped = int((run.column("scale")[run.final] < 1.0).sum())
         shrunk = f"; the clip policy shrank {_plural(clipped, 'step')}" if clipped else ""
-        return "ok", f"healthy: no events in {_plural(final_steps, 'step')}{shrunk}."
+        infos = len(run.events)
+        what = f"no warnings ({_plural(infos, 'info event')})" if infos else "no events"
+        return "ok", f"healthy: {what} in {_plural(final_steps, 'step')}{shrunk}."
     level: Level = "bad" if divergence or failed else "warn"
     sentence = "; ".join(parts)
     undone = len(run.metrics) - int(run.final.sum())
