@@ -426,7 +426,9 @@ def _model_cells(table: ModelTable) -> tuple[list[str], list[list[str]]]:
 GUARD_COST_TEXT = (
     '`gg.Guard(model, optimizer, clip=gg.NormClip(1.0), detectors="default", '
     f"log_every={LOG_EVERY})`: per-layer statistics, NormClip, the six default detectors "
-    f"and a drain every {LOG_EVERY} steps, with the drains and detectors amortised over the steps. "
+    f"and a drain every {LOG_EVERY} steps (the buffered statistics and each layer's "
+    "parameter norm, one fused norm over the parameters, in one copy), with the drains and "
+    "detectors amortised over the steps. "
     '"guard\'s own" = median of `guard.step(loss)` − median of the bare '
     "`optimizer.step()` of the same AdamW configuration, timed in the same rounds; "
     '"per-round pairs" is the median of that difference taken within each round; '
@@ -569,7 +571,8 @@ The guard's own cost is a subtraction within the same rounds: on another copy of
 model, whose gradients are views of the same buffer, `guard.step(loss)` of
 `gg.Guard(model, optimizer, clip=gg.NormClip(1.0), detectors="default",
 log_every={LOG_EVERY})` (per-layer statistics, the clip, the optimizer step, the ring
-buffer, and a drain to the six default detectors every {LOG_EVERY} steps) is timed next
+buffer, and a drain to the six default detectors every {LOG_EVERY} steps, with each
+layer's parameter norm) is timed next
 to the bare `optimizer.step()` of the very same `torch.optim.AdamW(lr=1e-6)`
 (two instances of one configuration were seen to differ by up to 3% in step time, 1.4 ms
 on the GPT-like model, where they land in memory), and the cost is the difference of the

@@ -406,7 +406,7 @@ class Spike:
                 lasting = self._follow_episode(step, float(window.loss[i]), found)
                 events += [lasting] if lasting is not None else []
             if layers_ok and usable[i] and np.isfinite(window.per_layer[i]).all():
-                self._layers.append([float(v) for v in window.per_layer[i]])
+                self._layers.append(window.per_layer[i].tolist())
         return events
 
     def _follow_episode(self, step: int, loss: float, found: list[Event]) -> Event | None:

@@ -512,11 +512,14 @@ class Guard:
             layout.sharding is not None and layout.sharding.sharded
         ):
             return None
-        squares = torch.zeros(len(layout.params), dtype=torch.float64, device=self.device)
         with torch.no_grad():
-            for group in layout.groups:
-                norms = stacked_norms([layout.params[i].detach() for i in group.positions])
-                squares.index_copy_(0, group.index, norms.to(self.device).double().square())
+            if layout.in_order:  # one (device, dtype) group in parameter order: no scatter
+                squares = stacked_norms(list(layout.params)).double().square()
+            else:
+                squares = torch.zeros(len(layout.params), dtype=torch.float64, device=self.device)
+                for group in layout.groups:
+                    norms = stacked_norms([layout.params[i] for i in group.positions])
+                    squares.index_copy_(0, group.index, norms.to(self.device).double().square())
         return layer_norms(squares, layout.layer_index, len(layout.layer_names))
 
     def _window(
