@@ -1098,3 +1098,39 @@ def test_clipping_at_every_step_while_the_loss_falls_is_one_info_note() -> None:
     (event,) = run(Exploding(), rising)
     assert (event.metric, event.severity, event.step) == ("clip_fraction", "warning", 1)
     assert "while the loss rose" in event.message
+
+
+def test_a_lasting_tenfold_rise_hidden_in_batch_noise_is_a_level_shift() -> None:
+    # Late in training the batch losses of a converged regression vary threefold from step
+    # to step; an LR burst lifts the level tenfold for good. No single step stands out
+    # against that noise, the level does.
+    rng = np.random.default_rng(4)
+    loss = np.concatenate([np.geomspace(0.5, 1e-4, 200), np.full(300, 1e-4)])
+    loss *= rng.lognormal(0, 0.6, 500)
+    loss[400:] *= 10.0
+    events = run(Spike(metrics=("loss",)), windows_of(10, loss=loss))
+    shifts = [e for e in events if e.extra.get("shift")]
+    assert len(shifts) == 1
+    (shift,) = shifts
+    assert 401 <= shift.step <= 403
+    assert shift.extra["detected_at"] <= 401 + 8
+    assert shift.severity == "info"  # 0.1 % of the progress since 0.5: Rollback's business
+    assert "Loss level shift" in shift.message
+    assert shift.value / shift.extra["level"] > 5
+    back = loss.copy()
+    back[403:] /= 10.0  # a rise that passes within three steps is no shift
+    assert not [e for e in run(Spike(), windows_of(10, loss=back)) if e.extra.get("shift")]
+
+
+def test_a_level_shift_that_undoes_the_progress_is_a_warning() -> None:
+    rng = np.random.default_rng(5)
+    loss = np.full(200, 2.3) * rng.lognormal(0, 0.05, 200)
+    loss[100:] = 0.5 * rng.lognormal(0, 0.05, 100)
+    loss[150:] = 1.6 * rng.lognormal(0, 0.05, 50)  # 61 % of the way back to the start
+    events = run(Spike(), windows_of(10, loss=loss))
+    assert all(e.severity == "info" for e in events if not e.extra.get("shift"))
+    (shift,) = [e for e in events if e.extra.get("shift")]
+    assert shift.severity == "warning"
+    assert shift.step == 151
+    assert "undoing 58%" in shift.message
+    assert shift.extra["detected_at"] == 153  # the median of 5 moves with the third

@@ -400,13 +400,22 @@ def _drain_window(steps: int = 10) -> Any:
         ("loss", "info", ("loss",), False),  # a passing spike near a low loss
         ("grad_norm", "info", ("loss",), False),
         ("grad_norm", "info", ("loss", "grad_norm"), True),  # opted in: every one
+        ("shift", "info", ("loss",), True),  # the loss moved to a new level: undo it
     ],
 )
 def test_rollback_acts_on_warnings_and_on_gradient_spikes_it_was_asked_for(
     metric: str, severity: str, spike_metrics: tuple[str, ...], triggers: bool
 ) -> None:
-    spike = gg.Event(step=5, kind="spike", value=9.0, threshold=2.0, metric=metric)
-    spike = gg.Event(**{**spike.__dict__, "severity": severity})
+    extra = {"shift": True} if metric == "shift" else {}
+    spike = gg.Event(
+        step=5,
+        kind="spike",
+        value=9.0,
+        threshold=2.0,
+        metric="loss" if metric == "shift" else metric,
+        extra=extra,
+        severity=severity,  # type: ignore[arg-type]
+    )
     rollback = gg.Rollback(spike_metrics=spike_metrics)
     found = rollback._trigger(_drain_window(), [spike])
     assert (found is spike) is triggers

@@ -512,14 +512,15 @@ class Guard:
             layout.sharding is not None and layout.sharding.sharded
         ):
             return None
+        dtype = layout.accumulate_dtype  # fp64, except on MPS
         with torch.no_grad():
             if layout.in_order:  # one (device, dtype) group in parameter order: no scatter
-                squares = stacked_norms(list(layout.params)).double().square()
+                squares = stacked_norms(list(layout.params)).to(dtype).square()
             else:
-                squares = torch.zeros(len(layout.params), dtype=torch.float64, device=self.device)
+                squares = torch.zeros(len(layout.params), dtype=dtype, device=self.device)
                 for group in layout.groups:
                     norms = stacked_norms([layout.params[i] for i in group.positions])
-                    squares.index_copy_(0, group.index, norms.to(self.device).double().square())
+                    squares.index_copy_(0, group.index, norms.to(self.device, dtype).square())
         return layer_norms(squares, layout.layer_index, len(layout.layer_names))
 
     def _window(

@@ -244,8 +244,10 @@ class Rollback:
             spike is clipped or skipped before it reaches the weights, while a loss spike
             means the weights were already hurt. Add ``"grad_norm"`` when running without
             a clip policy: every gradient-norm spike then triggers, even one of ``info``
-            severity. Other events trigger only at ``warning`` or ``error`` severity (a
-            passing loss spike near a low loss is ``info`` and leaves the run alone).
+            severity. A lasting shift of the loss's level triggers whatever its severity:
+            the weights were moved and did not come back. Other events trigger only at
+            ``warning`` or ``error`` severity (a passing loss spike near a low loss is
+            ``info`` and leaves the run alone).
 
     References:
         Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways", sec. 5.1.
@@ -470,8 +472,9 @@ class Rollback:
             if event.kind == "spike" and event.metric not in self.spike_metrics:
                 continue  # a gradient spike was clipped or skipped: the weights are unhurt
             opted_in = event.kind == "spike" and event.metric == "grad_norm"
-            if not (event.needs_attention or opted_in):
-                continue  # an info event: nothing was damaged
+            lasting = event.kind == "spike" and bool(event.extra.get("shift"))
+            if not (event.needs_attention or opted_in or lasting):
+                continue  # an info event that passed: nothing to undo
             if event.kind in self.on:
                 return event
         if "nonfinite_streak" in self.on:

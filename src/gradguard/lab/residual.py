@@ -69,7 +69,7 @@ from gradguard.lab._records import (
     format_value,
 )
 from gradguard.lab.data import N_CLASSES, N_FEATURES, N_TRAIN, load_digits
-from gradguard.records import Event, Window
+from gradguard.records import Event, Window, severity_of
 
 WIDTH = 64
 BATCH_SIZE = 64
@@ -485,7 +485,10 @@ def tables(runs: Sequence[Run], seeds: tuple[int, ...], steps: int) -> tuple[Tab
                 _cell([x.test_accuracy for x in rs]),
                 _cell([x.init_ratio for x in rs]),
                 _blowup_cell(rs),
-                ", ".join(sorted({str(e["kind"]) for x in rs for e in x.events})) or "none",
+                ", ".join(
+                    sorted({str(e["kind"]) for x in rs for e in x.events if _needs_attention(e)})
+                )
+                or "none",
             )
         )
     return (
@@ -498,17 +501,22 @@ def tables(runs: Sequence[Run], seeds: tuple[int, ...], steps: int) -> tuple[Tab
                 "test accuracy",
                 "first / last block gradient at init",
                 "first non-finite step",
-                "guard events",
+                "guard warnings",
             ),
             rows=tuple(rows),
             note="A net lost to NaN is evaluated as it is (NaN loss, chance accuracy). The "
             "Fixup net's branches and classifier start at 0, so at init only the classifier "
-            "and the branch multipliers have a gradient; its block ratio at init is NaN. The "
-            "divergence events on the healthy BN nets are false alarms of the default "
-            "Divergence detector: near a loss of 0, twice the best loss is within the batch "
-            "noise (Divergence's min_delta is the remedy; see early-stopping).",
+            "and the branch multipliers have a gradient; its block ratio at init is NaN. Guard "
+            "warnings are the default detectors' events of warning or error severity; the "
+            "passing loss spikes of the healthy momentum-SGD nets are info events and are "
+            "not listed.",
         ),
     )
+
+
+def _needs_attention(event: dict[str, Any]) -> bool:
+    """Whether a stored event (``Event.to_dict()``) is a warning or an error."""
+    return severity_of(event) != "info"
 
 
 class ResidualExperiment:
