@@ -359,7 +359,7 @@ class Spike:
         reference: int = 8,
         damage: float = 1.0,
         persist: int = 5,
-        shift_damage: float = 0.25,
+        shift_damage: float = 0.5,
         shift_sigma: float = 5.0,
     ) -> None:
         self.window = _int_at_least("window", window, 2)
