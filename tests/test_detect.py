@@ -868,11 +868,16 @@ def test_divergence_fires_after_patience_bad_drains_and_says_stop() -> None:
 
 def test_a_loss_that_climbs_at_every_bad_drain_stops_after_three() -> None:
     means = [3.0, 2.0, 1.0, 1.0, 2.5, 3.0, 4.0, 5.0]
-    drains = per_drain(Divergence(), loss_windows(means))
+    drains = per_drain(Divergence(), loss_windows(means, size=10))
     assert [i for i, d in enumerate(drains) if d] == [6]  # 2.5 < 3.0 < 4.0: running away
-    assert drains[6][0].step == 1 + 4 * 4
+    assert drains[6][0].step == 1 + 4 * 10
     wobbling = [3.0, 2.0, 1.0, 1.0, 2.5, 3.0, 2.8, 3.0, 3.1, 3.2]
-    assert [i for i, d in enumerate(per_drain(Divergence(), loss_windows(wobbling))) if d] == [8]
+    found = per_drain(Divergence(), loss_windows(wobbling, size=10))
+    assert [i for i, d in enumerate(found) if d] == [8]
+    # Drains of 4 steps: three climbing ones are 12 steps of noise; it takes 30.
+    climbing = loss_windows([3.0, 2.0, 1.0, 1.0, *np.geomspace(2.5, 40, 9)])
+    short = per_drain(Divergence(patience=10), climbing)
+    assert [i for i, d in enumerate(short) if d] == [4 + 7]  # 8 climbing drains = 32 steps
 
 
 def test_the_onset_is_the_first_step_above_the_threshold() -> None:
@@ -1134,3 +1139,34 @@ def test_a_level_shift_that_undoes_the_progress_is_a_warning() -> None:
     assert shift.step == 151
     assert "undoing 58%" in shift.message
     assert shift.extra["detected_at"] == 153  # the median of 5 moves with the third
+
+
+def test_weight_growth_is_measured_over_ten_steps_whatever_the_drain_length() -> None:
+    def drains(size: int, factor: float) -> list[Window]:
+        out = []
+        for i in range(4):
+            window = make_window(
+                1 + i * size, per_layer=np.ones((size, 2)), loss=np.full(size, 2.0 * 1.5**i)
+            )
+            before = np.array([1.0, factor**i])
+            out.append(
+                dataclasses.replace(
+                    window,
+                    weight_norm=np.array([1.0, factor ** (i + 1)]),
+                    weight_norm_before=before,
+                )
+            )
+        return out
+
+    # 4x per drain of 5 steps is 16x per 10 steps: the layer that blows up is named
+    (event,) = run(Exploding(), drains(5, 4.0))
+    assert (event.metric, event.layers, event.extra["detected_at"]) == (
+        "weight_growth",
+        ("l1",),
+        10,
+    )
+    # 4x per drain of 10 steps is not tenfold
+    assert run(Exploding(), drains(10, 4.0)) == []
+    (fast,) = run(Exploding(), drains(10, 12.0))
+    assert fast.extra["detected_at"] == 20  # the loss is flat within the first drain
+    assert "grew 12x since step 10" in fast.message

@@ -40,6 +40,12 @@ SPIKE_METRICS = ("loss", "grad_norm")
 #: Bad drains in a row, each worse than the last, after which Divergence stops a run
 #: without waiting for its full patience: a loss that climbs at every drain is running away.
 RUNAWAY_DRAINS = 3
+#: ... and at least this many steps: with a short ``log_every`` three drains are batch noise.
+RUNAWAY_STEPS = 30
+
+#: Exploding's weight rule compares each layer's parameter norm with the one at least this
+#: many steps before (the previous drain, or an older one when drains are closer).
+WEIGHT_SPAN = 10
 
 #: Relative margin of the spike test against rounding: a window of equal values has a
 #: std of 0 and a mean that summation can put an ulp below them (or a std that underflows
@@ -952,11 +958,11 @@ class Exploding:
       under twice the run's first norm: a run may begin with small rises of ordinary
       noise before the blow-up proper.
     * weights (``metric="weight_growth"``): a layer's parameter norm grew by a factor of
-      ``weight_growth`` or more since the last drain (since the guard was built, for the
-      first) while the loss rose: that layer's updates are far too large for it,
-      as with a param group whose LR is 1,000x the rest. Its own gradient may not grow
-      at all (a layer's gradient scales with the other layers' weights), so the weights
-      name the culprit; layers whose norm was 0 are left out.
+      ``weight_growth`` or more since the drain at least 10 steps back (since the guard
+      was built, for the first drains) while the loss rose: that layer's updates are far
+      too large for it, as with a param group whose LR is 1,000x the rest. Its own
+      gradient may not grow at all (a layer's gradient scales with the other layers'
+      weights), so the weights name the culprit; layers whose norm was 0 are left out.
     * clipping (``metric="clip_fraction"``): the clip scale was below 1 on at least
       ``clip_fraction`` of the window's steps, for ``patience`` consecutive drains, and the
       loss rose meanwhile. Clipping at every step while the loss falls is a threshold
@@ -1019,6 +1025,8 @@ class Exploding:
         self._active = False
         self._names: tuple[str, ...] = ()
         self._start_loss: float | None = None  # the first drain's mean loss
+        # (last step, per-layer parameter norms, mean loss) of recent drains
+        self._weights: deque[tuple[int, list[float], float]] = deque(maxlen=WEIGHT_SPAN + 1)
 
     def __repr__(self) -> str:
         return (
@@ -1113,15 +1121,32 @@ class Exploding:
         )
 
     def _weight_event(self, window: Window) -> Event | None:
-        """A layer whose weights grew ``weight_growth``-fold in one drain while the loss rose."""
-        now, before = window.weight_norm, window.weight_norm_before
-        if now is None or before is None or len(now) != len(before):
+        """A layer whose weights grew ``weight_growth``-fold while the loss rose.
+
+        The growth is measured since the drain at least ``WEIGHT_SPAN`` steps back (since
+        the guard was built, for the first drains).
+        """
+        now = window.weight_norm
+        if now is None:
             return None
+        if not self._weights and window.weight_norm_before is not None:
+            rows = _usable(window) & window.loss_given & np.isfinite(window.loss)
+            first_loss = float(window.loss[rows][0]) if rows.any() else math.nan
+            start = int(window.steps[0]) - 1
+            self._weights.append((start, [float(v) for v in window.weight_norm_before], first_loss))
+        last = int(window.steps[-1])
+        base = next(
+            (entry for entry in reversed(self._weights) if entry[0] <= last - WEIGHT_SPAN),
+            self._weights[0] if self._weights else None,
+        )
+        self._weights.append((last, [float(v) for v in now], _mean_loss(window)))
+        if base is None or len(base[1]) != len(now):
+            return None
+        before = np.asarray(base[1])
         with np.errstate(divide="ignore", invalid="ignore"):
             growth = np.where(before > 0, now / before, 1.0)  # zero-initialized: no ratio
         grown = np.flatnonzero(growth >= self.weight_growth)
-        loss_before = self._drains[-2][2] if len(self._drains) > 1 else math.nan
-        if not grown.size or not self._loss_rose(window, loss_before):
+        if not grown.size or not self._loss_rose(window, base[2]):
             return None
         order = grown[np.argsort(-growth[grown], kind="stable")]
         names = tuple(window.layer_names[j] for j in order)
@@ -1136,7 +1161,7 @@ class Exploding:
             layers=names,
             message=(
                 f"Exploding weights in {_names(names)}: the parameter norm of {names[0]} grew "
-                f"{top:.3g}x in one log interval ({before[order[0]]:.3g} -> "
+                f"{top:.3g}x since step {max(base[0], 0)} ({before[order[0]]:.3g} -> "
                 f"{now[order[0]]:.3g}) while the loss rose: its updates are far too "
                 "large for it. Check that layer's learning rate (its param group) and "
                 f"initialization, clip the gradient norm. {_EXPLODING_FIX}"
@@ -1284,6 +1309,10 @@ class Exploding:
             "active": self._active,
             "run": None if self._run is None else list(self._run),
             "start_loss": self._start_loss,
+            "weights": [
+                [step, norms, None if math.isnan(loss) else loss]
+                for step, norms, loss in self._weights
+            ],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1300,7 +1329,15 @@ class Exploding:
                 "active",
                 "run",
                 "start_loss",
+                "weights",
             },
+        )
+        self._weights = deque(
+            (
+                (int(step), [float(v) for v in norms], math.nan if loss is None else float(loss))
+                for step, norms, loss in state["weights"]
+            ),
+            maxlen=WEIGHT_SPAN + 1,
         )
         start = state["start_loss"]
         self._start_loss = None if start is None else float(start)
@@ -1347,10 +1384,10 @@ class Divergence:
       relative rule alone reads batch noise as divergence: healthy momentum-SGD runs on
       digits wobble between window means of 0.003 and 0.07 after a best of 0.0026, ten
       times their best but 3 % of the start of 2.3;
-    * a runaway rule: three bad drains in a row, each worse than the one before, stop the
-      run without waiting for the full ``patience``. A loss that climbs at every drain
-      (an LR range test headed for NaN) is not coming back; a loss that jumped and is
-      coming down (after a bad batch) keeps its full patience.
+    * a runaway rule: three bad drains in a row (and 30 steps at least), each worse than
+      the one before, stop the run without waiting for the full ``patience``. A loss that
+      climbs at every drain (an LR range test headed for NaN) is not coming back; a loss
+      that jumped and is coming down (after a bad batch) keeps its full patience.
 
     Defaults: a loss twice its best and 5 % of the start above it, for five log
     intervals (three when it climbs at each), is a run that will not come back on its
@@ -1362,7 +1399,9 @@ class Divergence:
 
     Args:
         tolerance: relative margin over the best window mean, >= 0.
-        patience: consecutive bad drains before the event.
+        patience: consecutive bad drains before the event. The defaults assume drains of
+            about 10 steps; with a shorter ``log_every`` raise it in proportion (a healthy
+            BERT-like run's loss swings near 0 read as divergence after 5 drains of 5).
         min_delta: absolute margin added to the threshold, >= 0.
         start_fraction: margin as a fraction of the first window's mean loss, >= 0.
 
@@ -1392,6 +1431,7 @@ class Divergence:
         self._onset = 0
         self._active = False
         self._rising = 0  # consecutive bad drains whose mean rose, within the streak
+        self._rising_since = 0  # the first step of those drains
         self._last_mean = math.inf
 
     def __repr__(self) -> str:
@@ -1430,17 +1470,22 @@ class Divergence:
         if not bad:
             self._streak, self._active, self._rising = 0, False, 0
             return []
+        first = int(window.steps[0])
         if self._streak == 0:
             self._onset = self._first_bad_step(window, threshold)
-            self._rising = 1
+            self._rising, self._rising_since = 1, first
         elif math.isnan(mean) or mean > self._last_mean:
             self._rising += 1
         else:
-            self._rising = 1
+            self._rising, self._rising_since = 1, first
         self._last_mean = math.inf if math.isnan(mean) else mean
         self._streak += 1
-        runaway = self._rising >= min(self.patience, RUNAWAY_DRAINS)
-        if (self._streak < self.patience and not runaway) or self._active:
+        last = int(window.steps[-1])
+        runaway = (
+            self._rising >= min(self.patience, RUNAWAY_DRAINS)
+            and last - self._rising_since + 1 >= RUNAWAY_STEPS
+        )
+        if not (self._streak >= self.patience or runaway) or self._active:
             return []
         self._active = True
         return [self._event(window, mean, threshold)]
@@ -1481,15 +1526,17 @@ class Divergence:
             "onset": self._onset,
             "active": self._active,
             "rising": self._rising,
+            "rising_since": self._rising_since,
             "last_mean": None if math.isinf(self._last_mean) else self._last_mean,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the state saved by :meth:`state_dict`."""
         keys = {"best", "streak", "onset", "active"}
-        newer = {"start", "rising", "last_mean"} & set(state)  # saved by older versions
+        newer = {"start", "rising", "rising_since", "last_mean"} & set(state)  # older versions
         _check_keys(self, state, keys | newer)
         self._rising = int(state.get("rising", 0))
+        self._rising_since = int(state.get("rising_since", 0))
         last = state.get("last_mean")
         self._last_mean = math.inf if last is None else float(last)
         start = state.get("start")
