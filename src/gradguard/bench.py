@@ -325,7 +325,7 @@ class HistoryTable:
 
 @dataclass(frozen=True)
 class Goal:
-    """A target the issue sets, with the measured value; never rounded into a pass.
+    """A performance goal, with the measured value; never rounded into a pass.
 
     Attributes:
         name: what is compared.
@@ -1007,11 +1007,12 @@ def _train_step(model: nn.Module, loss: Callable[[nn.Module], Tensor]) -> Callab
 class _Guarded:
     """One AdamW stepped bare and through a guard, in separate blocks; counts bare steps.
 
-    One optimizer serves both rows, as the issue asks for "the bare ``optimizer.step()`` it
-    makes": two AdamW of the same configuration were seen to differ by up to 3% in step time
-    (where their state lands in memory), 1.4 ms on the GPT-like model, a large part of the
-    guard's own cost there. The guard's blocks start with an empty ring buffer (flushed
-    before, untimed) and both rows hold whole multiples of ``LOG_EVERY`` calls.
+    One optimizer serves both rows, so the guard is timed against the bare
+    ``optimizer.step()`` it makes: two AdamW of the same configuration were seen to differ
+    by up to 3% in step time (where their state lands in memory), 1.4 ms on the GPT-like
+    model, a large part of the guard's own cost there. The guard's blocks start with an
+    empty ring buffer (flushed before, untimed) and both rows hold whole multiples of
+    ``LOG_EVERY`` calls.
     """
 
     def __init__(

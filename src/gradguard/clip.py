@@ -172,7 +172,7 @@ class NormClip(_GlobalNormPolicy):
 class ValueClip:
     """Clamp every gradient element to ``[-clip_value, clip_value]``.
 
-    Value clipping (the seeds' "gradient value clipping"; ``clip_grad_value_`` in torch)
+    Value clipping ("gradient value clipping"; ``clip_grad_value_`` in torch)
     bounds each coordinate and so changes the gradient's direction; prefer
     :class:`NormClip` unless single coordinates explode. Costs one more pass than the
     others: the clipped norm is measured after clamping to report the scale.

@@ -389,6 +389,7 @@ class Spike:
         self._linear: dict[str, bool] = dict.fromkeys(self.metrics, False)
         self._start: dict[str, list[float]] = {m: [] for m in self.metrics}
         self._layers: deque[list[float]] = deque(maxlen=self.reference)
+        self._noise_now: dict[str, float] = {}  # the noise of the last test, per metric
         # [first, last] step of the current run of consecutive steps with a spike
         self._streak = [0, -1]
         # the last reference + persist tested losses, as (step, value in the loss's scale)
@@ -454,7 +455,7 @@ class Spike:
         values = np.array([x for _, x in self._recent])
         before = float(np.median(values[: self.reference]))
         after = float(np.median(values[self.reference :]))
-        noise = self._noise("loss")
+        noise = self._noise_now.get("loss", 0.0)  # measured by this step's spike test
         floor = (
             (self.min_factor - 1.0) * abs(before)
             if self._linear["loss"]
@@ -535,7 +536,7 @@ class Spike:
             self._start[metric] = []
             if metric == "loss":
                 self._recent.clear()
-        return value if self._linear[metric] else math.log(value)
+        return self._scaled(metric, value)
 
     def _test(
         self, metric: str, step: int, value: float, window: Window, row: int | None
@@ -548,7 +549,7 @@ class Spike:
         if len(history) >= self.min_samples:
             past = np.fromiter(history, dtype=np.float64, count=len(history))
             level = float(np.median(past[-self.reference :]))
-            noise = self._noise(metric)
+            noise = self._noise_now[metric] = self._noise(metric)
             floor = (
                 (self.min_factor - 1.0) * abs(level)
                 if self._linear[metric]
@@ -887,31 +888,50 @@ class Vanishing:
         self._first_loss = None if first is None else float(first)
 
 
-def _layer_medians(window: Window) -> FloatArray:
+def _layer_medians(window: Window) -> FloatArray | None:
     """Median per-layer norm over the usable steps whose layer norms are all finite."""
-    rows = _usable(window) & np.isfinite(window.per_layer).all(axis=1)
-    medians: FloatArray = np.median(window.per_layer[rows], axis=0)
-    return medians
+    rows = _layer_rows(window)
+    return None if rows is None else np.asarray(np.median(window.per_layer[rows], axis=0))
+
+
+def _loss_rows(window: Window) -> BoolArray:
+    """Usable steps with a given, finite loss."""
+    return _usable(window) & window.loss_given & np.isfinite(window.loss)
 
 
 def _mean_loss(window: Window) -> float:
     """Mean of the window's given, finite losses on usable steps (NaN when none)."""
-    rows = _usable(window) & window.loss_given & np.isfinite(window.loss)
+    rows = _loss_rows(window)
     return float(window.loss[rows].mean()) if rows.any() else math.nan
 
 
-def _layer_means(window: Window) -> FloatArray | None:
-    """Mean per-layer norm over the usable steps whose layer norms are all finite."""
+def _first_loss(window: Window) -> float:
+    """The window's first given, finite loss on a usable step (NaN when none)."""
+    rows = _loss_rows(window)
+    return float(window.loss[rows][0]) if rows.any() else math.nan
+
+
+def _first_usable_step(window: Window) -> int:
+    """The first step of the window with finite gradients that was not skipped."""
+    usable = _usable(window) & np.isfinite(window.grad_norm)
+    return int(window.steps[usable][0]) if usable.any() else int(window.steps[0])
+
+
+def _layer_rows(window: Window) -> BoolArray | None:
+    """The usable steps whose layer norms are all finite; None without per-layer norms."""
     per_layer = window.per_layer
     if len(window) == 0 or per_layer.ndim != 2 or per_layer.shape[1] == 0:
         return None
     if per_layer.shape[1] != len(window.layer_names):
         return None  # the guard did not record per-layer norms for this window
     rows = _usable(window) & np.isfinite(per_layer).all(axis=1)
-    if not rows.any():
-        return None
-    means: FloatArray = per_layer[rows].mean(axis=0)
-    return means
+    return rows if rows.any() else None
+
+
+def _layer_means(window: Window) -> FloatArray | None:
+    """Mean per-layer norm over the usable steps whose layer norms are all finite."""
+    rows = _layer_rows(window)
+    return None if rows is None else np.asarray(window.per_layer[rows].mean(axis=0))
 
 
 _EXPLODING_FIX = (
@@ -1023,7 +1043,6 @@ class Exploding:
         self._clip_onset_loss = math.nan  # the mean loss of the streak's first drain
         self._clip_noted = False  # the streak's info event was given
         self._active = False
-        self._names: tuple[str, ...] = ()
         self._start_loss: float | None = None  # the first drain's mean loss
         # (last step, per-layer parameter norms, mean loss) of recent drains
         self._weights: deque[tuple[int, list[float], float]] = deque(maxlen=WEIGHT_SPAN + 1)
@@ -1043,7 +1062,6 @@ class Exploding:
             return []
         first = int(window.steps[0])
         means = _layer_means(window)
-        self._names = window.layer_names
         if self._start_loss is None and not math.isnan(_mean_loss(window)):
             self._start_loss = _mean_loss(window)
         self._drains.append(
@@ -1058,7 +1076,7 @@ class Exploding:
         self._follow_clipping(window, fraction)
         run_event = self._run_event(window, usable)  # always: it follows the steps
         event = (
-            self._size_event(window, means)
+            self._size_event(window)
             or self._weight_event(window)
             or self._growth_event(window)
             or run_event
@@ -1086,25 +1104,24 @@ class Exploding:
         else:
             self._clip_streak, self._clip_noted = 0, False
 
-    def _size_event(self, window: Window, means: FloatArray | None) -> Event | None:
+    def _size_event(self, window: Window) -> Event | None:
         weights = window.weight_norm
-        if means is None or weights is None or len(weights) != len(means):
+        medians = _layer_medians(window)  # one spiked step is Spike's, not a size
+        if medians is None or weights is None or len(weights) != len(medians):
             return None
-        means = _layer_medians(window)  # one spiked step is Spike's, not a size
-        if window.weight_norm_before is not None and len(window.weight_norm_before) == len(means):
+        if window.weight_norm_before is not None and len(window.weight_norm_before) == len(weights):
             weights = window.weight_norm_before  # the weights these gradients started from
         present = weights > 0
         if not present.any():
             return None
-        ratios = means[present] / weights[present]
+        ratios = medians[present] / weights[present]
         median = float(np.median(ratios))
         if not median > self.max_ratio:
             return None
         names = np.asarray(window.layer_names)[present]
         over = tuple(str(n) for n, r in zip(names, ratios, strict=True) if r > self.max_ratio)
-        usable = _usable(window) & np.isfinite(window.grad_norm)
         return Event(
-            step=int(window.steps[usable][0]),
+            step=_first_usable_step(window),
             kind="exploding",
             metric="grad_to_weight",
             value=median,
@@ -1130,10 +1147,8 @@ class Exploding:
         if now is None:
             return None
         if not self._weights and window.weight_norm_before is not None:
-            rows = _usable(window) & window.loss_given & np.isfinite(window.loss)
-            first_loss = float(window.loss[rows][0]) if rows.any() else math.nan
-            start = int(window.steps[0]) - 1
-            self._weights.append((start, [float(v) for v in window.weight_norm_before], first_loss))
+            initial = [float(v) for v in window.weight_norm_before]
+            self._weights.append((int(window.steps[0]) - 1, initial, _first_loss(window)))
         last = int(window.steps[-1])
         base = next(
             (entry for entry in reversed(self._weights) if entry[0] <= last - WEIGHT_SPAN),
@@ -1151,9 +1166,8 @@ class Exploding:
         order = grown[np.argsort(-growth[grown], kind="stable")]
         names = tuple(window.layer_names[j] for j in order)
         top = float(growth[order[0]])
-        usable = _usable(window) & np.isfinite(window.grad_norm)
         return Event(
-            step=int(window.steps[usable][0]),
+            step=_first_usable_step(window),
             kind="exploding",
             metric="weight_growth",
             value=top,
@@ -1174,10 +1188,7 @@ class Exploding:
 
         ``before`` NaN (no earlier drain) compares with the window's first loss.
         """
-        if math.isnan(before):
-            rows = _usable(window) & window.loss_given & np.isfinite(window.loss)
-            before = float(window.loss[rows][0]) if rows.any() else math.nan
-        return self._rose(before, _mean_loss(window))
+        return self._rose(_first_loss(window) if math.isnan(before) else before, _mean_loss(window))
 
     def _run_event(self, window: Window, usable: BoolArray) -> Event | None:
         """Follow the run of rising norms step by step; an event if it blew up here."""
@@ -1203,7 +1214,7 @@ class Exploding:
             metric="grad_norm",
             value=hit.last_norm,
             threshold=self.run_growth * hit.first_norm,
-            layers=self._movers(),
+            layers=self._movers(window.layer_names),
             message=(
                 f"Exploding gradients: the gradient norm rose at each of {hit.length} steps "
                 f"in a row, {hit.last_norm / hit.first_norm:.3g}x in all "
@@ -1240,7 +1251,7 @@ class Exploding:
             metric="grad_norm",
             value=now,
             threshold=self.growth * base,
-            layers=self._movers(),
+            layers=self._movers(window.layer_names),
             message=(
                 f"Exploding gradients: the median gradient norm grew at each of the last "
                 f"{self.patience} log interval(s), {now / base:.3g}x in all ({base:.3g} -> "
@@ -1249,10 +1260,10 @@ class Exploding:
             extra={"medians": medians, "detected_at": int(window.steps[-1])},
         )
 
-    def _movers(self) -> tuple[str, ...]:
+    def _movers(self, names: tuple[str, ...]) -> tuple[str, ...]:
         """Layers whose mean norm grew most from the oldest kept drain to this one."""
         before, now = self._drains[0][3], self._drains[-1][3]
-        if not before or len(before) != len(now) or not self._names:
+        if not before or len(before) != len(now) or len(now) != len(names):
             return ()
         growth = np.array(
             [
@@ -1265,7 +1276,7 @@ class Exploding:
             return ()
         order = np.argsort(-growth, kind="stable")
         cut = math.sqrt(top)  # within the top half of the growth, in log scale
-        return tuple(self._names[j] for j in order if growth[j] >= cut and growth[j] > 1.0)
+        return tuple(names[j] for j in order if growth[j] >= cut and growth[j] > 1.0)
 
     def _clip_event(self, window: Window, fraction: float) -> Event:
         if self._loss_rose(window, self._clip_onset_loss):

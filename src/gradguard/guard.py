@@ -180,9 +180,10 @@ class Guard:
             for row in self._buffer
         ]
         self._closed = False
-        initial = self._weight_norms()
-        # sync: once at construction, the parameter norms the first drain compares with
-        self._last_weight_norm = None if initial is None else initial.cpu().double().numpy()
+        # The parameter norms the next drain compares with: on the host after a drain, on
+        # the device (no sync) until then, copied with the first drain's rows.
+        self._last_weight_norm: np.ndarray[Any, Any] | None = None
+        self._weight_norm_pending = self._weight_norms()
         for sink in self.sinks:
             sink.open(self._meta())
         if recovery is not None:
@@ -471,19 +472,21 @@ class Guard:
         if self._buffered == 0:
             return []
         n = self._buffered
-        weights = self._weight_norms()
-        rows = self._buffer[:n]
-        if weights is not None:  # one transfer for both
-            rows = torch.cat([rows.flatten(), weights.to(rows.device)]).reshape(-1)
-        flat = rows.cpu().double().numpy()  # sync: the one drain copy
+        weights, pending = self._weight_norms(), self._weight_norm_pending
+        parts = [self._buffer[:n].flatten()]  # one transfer for the rows and the norms
+        parts += [t.to(self.device, torch.float32) for t in (weights, pending) if t is not None]
+        flat = torch.cat(parts).cpu().double().numpy()  # sync: the one drain copy
         self.sync_count += 1
         self._buffered = 0
         width = self._buffer.shape[1]
-        host = flat[: n * width].reshape(n, width)
+        host, rest = flat[: n * width].reshape(n, width), flat[n * width :]
+        if pending is not None:
+            self._last_weight_norm = rest[len(rest) - len(pending) :]
+            self._weight_norm_pending = None
         window = self._window(
             host,
             first_step=self.step_count - n + 1,
-            weight_norm=None if weights is None else flat[n * width :],
+            weight_norm=None if weights is None else rest[: len(weights)],
         )
         self._last_weight_norm = window.weight_norm
         self._reconcile_scheduler(window)
@@ -597,8 +600,10 @@ class Guard:
         return None if last is None else [float(v) for v in last]
 
     def _load_weight_norm(self, state: Mapping[str, Any]) -> None:
+        """Restore the norms the next drain compares with; measure them anew if none was saved."""
         saved = state.get("weight_norm")
         self._last_weight_norm = None if saved is None else np.asarray(saved, dtype=np.float64)
+        self._weight_norm_pending = self._weight_norms() if saved is None else None
 
     def recovery_state(self) -> dict[str, Any]:
         """The state a rollback restores: step counter, policy and detectors (no drain).

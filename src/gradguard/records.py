@@ -1,7 +1,7 @@
 """Plain records shared downstream of the guard: StepReport, Window and Event.
 
-Detectors, recovery and sinks read these and never import the guard, so the layering of
-DESIGN.md holds: stats -> clip -> guard; detect and recover read records; sinks read
+Detectors, recovery and sinks read these and never import the guard, so the import
+layering holds: stats -> clip -> guard; detect and recover read records; sinks read
 records only.
 """
 

@@ -1,4 +1,4 @@
-"""Conventions shared by every lab experiment: seeds and threads (LAB-REFERENCES §0)."""
+"""Conventions shared by every lab experiment: seeds and threads (the reference setup)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ MODULES = (
     "recovery",
     "early_stopping",
 )
-"""The experiment modules under ``gradguard.lab``, in run order (the lab issue's order).
+"""The experiment modules under ``gradguard.lab``, in run order (the order of the lab table).
 
 Each defines ``EXPERIMENT``; a module not written yet is skipped, so experiments can land
 one at a time. A module may also define ``plot(experiment_data, out_dir) -> Path``.

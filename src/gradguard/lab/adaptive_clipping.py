@@ -7,7 +7,7 @@ own scale. Adaptive gradient clipping (AGC, Brock et al. 2021) is something else
 each unit's gradient relative to its weight, which is what lets normalizer-free networks
 train at high learning rates and large batches, and it leaves the classifier unclipped.
 
-Part A, spikes (LAB-REFERENCES E8a). A ReLU MLP 64 → 128 ×4 → 10 with He init
+Part A, spikes (the reference setup E8a). A ReLU MLP 64 → 128 ×4 → 10 with He init
 (:func:`gradguard.init.initialize`, scheme ``"he"``) on the digits training set, batches
 of 64 from shuffled epochs, SGD with momentum 0.9 at learning rate 0.05, 400 steps. After
 step 50 each step carries, with probability 0.02, a gradient spike: every gradient
@@ -22,13 +22,13 @@ The final loss is the cross-entropy on all 1,437 training images after training,
 scale 1; a run whose loss stops being finite ends there. Not every arm runs every
 condition (:data:`QUICK_ARMS`, :data:`FULL_ARMS`).
 
-Part B, AGC's own claim (LAB-REFERENCES E8b). A residual MLP without normalization: a
+Part B, AGC's own claim (the reference setup E8b). A residual MLP without normalization: a
 linear stem 64 → 64, 8 blocks ``h + W2 relu(W1 relu(h))`` of width 64 and a linear
 classifier, He init with each block's second layer scaled by 0.2; batches of 512, SGD
 with momentum 0.9 at learning rate 0.5, 200 steps; without AGC and with AGC at λ = 0.01
 (the full variant also at 0.04 and 0.16, the sweep that shows the claim depends on λ).
 
-LAB-REFERENCES ran 600 steps in part A and 300 in part B; 400 and 200 here keep the quick
+The reference setup ran 600 steps in part A and 300 in part B; 400 and 200 here keep the quick
 variant within its 8 s.
 
 Every seed draws its data from seed ``1000 + seed`` and its spike schedule from
@@ -657,7 +657,7 @@ def tables(records: Sequence[RunRecord], seeds: tuple[int, ...]) -> tuple[Table,
             columns=("arm", *(f"seed {s}" for s in seeds)),
             rows=agc_rows,
             note="The claim depends on λ (the full variant sweeps it on the first seed): "
-            "LAB-REFERENCES measured 0/0/0 at 0.01, 0/0/22.4 at 0.04, 2.30 x3 at 0.16.",
+            "The reference setup measured 0/0/0 at 0.01, 0/0/22.4 at 0.04, 2.30 x3 at 0.16.",
         ),
     )
 

@@ -604,7 +604,7 @@ _SOURCES: Mapping[str, str] = {
 }
 _PAPER: Mapping[str, str] = {
     "norm": "qualitative: SGD-C ≥ SGD wherever vanishing is not the limit (Fig. 7); "
-    "LAB-REFERENCES at L=20: clipped works at 5 of 6 lrs, unclipped at 2",
+    "the reference setup at L=20: clipped works at 5 of 6 lrs, unclipped at 2",
     "value": "qualitative: element-wise clipping let Mikolov train RNN LMs (no number for "
     "this task)",
     "autoclip": "qualitative: no threshold to tune, better than no clipping "
@@ -683,7 +683,7 @@ def _long_claims(grid: _Grid, short: int, long: int) -> list[Claim]:
             statement=f"At the longer length (L={long}) clipped SGD solves more often than "
             "plain SGD at its best learning rate.",
             paper="Fig. 7: SGD fails for long sequences while SGD-C still succeeds at some; "
-            "LAB-REFERENCES at L=40: best 3/5 clipped vs 0/5 unclipped",
+            "the reference setup at L=40: best 3/5 clipped vs 0/5 unclipped",
             measured_on=f"L={long}: best success rate over lrs, NormClip(1.0) minus none, "
             f"{len(grid.seeds)} seeds; pass: > 0",
             values=(best_norm - best_none,),

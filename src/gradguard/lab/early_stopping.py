@@ -1,6 +1,6 @@
 """Experiment ``early-stopping``: the Divergence detector stops a run before it reaches NaN.
 
-The project's seed text 004 recommends "regularly monitoring training metrics and
+Practitioners' guides recommend "regularly monitoring training metrics and
 employing early stopping" to catch gradient explosion "before [it] escalates". The rule
 behind :class:`gradguard.detect.Divergence` is Prechelt's (1998) generalization-loss
 criterion GL_α applied to the training loss: stop once the loss has stayed above
@@ -249,7 +249,7 @@ def claims(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
     return (
         Claim(
             id="divergence-stops-before-nan",
-            source="Prechelt 1998; seed text 004",
+            source="Prechelt 1998; practitioners' guides",
             statement="The guard's Divergence detector (defaults) asks a run headed to NaN "
             "to stop before its loss or gradient goes non-finite.",
             paper="early stopping catches the explosion 'before [it] escalates' (seed 004); "
@@ -329,7 +329,7 @@ def tables(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Table, ...]:
 
 
 class EarlyStoppingExperiment:
-    """The ``early-stopping`` experiment (seed text 004; Prechelt 1998; Smith 2017)."""
+    """The ``early-stopping`` experiment (practitioners' guides; Prechelt 1998; Smith 2017)."""
 
     name = "early-stopping"
     title = "The Divergence detector stops a run headed to NaN before it gets there (seed 004)"

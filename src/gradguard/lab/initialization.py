@@ -12,8 +12,8 @@ on the bundled digits.
 
 Setup. 64 → 30 × [Linear(64), ReLU] → Linear(10) (30 hidden layers, 31 weight layers),
 biases 0, cross-entropy, SGD with momentum 0.9 at LR 0.005, batches of 64 drawn epoch by
-epoch from data seed ``1000 + seed``, 600 steps (the LR of LAB-REFERENCES E4: at 0.02 the
-He net was unstable). Seven initializations (the lab issue's six, orthogonal at two gains),
+epoch from data seed ``1000 + seed``, 600 steps (the LR of the reference setup: at 0.02 the
+He net was unstable). Seven initializations (the six usual ones, orthogonal at two gains),
 the weights drawn from model seed ``seed``:
 
 * ``normal-0.01``: N(0, 0.01²) (×0.0032 per layer in variance: the signal underflows);

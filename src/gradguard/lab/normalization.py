@@ -12,7 +12,7 @@ experiment measures both on the bundled digits, at the scale of a laptop CPU.
 
 Setup. Sigmoid MLPs 64 → 100 → … → 100 → 10 with PyTorch's default init (weights and
 biases U(±1/√fan_in), Glorot's "standard" init), cross-entropy, plain SGD, batches of 60
-from shuffled epochs (data seed ``1000 + seed``), 500 steps: LAB-REFERENCES E5. Three
+from shuffled epochs (data seed ``1000 + seed``), 500 steps: the reference setup. Three
 variants of each net: ``none``; ``batch``, a ``BatchNorm1d`` between every hidden Linear
 and its sigmoid; ``layer``, a ``LayerNorm`` there instead. Three settings:
 
@@ -32,7 +32,7 @@ claim about it does not exist. We expected it to rescue the deep net as BN does;
 not (see ``LN_NOTE``): it stays at chance and its first layer's gradient at init is about
 1e-4 of the last's.
 
-The criteria come from LAB-REFERENCES E5, fixed before the runs. Every claim held on each
+The criteria come from the reference setup, fixed before the runs. Every claim held on each
 of the seeds 0-8 (the full variant's 0-2 and six more); the smallest margins were BN at
 depth 10 (test accuracy 0.906 against > 0.85) and LN at depth 3 (0.939 against > 0.9).
 """

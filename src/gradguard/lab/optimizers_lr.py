@@ -1,6 +1,6 @@
 """Experiment ``optimizers-lr``: learning rates, adaptive optimizers, warm-up and clipping.
 
-The project's seed texts (001, 002, 004) make four claims about the learning rate and
+Practitioners' guides make four claims about the learning rate and
 exploding gradients: plain SGD at a too-high learning rate blows up; adaptive optimizers
 (Adam, RMSprop, AdaGrad) at their usual learning rates train stably; an LR schedule with
 warm-up and decay removes the instability at the start of training; gradient clipping
@@ -356,7 +356,7 @@ def _lr_claims(r: _Runs) -> list[Claim]:
         ),
         Claim(
             id="sgd-high-lr-blows-up",
-            source="seed texts 002, 004",
+            source="practitioners' guides",
             statement=f"Plain SGD at {HIGH_LR / USUAL_LR:g}x that LR blows up: its loss goes "
             "non-finite or ends at least 10x above the usual-LR run's.",
             paper="too-high LR: gradients grow exponentially, NaN/Inf, divergence (qualitative)",
@@ -368,7 +368,7 @@ def _lr_claims(r: _Runs) -> list[Claim]:
         ),
         Claim(
             id="guard-clip-rescues-high-lr",
-            source="Pascanu et al. 2013; seed texts 000, 001, 004",
+            source="Pascanu et al. 2013; practitioners' guides",
             statement=f"The same run through Guard(clip=NormClip({CLIP:g})) trains.",
             paper="norm clipping keeps exploding gradients from derailing training "
             "(SGD-C, Fig. 7; qualitative here)",
@@ -392,7 +392,7 @@ def _adaptive_claims(r: _Runs) -> list[Claim]:
     return [
         Claim(
             id=f"{arm}-converges",
-            source=f"{source}; seed text 002",
+            source=f"{source}; practitioners' guides",
             statement=f"{ARM_BY_NAME[arm].label.split(',')[0]} at its usual LR trains the MLP.",
             paper=paper + " (qualitative)",
             measured_on=f"final train loss, {ARM_BY_NAME[arm].label}, {n}",
@@ -409,7 +409,7 @@ def _warmup_claims(r: _Runs) -> list[Claim]:
     return [
         Claim(
             id="constant-high-lr-spikes-early",
-            source="Goyal et al. 2017; seed text 001",
+            source="Goyal et al. 2017; practitioners' guides",
             statement=f"At a constant LR {BN_LR:g} the BN net's loss spikes to over twice its "
             "initial (chance) value in the first steps.",
             paper="large LR without warm-up: early optimization difficulty (qualitative)",
@@ -419,7 +419,7 @@ def _warmup_claims(r: _Runs) -> list[Claim]:
         ),
         Claim(
             id="warmup-removes-early-spike",
-            source="Goyal et al. 2017; seed text 001",
+            source="Goyal et al. 2017; practitioners' guides",
             statement=f"Warming up to the same LR over {WARMUP} steps keeps the loss below "
             "1.5x its initial value.",
             paper="gradual warm-up removes the early instability (qualitative)",
@@ -429,7 +429,7 @@ def _warmup_claims(r: _Runs) -> list[Claim]:
         ),
         Claim(
             id="warmup-no-spike-at-transition",
-            source="Goyal et al. 2017; seed text 001",
+            source="Goyal et al. 2017; practitioners' guides",
             statement=f"Through the whole warm-up, the step it reaches LR {BN_LR:g} and "
             f"{SPIKE_STEPS} steps more, the warmed-up loss stays below 1.5x its initial value.",
             paper="gradual warm-up avoids the spike an abrupt move to the large LR causes "
@@ -443,7 +443,7 @@ def _warmup_claims(r: _Runs) -> list[Claim]:
         ),
         Claim(
             id="warmup-decay-converges",
-            source="Goyal et al. 2017; seed text 001",
+            source="Goyal et al. 2017; practitioners' guides",
             statement="The warmed-up, decayed run trains.",
             paper="warm-up matches the small-LR baseline's accuracy (qualitative here)",
             measured_on=f"final train loss, BN net, warm-up + cosine to LR {BN_LR:g}, {n}, "
@@ -513,7 +513,7 @@ def tables(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Table, ...]:
 
 
 class OptimizersLrExperiment:
-    """The ``optimizers-lr`` experiment (seed texts 001, 002, 004)."""
+    """The ``optimizers-lr`` experiment (practitioners' guides)."""
 
     name = "optimizers-lr"
     title = "High-LR SGD blows up; adaptive optimizers, warm-up and clipping (seeds 001/2/4)"

@@ -1,6 +1,6 @@
 """Experiment ``regularization``: what L2 weight decay and dropout do to weights and gradients.
 
-The project's seed texts 000 and 001 say that regularization (L2 weight decay, dropout)
+Practitioners' guides say that regularization (L2 weight decay, dropout)
 penalizes large weights and so keeps the gradients from becoming too large, besides
 improving generalization. The published claims behind them: Krogh & Hertz (1992) showed
 that weight decay suppresses weight components the data does not need and improves
@@ -41,7 +41,7 @@ decays as the net fits the data (there is no gradient growth for regularization 
 restrain at this scale); and dropout widens the cross-entropy gap (0.95-2.5x) while its
 test accuracy is equal or higher: its errors are more confident.
 
-Revised (2026-12-05), the claims above kept. The seed texts' claim is about gradients
+Revised (2026-12-05), the claims above kept. The guides' claim is about gradients
 "becoming too large", which needs a regime where the unregularized gradient grows. Added
 arms ``noisy-*``: a 6 x 128 ReLU MLP (default init) trained for 600 steps, same optimizer,
 λ and p, on training labels of which 30 % are redrawn at random (seed ``2000 + seed``): the
@@ -345,7 +345,7 @@ def _weight_claims(r: _Runs) -> list[Claim]:
     return [
         Claim(
             id="weights-grow-without-regularization",
-            source="Soudry et al. 2018; seed text 001",
+            source="Soudry et al. 2018; practitioners' guides",
             statement="Without regularization the parameter norm grows during training.",
             paper="on separable data GD on the cross-entropy grows ||w|| like log t",
             measured_on=f"||θ|| final / at init, no regularization, {n}",
@@ -354,7 +354,7 @@ def _weight_claims(r: _Runs) -> list[Claim]:
         ),
         Claim(
             id="l2-restrains-weight-growth",
-            source="Krogh & Hertz 1992; seed text 001",
+            source="Krogh & Hertz 1992; practitioners' guides",
             statement="With L2 weight decay the final parameter norm is below 0.9x the "
             "unregularized run's.",
             paper="weight decay suppresses weight components the data does not need",
@@ -382,7 +382,7 @@ def _gradient_claims(r: _Runs) -> list[Claim]:
     return [
         Claim(
             id=f"{arm}-restrains-gradient-norm",
-            source="seed texts 000, 001",
+            source="practitioners' guides",
             statement=f"With {ARM_LABELS[arm]} the late-training gradient norm is lower than "
             "without regularization.",
             paper="regularization 'helps prevent the gradients from becoming too large' "
@@ -410,7 +410,7 @@ def _gap_claims(r: _Runs) -> list[Claim]:
     return [
         Claim(
             id=f"{arm}-narrows-generalization-gap",
-            source=f"{source}; seed text 000",
+            source=f"{source}; practitioners' guides",
             statement=f"{ARM_LABELS[arm].capitalize()} narrows the train/test cross-entropy "
             "gap to below 0.8x the unregularized one.",
             paper=paper,
@@ -432,7 +432,7 @@ def _accuracy_gap_claim(r: _Runs) -> Claim:
     n = f"{len(r.seeds)} seed(s)"
     return Claim(
         id="dropout-narrows-accuracy-gap",
-        source="Srivastava et al. 2014; seed text 000",
+        source="Srivastava et al. 2014; practitioners' guides",
         statement="Dropout narrows the train/test accuracy gap (the paper's measure: "
         "classification error).",
         paper="dropout lowers the test error at equal training error (MNIST 1.60 % -> "
@@ -461,7 +461,7 @@ def _growth_claims(r: _Runs) -> list[Claim]:
             source="precondition of the two claims below",
             statement=f"With {regime} and no regularization the training gradient norm grows: "
             f"late over early is above {GROWTH_MIN:g}.",
-            paper="(the regime the seed texts' claim is about: gradients 'becoming too large')",
+            paper="(the regime the guides' claim is about: gradients 'becoming too large')",
             measured_on=f"{window} / the first {LATE_FRACTION:.0%}'s, {regime}, none, {n}",
             values=tuple(x.gradient_growth for x in r.get("noisy-none")),
             criterion=Criterion(low=GROWTH_MIN),
@@ -469,7 +469,7 @@ def _growth_claims(r: _Runs) -> list[Claim]:
         *(
             Claim(
                 id=f"{arm}-restrains-gradient-growth",
-                source="seed texts 000, 001",
+                source="practitioners' guides",
                 statement=f"Where the gradient grows, {ARM_LABELS[arm]} keeps the late "
                 f"gradient norm below {RESTRAIN_MAX:g}x the unregularized run's.",
                 paper="regularization 'helps prevent the gradients from becoming too large' "
@@ -551,7 +551,7 @@ def tables(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Table, ...]:
 
 
 class RegularizationExperiment:
-    """The ``regularization`` experiment (seed texts 000, 001; Krogh & Hertz; Srivastava)."""
+    """The ``regularization`` experiment (practitioners' guides; Krogh & Hertz; Srivastava)."""
 
     name = "regularization"
     title = "L2 weight decay and dropout: weight norm, gradient norm, train/test gap"

@@ -11,7 +11,7 @@ under the usual (He) initialization, because every block adds its variance to th
 signal's, and that rescaling the init (Fixup) lets it train without normalization. This
 experiment measures all three on the bundled digits, at the scale of a laptop CPU.
 
-Setup (LAB-REFERENCES E6 and E7). MLPs of width 64 on the digits: a stem Linear, then
+Setup (the reference setup). MLPs of width 64 on the digits: a stem Linear, then
 ``n`` blocks, then a Linear classifier: ``2 + 2n`` weight layers, so 8 layers is 3 blocks
 and 32 layers 15 blocks. Four block types:
 
@@ -29,7 +29,7 @@ Weights are initialized by :func:`gradguard.init.initialize` (``"auto"``: He bef
 ReLUs, Xavier for the classifier, biases 0, BN weight 1 and bias 0) under the model seed;
 Fixup's rescaling is applied on top. Cross-entropy, SGD with momentum 0.9 at LR 0.05,
 batches of 64 from shuffled epochs, 400 steps in the quick variant and 800 in the full
-one (LAB-REFERENCES used 800; 56-layer nets do not fit the time budget, so the deep nets
+one (the reference setup used 800; 56-layer nets do not fit the time budget, so the deep nets
 here have 32 layers). Every step goes through a :class:`gradguard.Guard` (default
 detectors, no clip policy: it measures without changing the step); a sink keeps the
 loss, the global gradient norm and each block's gradient norm. The ``he`` net is stopped
@@ -37,7 +37,7 @@ at its first non-finite loss or gradient. Step 1's norms are those at initializa
 their first-block over last-block ratio is the gradient-flow measure. The training loss
 and test accuracy are measured on the full splits after training (BN in eval mode).
 
-The criteria come from LAB-REFERENCES E6 and E7 (fixed before the runs; for 32 layers,
+The criteria come from the reference setup (fixed before the runs; for 32 layers,
 where E6 measured plain losses of 0.71-2.71 against <= 0.003 at 8 layers, the degradation
 margin is 0.3). Every claim held on each of the seeds 0-8 in the full variant and 0-6 in
 the quick one; the closest calls were plain-32 minus plain-8 at 0.57 (> 0.3) and the

@@ -9,8 +9,8 @@ The same init halves the variance at every ReLU layer (He et al. 2015).
 
 Setup. 64 → 32 × [Linear(64), activation] → Linear(10) on the bundled digits, every
 weight LeCun normal (``gradguard.init.initialize(model, "lecun")``), biases 0,
-cross-entropy, SGD with momentum 0.9 at LR 0.005, batches of 64, 500 steps (LAB-REFERENCES
-E7). Three activations: SELU, ReLU, and tanh as an extension (a saturating activation is
+cross-entropy, SGD with momentum 0.9 at LR 0.005, batches of 64, 500 steps (the reference
+setup's). Three activations: SELU, ReLU, and tanh as an extension (a saturating activation is
 near-linear at small inputs, so under this init it keeps a variance of order 0.01 and
 still trains; there is no claim on it). :func:`gradguard.diagnose.diagnose` probes each
 network at init on 256 training images: per-layer mean and variance of the activations,
