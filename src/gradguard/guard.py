@@ -10,8 +10,10 @@ file carries a ``# sync:`` comment with its reason.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -20,10 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from gradguard._foreach import stacked_norms
-from gradguard.clip import ClipPolicy
+from gradguard._updates import UpdateProbe
+from gradguard.clip import ClipPolicy, NormClip
 from gradguard.detect import Detector, default_detectors
 from gradguard.errors import ConfigError, GradGuardError
-from gradguard.records import Event, StepReport, Window
+from gradguard.explain import Explainer, LayerScale, RunFacts, Streaks, jsonable
+from gradguard.records import SAMPLE_COLUMNS, SAMPLE_TOP, Event, StepReport, Window
 from gradguard.sinks import (
     TENSORBOARD_DIR,
     JsonlSink,
@@ -31,12 +35,17 @@ from gradguard.sinks import (
     TensorBoardSink,
     tensorboard_available,
 )
-from gradguard.stats import GradStats, grad_stats, layer_norms, layout_for
+from gradguard.stats import ROOT_LAYER, GradStats, grad_stats, layer_norms, layer_of, layout_for
 
 NonFiniteMode = Literal["skip", "raise", "zero"]
 _COLUMNS = ("loss", "loss_given", "grad_norm", "clipped_norm", "scale")
 _FLAGS = ("skipped", "finite", "overflow")
 _N_SCALARS = len(_COLUMNS) + len(_FLAGS) + 1  # + lr
+_N_SAMPLES = len(SAMPLE_COLUMNS)
+#: batch ids kept for the log of a rollback (the steps it undoes)
+_BATCH_HISTORY = 4096
+_SATURATING = ("Sigmoid", "Tanh", "Softsign", "Hardtanh", "Hardsigmoid", "LogSigmoid")
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
 @runtime_checkable
@@ -156,11 +165,8 @@ class Guard:
         self.step_count = 0
         self._state_primed = False
         self.lr_factor = 1.0  # a recovery's cool-down; applied only around optimizer steps
-        self._buffer = torch.zeros(
-            (log_every, _N_SCALARS + len(self.layer_names) + len(self.tensor_names)),
-            dtype=torch.float32,
-            device=self.device,
-        )
+        n_columns = _N_SCALARS + len(self.layer_names) + len(self.tensor_names) + _N_SAMPLES
+        self._buffer = torch.zeros((log_every, n_columns), dtype=torch.float32, device=self.device)
         self._buffered = 0
         self._scheduler_at_window_start: dict[str, Any] | None = None
         self._window_on_device: list[bool] = []
@@ -169,16 +175,24 @@ class Guard:
         self._one = torch.ones((), device=self.device)
         self._zero = torch.zeros((), device=self.device)
         self._true, self._false = layout.true, layout.false
-        # The ring buffer's rows as (scalars, per-layer, per-tensor) views, made once.
+        # The ring buffer's rows as (scalars, per-layer, per-tensor, samples) views.
         n_layers = len(self.layer_names)
         self._rows = [
             (
                 row[:_N_SCALARS],
                 row[_N_SCALARS : _N_SCALARS + n_layers],
-                row[_N_SCALARS + n_layers :],
+                row[_N_SCALARS + n_layers : -_N_SAMPLES],
+                row[-_N_SAMPLES:],
             )
             for row in self._buffer
         ]
+        self._window_batch: list[Any] = []
+        self._window_samples: list[bool] = []
+        self._batches: deque[tuple[int, Any]] = deque(maxlen=_BATCH_HISTORY)
+        self._probe = self._update_probe(layout)
+        self._update_pending: Tensor | None = None
+        self.explainer = Explainer(self._facts())
+        self._streaks = Streaks(log_every)
         self._closed = False
         # The parameter norms the next drain compares with: on the host after a drain, on
         # the device (no sync) until then, copied with the first drain's rows.
@@ -191,12 +205,25 @@ class Guard:
 
     # --- the step ---------------------------------------------------------------------
 
-    def step(self, loss: Tensor | float | None = None) -> StepReport:
+    def step(
+        self,
+        loss: Tensor | float | None = None,
+        *,
+        batch: Any = None,
+        sample_losses: Tensor | None = None,
+    ) -> StepReport:
         """Measure, clip, then step the optimizer or skip the step; return what happened.
 
         Args:
             loss: this step's loss (a scalar tensor or float), for spike and divergence
                 detection and the logs; optional.
+            batch: an id of this step's batch (indices, file names, the loader's step:
+                anything JSON can hold, or a tensor); events at this step carry it and a
+                rollback's event lists the ids it skipped. Kept as given, converted only
+                for the events that need it.
+            sample_losses: the per-example losses of the batch (``reduction="none"``),
+                detached; a spike or NaN event then names the examples that stand out.
+                Summarised on the device (median, spread, the largest four), no sync.
 
         Returns:
             A :class:`StepReport` of device tensors.
@@ -215,6 +242,15 @@ class Guard:
         if self.scaler is not None:
             self._unscale()
         loss_tensor = None if loss is None else self._loss_tensor(loss)
+        samples = None if sample_losses is None else self._sample_summary(sample_losses)
+        self._window_batch.append(batch)
+        self._window_samples.append(samples is not None)
+        if batch is not None:
+            self._batches.append((self.step_count, batch))
+        measure_update = self._probe is not None and self._buffered == self.log_every - 1
+        if measure_update:
+            assert self._probe is not None
+            self._probe.before_step()
         stats = grad_stats(
             self.model, resolve=False, loss=loss_tensor, process_group=self.process_group
         )
@@ -224,6 +260,9 @@ class Guard:
             skipped, scale = self._step_on_device(stats)
         else:
             stats, skipped, scale = self._step_with_read(stats)
+        if measure_update:
+            assert self._probe is not None
+            self._update_pending = self._probe.after_step()
         report = StepReport(
             step=self.step_count,
             grad_norm=stats.total,
@@ -233,7 +272,7 @@ class Guard:
             finite=stats.finite,
             loss=stats.loss,  # averaged across ranks when the model is distributed
         )
-        self._record(report, stats)
+        self._record(report, stats, samples)
         if self._buffered == self.log_every:
             self.flush()
         if self.recovery is not None:
@@ -447,8 +486,38 @@ class Guard:
             return self._zero
         return flag.float()
 
-    def _record(self, report: StepReport, stats: GradStats) -> None:
-        scalars, per_layer, per_tensor = self._rows[self._buffered]
+    def _sample_summary(self, sample_losses: Tensor) -> Tensor:
+        """Median, spread, non-finite count, size and the largest losses, on the device."""
+        if not isinstance(sample_losses, Tensor) or sample_losses.numel() == 0:
+            raise ConfigError(
+                "sample_losses must be a non-empty tensor of per-example losses, e.g. "
+                "F.cross_entropy(logits, y, reduction='none').detach()."
+            )
+        values = sample_losses.detach().reshape(-1).to(self.device, torch.float32)
+        n = values.numel()
+        finite = torch.isfinite(values)
+        kept = torch.where(finite, values, self._nan)
+        median = torch.nanmedian(kept)
+        spread = torch.nanmedian((kept - median).abs())
+        k = min(SAMPLE_TOP, n)
+        order = torch.where(torch.isnan(values), math.inf, values)
+        positions = torch.topk(order, k).indices
+        pad = self._nan.expand(SAMPLE_TOP - k)
+        return torch.cat(
+            [
+                torch.stack([median, spread, (~finite).sum().float(), self._full(n)]),
+                values[positions],
+                pad,
+                positions.float(),
+                pad,
+            ]
+        )
+
+    def _full(self, value: float) -> Tensor:
+        return torch.full((), float(value), device=self.device)
+
+    def _record(self, report: StepReport, stats: GradStats, samples: Tensor | None) -> None:
+        scalars, per_layer, per_tensor, sample_row = self._rows[self._buffered]
         torch.stack(
             [
                 self._nan if report.loss is None else report.loss.float(),
@@ -465,21 +534,41 @@ class Guard:
         )
         per_layer.copy_(stats.per_layer)
         per_tensor.copy_(stats.per_tensor)
+        if samples is not None:
+            sample_row.copy_(samples)
         self._buffered += 1
 
     def flush(self) -> list[Event]:
         """Drain the buffered steps now: detectors, recovery and sinks; return new events."""
+        return self._drain(final=False)
+
+    def _drain(self, final: bool) -> list[Event]:
+        """Copy the buffered steps to the host once, then judge, explain and log them.
+
+        ``final`` closes every open streak of events (the guard is closing).
+        """
         if self._buffered == 0:
+            closing = self._streaks.close_all() if final else []
+            if closing:
+                self._publish(self._empty_window(), [], closing)
             return []
         n = self._buffered
+        stopped_before = self.should_stop
         weights, pending = self._weight_norms(), self._weight_norm_pending
+        update = self._update_pending if n == self.log_every else None
+        self._update_pending = None
         parts = [self._buffer[:n].flatten()]  # one transfer for the rows and the norms
-        parts += [t.to(self.device, torch.float32) for t in (weights, pending) if t is not None]
+        parts += [
+            t.to(self.device, torch.float32) for t in (weights, pending, update) if t is not None
+        ]
         flat = torch.cat(parts).cpu().double().numpy()  # sync: the one drain copy
         self.sync_count += 1
         self._buffered = 0
         width = self._buffer.shape[1]
         host, rest = flat[: n * width].reshape(n, width), flat[n * width :]
+        update_ratio = None
+        if update is not None:
+            update_ratio, rest = rest[len(rest) - len(update) :], rest[: len(rest) - len(update)]
         if pending is not None:
             self._last_weight_norm = rest[len(rest) - len(pending) :]
             self._weight_norm_pending = None
@@ -487,22 +576,107 @@ class Guard:
             host,
             first_step=self.step_count - n + 1,
             weight_norm=None if weights is None else rest[: len(weights)],
+            update_ratio=update_ratio,
         )
         self._last_weight_norm = window.weight_norm
         self._reconcile_scheduler(window)
         events = [event for d in self.detectors for event in d.observe(window)]
         events.sort(key=lambda e: e.step)
+        events = self.explainer.explain(window, events)
         if self.recovery is not None:
-            events += self.recovery.on_drain(self, window, events)
-        self.events.extend(events)
+            events += [
+                self._explain_rollback(event, events)
+                for event in self.recovery.on_drain(self, window, events)
+            ]
+        merged, updated = self._streaks.merge(events, int(window.steps[-1]), final=final)
+        requested = any(e.kind == "divergence" for e in merged) or self.should_stop
+        if requested and not stopped_before:
+            reason = next((e for e in merged if e.kind in ("divergence", "rollback")), None)
+            if reason is not None:
+                reason.extra["stop_requested_at"] = int(window.steps[-1])
+        self.should_stop = requested
+        self._publish(window, merged, updated)
+        return merged
+
+    def _publish(self, window: Window, new: list[Event], updated: list[Event]) -> None:
+        """Keep the events (a streak's update replaces its row) and hand them to the sinks."""
+        for event in updated:
+            for i in range(len(self.events) - 1, -1, -1):
+                if self._streaks.same(self.events[i], event):
+                    self.events[i] = event
+                    break
+        self.events.extend(new)
+        rows = [*new, *(e for e in updated if self._streaks.due(e))]
         for sink in self.sinks:
-            sink.write(window, events)
-        for event in events:
-            if event.kind == "divergence":
-                self.should_stop = True
-            if self.on_event is not None:
+            sink.write(window, rows)
+        if self.on_event is not None:
+            for event in new:
                 self.on_event(event)
-        return events
+
+    def _explain_rollback(self, event: Event, events: Sequence[Event]) -> Event:
+        """A rollback's cause is its trigger's; its evidence lists the batches it skipped."""
+        if event.kind != "rollback":
+            return event
+        trigger_step = event.extra.get("trigger_step")
+        trigger = next(
+            (
+                e
+                for e in events
+                if e.kind == event.extra.get("trigger") and e.step == trigger_step and e.cause
+            ),
+            None,
+        )
+        undone = event.extra.get("undone")
+        skipped: list[Any] = []
+        if undone:
+            first, last = int(undone[0]), int(undone[1])
+            skipped = [jsonable(b) for s, b in self._batches if first <= s <= last]
+            self._batches = deque(
+                ((s, b) for s, b in self._batches if s < first), maxlen=_BATCH_HISTORY
+            )
+        return self.explainer.explain_rollback(event, trigger, skipped)
+
+    def _update_probe(self, layout: Any) -> UpdateProbe | None:
+        """The update-ratio probe, or None where the weights are sharded across ranks."""
+        if not layout.params or (layout.sharding is not None and layout.sharding.sharded):
+            return None
+        index = {name: i for i, name in enumerate(self.layer_names)}
+        layers = [index[layer_of(name)] for name in layout.names]
+        return UpdateProbe(layout.params, layers, len(self.layer_names), self.device)
+
+    def _facts(self) -> RunFacts:
+        """What the explainer needs to know about the model and the training setup."""
+        model, optimizer = self.model, self.optimizer
+        types = {type(m).__name__ for m in model.modules()}
+        saturating = [t for t in _SATURATING if t in types]
+        if any(isinstance(m, nn.RNN) and m.nonlinearity == "tanh" for m in model.modules()):
+            saturating.append("RNN(tanh)")
+        dtypes = [p.dtype for p in model.parameters() if p.requires_grad]
+        common = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+        low = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(common)
+        names = self.layer_names
+        first_param: dict[str, Tensor] = {}
+        for name, param in model.named_parameters():
+            first_param.setdefault(layer_of(name), param)
+
+        def group_lr() -> list[float]:
+            lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+            return [float(lr_of.get(id(first_param[n]), math.nan)) for n in names]
+
+        def layer_scale(name: str) -> LayerScale | None:
+            return _layer_scale(model, name)
+
+        return RunFacts(
+            clip_max_norm=self.clip.max_norm if isinstance(self.clip, NormClip) else None,
+            clipping=self.clip is not None,
+            scaler=self.scaler is not None,
+            recovery=self.recovery is not None,
+            low_precision=low,
+            saturating=tuple(saturating),
+            normalized=any(isinstance(m, _NORMS) for m in model.modules()),
+            group_lr=group_lr,
+            layer_scale=layer_scale,
+        )
 
     def _weight_norms(self) -> Tensor | None:
         """Per-layer fp32 parameter norms on the device, for the detectors (at drains only).
@@ -531,10 +705,18 @@ class Guard:
         host: np.ndarray[Any, Any],
         first_step: int,
         weight_norm: np.ndarray[Any, Any] | None = None,
+        update_ratio: np.ndarray[Any, Any] | None = None,
     ) -> Window:
         n_layers = len(self.layer_names)
         host_lr = np.asarray(self._window_lr, dtype=np.float64)
         self._window_lr = []
+        given = np.asarray(self._window_samples, dtype=bool)
+        batch = tuple(self._window_batch)
+        self._window_batch, self._window_samples = [], []
+        samples = None
+        if given.any():
+            samples = host[:, -_N_SAMPLES:].copy()
+            samples[~given] = np.nan
         col = {name: host[:, i] for i, name in enumerate(_COLUMNS + _FLAGS)}
         return Window(
             steps=np.arange(first_step, first_step + host.shape[0], dtype=np.int64),
@@ -548,13 +730,21 @@ class Guard:
             overflow=col["overflow"] > 0,
             lr=np.where(np.isnan(host_lr), host[:, _N_SCALARS - 1], host_lr),
             per_layer=host[:, _N_SCALARS : _N_SCALARS + n_layers],
-            per_tensor=host[:, _N_SCALARS + n_layers :],
+            per_tensor=host[:, _N_SCALARS + n_layers : -_N_SAMPLES],
             layer_names=self.layer_names,
             tensor_names=self.tensor_names,
             weight_norm=weight_norm,
             weight_norm_before=self._last_weight_norm,
             loss_scaled=self.scaler is not None,
+            update_ratio=update_ratio,
+            batch=batch if any(b is not None for b in batch) else None,
+            samples=samples,
         )
+
+    def _empty_window(self) -> Window:
+        """A window of no steps, to hand sinks the events a closing guard still owes."""
+        width = self._buffer.shape[1]
+        return self._window(np.zeros((0, width)), first_step=self.step_count + 1)
 
     def _reconcile_scheduler(self, window: Window) -> None:
         """Device path: count its real steps; replay the scheduler if one was skipped.
@@ -593,6 +783,7 @@ class Guard:
             "lr_factor": self.lr_factor,
             "recovery": getattr(self.recovery, "state_dict", dict)(),
             "weight_norm": self._weight_norm_state(),
+            "explainer": self.explainer.state_dict(),
         }
 
     def _weight_norm_state(self) -> list[float] | None:
@@ -628,6 +819,8 @@ class Guard:
         """Restore :meth:`recovery_state`; pending buffered steps are discarded."""
         self._buffered = 0
         self._window_on_device, self._window_lr = [], []
+        self._window_batch, self._window_samples = [], []
+        self._update_pending = None
         self._scheduler_at_window_start = None
         self._state_primed = False  # the restored optimizer state may predate the priming
         self.step_count = int(state["step_count"])
@@ -651,6 +844,8 @@ class Guard:
         self._buffered = 0
         self._window_on_device = []
         self._window_lr = []
+        self._window_batch, self._window_samples = [], []
+        self._update_pending = None
         self.step_count = int(state["step_count"])
         self.should_stop = bool(state["should_stop"])
         self.sync_count = int(state["sync_count"])
@@ -660,6 +855,7 @@ class Guard:
             detector.load_state_dict(detector_state)
         self.events = [Event.from_dict(e) for e in state["events"]]
         self._load_weight_norm(state)
+        self.explainer.load_state_dict(state.get("explainer", {}))
         self.lr_factor = float(state.get("lr_factor", 1.0))
         if self.recovery is not None and hasattr(self.recovery, "load_state_dict"):
             self.recovery.load_state_dict(state.get("recovery", {}))
@@ -668,7 +864,7 @@ class Guard:
         """Drain what is buffered and close the sinks."""
         if self._closed:
             return
-        self.flush()
+        self._drain(final=True)
         for sink in self.sinks:
             sink.close()
         self._closed = True
@@ -777,6 +973,28 @@ class GuardedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+def _layer_scale(model: nn.Module, name: str) -> LayerScale | None:
+    """The std and fan-in of a layer's weight matrix (its recurrent one for an RNN).
+
+    Read on the host: called only when an event needs it.
+    """
+    try:
+        module = model if name == ROOT_LAYER else model.get_submodule(name)
+    except AttributeError:
+        return None
+    matrices = [
+        (n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 2 and p.numel() > 1
+    ]
+    if not matrices:
+        return None
+    recurrent = [p for n, p in matrices if n.startswith("weight_hh")]
+    weight = recurrent[0] if recurrent else matrices[0][1]
+    fan_in = int(weight.shape[1]) * int(np.prod(weight.shape[2:], dtype=np.int64))
+    with torch.no_grad():
+        std = float(weight.detach().float().std())  # sync: only to explain an event
+    return LayerScale(std=std, fan_in=fan_in)
 
 
 def _detectors(value: Literal["default"] | Sequence[Detector] | None) -> list[Detector]:

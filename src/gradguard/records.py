@@ -22,6 +22,21 @@ EventKind = Literal[
 Severity = Literal["info", "warning", "error"]
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error")
 
+#: Why an event happened: every warning and error carries one of these as ``Event.cause``,
+#: with its label for people. ``unknown`` is an honest answer when the evidence is thin.
+CAUSES: dict[str, str] = {
+    "lr_too_high": "learning rate too high",
+    "bad_batch": "a bad batch",
+    "overflow": "overflow of a low-precision type",
+    "nonfinite_loss": "a non-finite loss (e.g. log(0) or division by zero)",
+    "nonfinite_forward": "non-finite values in the forward pass",
+    "saturation": "saturating activations",
+    "dead_units": "dead units",
+    "initialization": "weights initialised at the wrong scale",
+    "layer_local": "one layer blowing up",
+    "unknown": "unknown",
+}
+
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
@@ -79,6 +94,14 @@ class Window:
     weight_norm_before: FloatArray | None = None
     #: the guard steps through a ``GradScaler``: non-finite gradients are its normal work
     loss_scaled: bool = False
+    #: per-layer update ratio of the window's last step, ||w_after - w_before|| / ||w_before||
+    #: (NaN for the layers not measured at this drain; None when nothing was measured)
+    update_ratio: FloatArray | None = None
+    #: the batch id given to ``guard.step(batch=...)`` for each step (None where none was)
+    batch: tuple[Any, ...] | None = None
+    #: per step, a summary of ``sample_losses`` (see :data:`SAMPLE_COLUMNS`; NaN rows where
+    #: none was given)
+    samples: FloatArray | None = None
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
@@ -108,6 +131,17 @@ class Window:
         return out
 
 
+#: Columns of ``Window.samples``: the batch's median per-example loss, the median absolute
+#: deviation, the number of non-finite losses, the batch size, then the ``SAMPLE_TOP``
+#: largest losses and their positions in the batch.
+SAMPLE_TOP = 4
+SAMPLE_COLUMNS = (
+    ("median", "mad", "nonfinite", "size")
+    + tuple(f"top{i}" for i in range(SAMPLE_TOP))
+    + tuple(f"position{i}" for i in range(SAMPLE_TOP))
+)
+
+
 def _json_float(value: float | np.floating[Any]) -> float | str:
     """A float for JSON, with non-finite values as the strings "nan", "inf", "-inf"."""
     number = float(value)
@@ -115,23 +149,67 @@ def _json_float(value: float | np.floating[Any]) -> float | str:
 
 
 @dataclass(frozen=True)
-class Event:
-    """A decision with its reason: what was seen, against which threshold, and what to do.
+class Advice:
+    """One concrete step to take, with the setting it changes.
 
     Attributes:
-        step: the step at which the condition was seen (its onset for sustained ones).
+        action: what to change: ``clip``, ``lr``, ``group_lr``, ``epsilon``,
+            ``scaler``, ``bf16``, ``init``, ``activation``, ``normalization``,
+            ``inspect_batch``, ``skip_batch`` or ``rollback``.
+        text: the step in a sentence, with its numbers.
+        setting: the numbers, e.g. ``{"max_norm": 3.2}`` for a clip or
+            ``{"lr": 0.002, "from": 0.02}`` for a learning rate.
+    """
+
+    action: str
+    text: str
+    setting: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"action": self.action, "text": self.text, "setting": dict(self.setting)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | str) -> Advice:
+        """Rebuild from :meth:`to_dict` output (a bare string is a step with no setting)."""
+        if isinstance(data, str):
+            return cls(action="", text=data)
+        return cls(
+            str(data.get("action", "")), str(data.get("text", "")), dict(data.get("setting", {}))
+        )
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Event:
+    """A decision with its reason: what was seen, why it happened and what to do.
+
+    Attributes:
+        step: the step at which the condition was seen (its onset for sustained ones, the
+            first step for a streak); also ``first_step``.
         kind: ``nonfinite``, ``overflow``, ``spike``, ``vanishing``, ``exploding``,
             ``divergence``, ``rollback`` or ``cooldown`` (the end of a rollback's LR
             cool-down).
         value: the measured value that triggered it (NaN when not numeric).
         threshold: the threshold it crossed (NaN when none applies).
         layers: names of the layers or tensors concerned (may be empty).
-        message: one or two sentences naming the symptom and the likely fix.
+        message: one or two sentences naming the symptom.
         metric: what ``value`` measures, e.g. ``loss`` or ``grad_norm``.
         severity: ``info`` (worth a line in the log, needs no action: a clipped gradient
             spike with no effect on the loss, a loss scaler backing off), ``warning`` (the
             user should look: the run is being damaged or will not learn) or ``error``
             (training cannot go on as it is: divergence, a rollback that failed).
+        cause: why, one of :data:`CAUSES` (set on every warning and error; may be empty
+            on info events).
+        evidence: the numbers behind the cause; ``evidence["summary"]`` says it in one
+            sentence.
+        advice: concrete steps, most effective first, with numbers from this run.
+        count: how many consecutive steps (or drains) the streak has lasted: consecutive
+            events of the same kind become one event.
+        last_step: the last step of the streak (``step`` for a single event).
+        batch: the id passed as ``guard.step(batch=...)`` at ``step``, if any.
     """
 
     step: int
@@ -143,15 +221,31 @@ class Event:
     metric: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     severity: Severity = "warning"
+    cause: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict, compare=False)
+    advice: tuple[Advice, ...] = field(default=(), compare=False)
+    count: int = 1
+    last_step: int | None = None
+    batch: Any = field(default=None, compare=False)
 
     @property
     def needs_attention(self) -> bool:
         """True for warnings and errors: what the report, the console and exit codes count."""
         return self.severity != "info"
 
+    @property
+    def first_step(self) -> int:
+        """The first step of the event's streak (its ``step``)."""
+        return self.step
+
+    @property
+    def end_step(self) -> int:
+        """The last step of the streak."""
+        return self.step if self.last_step is None else self.last_step
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the ``events.jsonl`` row format)."""
-        return {
+        row: dict[str, Any] = {
             "step": self.step,
             "kind": self.kind,
             "severity": self.severity,
@@ -160,14 +254,29 @@ class Event:
             "threshold": _json_float(self.threshold),
             "layers": list(self.layers),
             "message": self.message,
-            **({"extra": self.extra} if self.extra else {}),
+            "count": self.count,
+            "first_step": self.step,
+            "last_step": self.end_step,
         }
+        if self.cause:
+            row["cause"] = self.cause
+        if self.evidence:
+            row["evidence"] = self.evidence
+        if self.advice:
+            row["advice"] = [a.to_dict() for a in self.advice]
+        if self.batch is not None:
+            row["batch"] = self.batch
+        if self.extra:
+            row["extra"] = self.extra
+        return row
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Event:
         """Rebuild an event from :meth:`to_dict` output."""
+        step = int(data["step"])
+        last = data.get("last_step")
         return cls(
-            step=int(data["step"]),
+            step=step,
             kind=data["kind"],
             value=float(data["value"]),
             threshold=float(data["threshold"]),
@@ -176,12 +285,25 @@ class Event:
             metric=data.get("metric", ""),
             extra=dict(data.get("extra", {})),
             severity=severity_of(data),
+            cause=str(data.get("cause", "")),
+            evidence=dict(data.get("evidence", {})),
+            advice=tuple(Advice.from_dict(a) for a in data.get("advice", ())),
+            count=int(data.get("count", 1)),
+            last_step=None if last is None or int(last) == step else int(last),
+            batch=data.get("batch"),
         )
 
     def __str__(self) -> str:
         where = f" in {', '.join(self.layers[:4])}" if self.layers else ""
         more = f" (+{len(self.layers) - 4} more)" if len(self.layers) > 4 else ""
-        return f"step {self.step}: {self.severity} {self.kind}{where}{more}: {self.message}"
+        span = f" (x{self.count} to step {self.end_step})" if self.count > 1 else ""
+        why = f" [cause: {self.cause}]" if self.cause else ""
+        text = (
+            f"step {self.step}{span}: {self.severity} {self.kind}{where}{more}{why}: {self.message}"
+        )
+        if self.advice:
+            text += " Advice: " + " ".join(f"({i}) {a.text}" for i, a in enumerate(self.advice, 1))
+        return text
 
 
 def severity_of(data: dict[str, Any]) -> Severity:

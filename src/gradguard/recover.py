@@ -533,7 +533,12 @@ class Rollback:
                 f"{self.cooldown} steps. The batches in between are skipped "
                 f"(rollback {self.rollbacks} of at most {self.max_rollbacks})."
             ),
-            extra={"trigger": trigger.kind, "cooldown": self.cooldown},
+            extra={
+                "trigger": trigger.kind,
+                "trigger_step": trigger.step,
+                "undone": [snapshot.step + 1, now],
+                "cooldown": self.cooldown,
+            },
             severity="warning",
         )
 
@@ -554,6 +559,7 @@ class Rollback:
             metric="restored_step",
             message=message,
             severity="error",
+            extra={"trigger": trigger.kind, "trigger_step": trigger.step},
         )
 
     def _restore(self, guard: _GuardLike, payload: Mapping[str, Any]) -> None:

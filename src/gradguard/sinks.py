@@ -19,7 +19,7 @@ from typing import IO, Any, Protocol, runtime_checkable
 import numpy as np
 
 from gradguard.errors import ConfigError
-from gradguard.records import Event, Window, _json_float
+from gradguard.records import CAUSES, Event, Window, _json_float
 
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
@@ -87,16 +87,7 @@ class JsonlSink:
         if not self._files:
             raise ConfigError("JsonlSink.write called before open(); the guard opens sinks.")
         metrics = "".join(json.dumps(row) + "\n" for row in window.rows())
-        layers = "".join(
-            json.dumps(
-                {
-                    "step": int(step),
-                    "norms": [_json_float(v) for v in window.per_layer[i]],
-                }
-            )
-            + "\n"
-            for i, step in enumerate(window.steps)
-        )
+        layers = "".join(json.dumps(row) + "\n" for row in _layer_rows(window))
         self._append(METRICS_FILE, metrics)
         self._append(LAYERS_FILE, layers)
         if events:
@@ -112,6 +103,19 @@ class JsonlSink:
         for handle in self._files.values():
             handle.close()
         self._files.clear()
+
+
+def _layer_rows(window: Window) -> list[dict[str, Any]]:
+    """The ``layers.jsonl`` rows of a window; its last step carries the update ratios."""
+    rows: list[dict[str, Any]] = [
+        {"step": int(step), "norms": [_json_float(v) for v in window.per_layer[i]]}
+        for i, step in enumerate(window.steps)
+    ]
+    if rows and window.update_ratio is not None:
+        rows[-1]["update_ratio"] = [
+            None if np.isnan(v) else _json_float(v) for v in window.update_ratio
+        ]
+    return rows
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -263,6 +267,13 @@ class TensorBoardSink:
                 for tag, norm in zip(self._tags, norms, strict=True)
             ]
             file_writer.add_summary(summary(value=values), row["step"])
+        if window.update_ratio is not None and len(window):
+            ratios = [
+                value(tag=f"update_ratio/{tag.removeprefix('layers/')}", simple_value=float(r))
+                for tag, r in zip(self._tags, window.update_ratio, strict=True)
+                if np.isfinite(r)
+            ]
+            file_writer.add_summary(summary(value=ratios), int(window.steps[-1]))
         by_step: dict[int, list[str]] = {}
         for event in events:
             by_step.setdefault(event.step, []).append(_event_markdown(event))
@@ -315,7 +326,16 @@ def _event_markdown(event: Event) -> str:
     layers = f" in `{', '.join(event.layers[:4])}`" if event.layers else ""
     more = f" (+{len(event.layers) - 4} more)" if len(event.layers) > 4 else ""
     metric = f" {event.metric}" if event.metric else ""
-    return (
-        f"**{event.kind}**{layers}{more} ({event.severity}):{metric} value "
+    streak = f", {event.count} times to step {event.end_step}" if event.count > 1 else ""
+    text = (
+        f"**{event.kind}**{layers}{more} ({event.severity}{streak}):{metric} value "
         f"{event.value:.4g}, threshold {event.threshold:.4g}. {event.message}"
     )
+    if event.cause:
+        text += f"\n\n*Cause: {CAUSES.get(event.cause, event.cause)}.* "
+        text += str(event.evidence.get("summary", ""))
+    if event.batch is not None:
+        text += f" Batch: `{json.dumps(event.batch)[:200]}`."
+    for i, advice in enumerate(event.advice, 1):
+        text += f"\n\n{i}. {advice.text}"
+    return text
