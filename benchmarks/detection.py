@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,17 +59,29 @@ class Raised:
     step: int
     known_at: int
     layer: str | None
+    cause: str = ""
+    batch: Any = None
+    examples: int = 0  # how many examples the event names as standing out
 
     @classmethod
     def of(cls, event: Event) -> Raised:
         """Read a guard event (``known_at`` is ``extra["detected_at"]``, else ``step``)."""
         known_at = int(event.extra.get("detected_at", event.step))
-        return cls(event.kind, int(event.step), known_at, event.layers[0] if event.layers else None)
+        return cls(
+            event.kind,
+            int(event.step),
+            known_at,
+            event.layers[0] if event.layers else None,
+            getattr(event, "cause", ""),
+            getattr(event, "batch", None),
+            len(getattr(event, "evidence", {}).get("outliers", ())),
+        )
 
     def __str__(self) -> str:
         known = "" if self.known_at == self.step else f" (known {self.known_at})"
         layer = f" [{self.layer}]" if self.layer else ""
-        return f"{self.kind}@{self.step}{known}{layer}"
+        cause = f" <{self.cause}>" if self.cause else ""
+        return f"{self.kind}@{self.step}{known}{layer}{cause}"
 
 
 @dataclass
@@ -86,6 +99,10 @@ class Outcome:
         right: how many counted events satisfy ``expect`` (0 on healthy runs).
         false_alarms: counted events on a healthy run; before the onset on a pathological one.
         layer_ok: for layer-local labels with a detection, whether it named the layer.
+        cause: the detecting event's cause judged against the label: ``right``,
+            ``unknown`` or ``wrong`` (None without a detection or a cause label).
+        evidence_ok: for labels that ask for the batch id and the examples, whether the
+            detecting event carries both.
         info_events: events of ``info`` severity (shown, never scored).
         steps: guard steps the run took.
         seconds: wall-clock time of the run.
@@ -104,6 +121,8 @@ class Outcome:
     layer_ok: bool | None
     info_events: int
     steps: int
+    cause: str | None = None
+    evidence_ok: bool | None = None
     seconds: float = 0.0
     notes: dict[str, float] = field(default_factory=dict)
 
@@ -130,6 +149,13 @@ def _matches(raised: Raised, expect: Expect, run: RunResult) -> bool:
     return not (expect.before_nonfinite and nonfinite is not None and raised.known_at >= nonfinite)
 
 
+def _cause_verdict(cause: str, expected: tuple[str, ...]) -> str:
+    """``right`` when the cause is one the label allows, ``unknown`` when honest, else wrong."""
+    if cause in expected:
+        return "right"
+    return "unknown" if cause in ("", "unknown") else "wrong"
+
+
 def _layer_ok(layer: str | None, expected: str) -> bool:
     return layer is not None and (layer == expected or layer.startswith(expected + "."))
 
@@ -151,6 +177,8 @@ def score(scenario: Scenario, seed: int, quick: bool, run: RunResult) -> Outcome
         raise ValueError(f"pathological scenario {scenario.name!r} has no Expect")
     raised = [Raised.of(e) for e in run.events if counts(e)]
     detected, right, layer_ok = None, 0, None
+    cause: str | None = None
+    evidence_ok: bool | None = None
     if scenario.healthy or expect is None:
         false_alarms = len(raised)
     else:
@@ -161,6 +189,12 @@ def score(scenario: Scenario, seed: int, quick: bool, run: RunResult) -> Outcome
             detected = min(matching, key=lambda r: (r.known_at, r.step))
             if expect.layer is not None:
                 layer_ok = _layer_ok(detected.layer, expect.layer)
+            if expect.causes:
+                cause = _cause_verdict(detected.cause, expect.causes)
+            if expect.batch is not None or expect.examples:
+                evidence_ok = (expect.batch is None or detected.batch == expect.batch) and (
+                    not expect.examples or detected.examples > 0
+                )
     return Outcome(
         scenario=scenario.name,
         seed=seed,
@@ -174,6 +208,8 @@ def score(scenario: Scenario, seed: int, quick: bool, run: RunResult) -> Outcome
         layer_ok=layer_ok,
         info_events=sum(not counts(e) for e in run.events),
         steps=run.steps,
+        cause=cause,
+        evidence_ok=evidence_ok,
         notes=dict(run.notes),
     )
 
@@ -261,6 +297,17 @@ class Totals:
     layer_correct: int
     layer_accuracy: float | None
     median_delay: float | None
+    cause_checked: int = 0
+    cause_right: int = 0
+    cause_unknown: int = 0
+    cause_wrong: int = 0
+    evidence_checked: int = 0
+    evidence_right: int = 0
+
+    @property
+    def cause_accuracy(self) -> float | None:
+        """Right causes over the detections that have a cause label."""
+        return _ratio(self.cause_right, self.cause_checked)
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:
@@ -292,6 +339,12 @@ def totals(outcomes: Sequence[Outcome]) -> Totals:
         layer_correct=layer_correct,
         layer_accuracy=_ratio(layer_correct, len(layer_checked)),
         median_delay=statistics.median(delays) if delays else None,
+        cause_checked=sum(o.cause is not None for o in sick),
+        cause_right=sum(o.cause == "right" for o in sick),
+        cause_unknown=sum(o.cause == "unknown" for o in sick),
+        cause_wrong=sum(o.cause == "wrong" for o in sick),
+        evidence_checked=sum(o.evidence_ok is not None for o in sick),
+        evidence_right=sum(bool(o.evidence_ok) for o in sick),
     )
 
 
@@ -336,16 +389,16 @@ def _fmt(value: float | int | bool | None, spec: str = "") -> str:
 def to_markdown(outcomes: Sequence[Outcome]) -> str:
     """The outcomes as markdown: a row per scenario and seed, then the totals."""
     lines = [
-        "| scenario | seed | label | expected | raised (warning/error) | delay | "
-        "false alarms | layer ok | info | met | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | seed | label | expected | raised (warning/error) <cause> | delay | "
+        "false alarms | layer ok | cause | info | met | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         label = "healthy" if o.healthy else "pathological"
         lines.append(
             f"| {o.scenario}{' (quick)' if o.quick else ''} | {o.seed} | {label} | "
             f"{_expected(o)} | {_raised_cell(o.raised)} | {_fmt(o.delay)} | "
-            f"{o.false_alarms} | {_fmt(o.layer_ok)} | {o.info_events} | "
+            f"{o.false_alarms} | {_fmt(o.layer_ok)} | {o.cause or '–'} | {o.info_events} | "
             f"{_fmt(o.passed)} | {o.seconds:.1f} |"
         )
     t = totals(outcomes)
@@ -359,6 +412,11 @@ def to_markdown(outcomes: Sequence[Outcome]) -> str:
         f"detections ({_fmt(t.precision, '.0%')}).",
         f"- Layer accuracy: {t.layer_correct} / {t.layer_checked} layer-local detections "
         f"name the layer ({_fmt(t.layer_accuracy, '.0%')}).",
+        f"- Cause: right on {t.cause_right} / {t.cause_checked} detections "
+        f"({_fmt(t.cause_accuracy, '.0%')}), unknown on {t.cause_unknown}, wrong on "
+        f"{t.cause_wrong}.",
+        f"- Batch id and outlier examples named: {t.evidence_right} / {t.evidence_checked} "
+        "runs that ask for them.",
         "",
         "| scenario | criterion met (runs) |",
         "|---|---|",
@@ -390,7 +448,12 @@ def _expected_label(e: Expect) -> str:
     text = f"{' or '.join(e.kinds)} at or after step {e.onset}, known within {e.within} steps"
     if e.layer is not None:
         text += f", naming `{e.layer}` first"
-    return text + (", before the first non-finite step" if e.before_nonfinite else "")
+    text += ", before the first non-finite step" if e.before_nonfinite else ""
+    if e.causes:
+        text += f"; cause `{'` or `'.join(e.causes)}`"
+    if e.batch is not None:
+        text += f", batch {e.batch} and its outlier examples named"
+    return text
 
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "detection.md"

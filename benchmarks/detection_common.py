@@ -30,6 +30,9 @@ class Expect:
         layer: for layer-local pathologies, the layer (a name of ``guard.layer_names``, or a
             prefix of one) that must be named first in the event's ``layers``.
         before_nonfinite: the event must be known before the first non-finite step.
+        causes: the causes (``Event.cause``) that are right for the detecting event.
+        batch: the batch id the detecting event must carry (the corpus passes the step).
+        examples: the detecting event must name the examples that stand out.
     """
 
     kinds: tuple[str, ...]
@@ -37,6 +40,9 @@ class Expect:
     within: int
     layer: str | None = None
     before_nonfinite: bool = False
+    causes: tuple[str, ...] = ()
+    batch: int | None = None
+    examples: bool = False
 
 
 @dataclass

@@ -29,7 +29,7 @@ from detection_common import LOG_EVERY, Expect, RunResult, Scenario, as_float
 from gradguard.lab.data import load_digits
 
 Batch = tuple[Tensor, Tensor]
-StepFn = Callable[[int], Tensor]  # step -> loss, after forward and backward
+StepFn = Callable[[int], "Tensor | tuple[Tensor, Tensor]"]  # step -> loss (and per-example)
 ProbeFn = Callable[[int], None]  # called after backward, before guard.step
 
 #: Cross-entropy of a uniform guess over the ten digit classes.
@@ -130,11 +130,12 @@ def _train(
     first_nonfinite: int | None = None
     for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
-        loss = step_fn(step)
+        out = step_fn(step)
+        loss, per_example = out if isinstance(out, tuple) else (out, None)
         if probe is not None:
             probe(step)
         finite = _grads_finite(model)
-        guard.step(loss)
+        guard.step(loss, batch=step, sample_losses=per_example)
         losses.append(as_float(loss))
         if first_nonfinite is None and not (finite and math.isfinite(losses[-1])):
             first_nonfinite = step
@@ -152,9 +153,15 @@ def _classifier_step(
 ) -> StepFn:
     """A step function: next batch, forward, ``loss_fn(logits, labels)``, backward."""
 
-    def step_fn(_step: int) -> Tensor:
+    def step_fn(_step: int) -> Tensor | tuple[Tensor, Tensor]:
         x, y = next(batches)
-        loss = loss_fn(model(x), y)
+        logits = model(x)
+        if loss_fn is _ce:  # per-example losses too, for the guard's sample_losses
+            per_example = nn.functional.cross_entropy(logits.float(), y, reduction="none")
+            loss = per_example.mean()
+            loss.backward()
+            return loss, per_example.detach()
+        loss = loss_fn(logits, y)
         loss.backward()
         return loss
 
@@ -371,7 +378,7 @@ def _burst_run(seed: int, steps: int, onset: int, factor: float) -> RunResult:
     optimizer = torch.optim.SGD(model.parameters(), lr=BURST_LR, momentum=0.9)
     base = _classifier_step(model, _digit_batches(generator), _ce)
 
-    def step_fn(step: int) -> Tensor:
+    def step_fn(step: int) -> Tensor | tuple[Tensor, Tensor]:
         burst = onset <= step < onset + BURST_STEPS
         for group in optimizer.param_groups:
             group["lr"] = BURST_LR * (factor if burst else 1.0)
@@ -432,15 +439,16 @@ def run_poisoned_batch(seed: int, quick: bool) -> RunResult:
     model, optimizer, batches = _slow_mlp(seed)
     errors: list[float] = []
 
-    def step_fn(step: int) -> Tensor:
+    def step_fn(step: int) -> Tensor | tuple[Tensor, Tensor]:
         x, y = next(batches)
         if step == POISON_STEP:
             x = x * POISON_FACTOR
         logits = model(x)
         errors.append(float((logits.argmax(1) != y).sum()))
-        loss = _ce(logits, y)
+        per_example = nn.functional.cross_entropy(logits, y, reduction="none")
+        loss = per_example.mean()
         loss.backward()
-        return loss
+        return loss, per_example.detach()
 
     trace = _Trace()
     result = _train(model, optimizer, _steps(quick, 300, 200), step_fn, trace.probe(model))
@@ -468,16 +476,17 @@ def run_nan_log0(seed: int, quick: bool) -> RunResult:
     model, optimizer, batches = _slow_mlp(seed)
     zero_probs: list[float] = []
 
-    def step_fn(step: int) -> Tensor:
+    def step_fn(step: int) -> Tensor | tuple[Tensor, Tensor]:
         x, y = next(batches)
         logits = model(x)
         if step == LOG0_STEP:  # the mask bug: the first example's class is masked out
             logits = logits.masked_fill(torch.arange(10) == y[0], -math.inf)
         p_true = torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
         zero_probs.append(float((p_true == 0).sum()))
-        loss = -torch.log(p_true).mean()
+        per_example = -torch.log(p_true)
+        loss = per_example.mean()
         loss.backward()
-        return loss
+        return loss, per_example.detach()
 
     result = _train(model, optimizer, _steps(quick, 300, 200), step_fn)
     i = LOG0_STEP - 1
@@ -508,7 +517,7 @@ def run_fp16_overflow(seed: int, quick: bool) -> RunResult:
     batches = _digit_batches(generator)
     max_grads: list[float] = []  # largest |element| of the fp16 gradients as computed
 
-    def step_fn(step: int) -> Tensor:
+    def step_fn(step: int) -> Tensor | tuple[Tensor, Tensor]:
         x, y = next(batches)
         scale = FP16_LOSS_SCALE if step >= FP16_STEP else 1.0
         loss = _ce(model(x.half()), y)
@@ -545,7 +554,7 @@ def run_slow_divergence(seed: int, quick: bool) -> RunResult:
     optimizer = torch.optim.SGD(model.parameters(), lr=RAMP_LR0, momentum=0.9)
     base = _classifier_step(model, _digit_batches(generator), _ce)
 
-    def step_fn(step: int) -> Tensor:
+    def step_fn(step: int) -> Tensor | tuple[Tensor, Tensor]:
         for group in optimizer.param_groups:
             group["lr"] = RAMP_LR0 * RAMP_FACTOR ** (step - 1)
         return base(step)
@@ -689,7 +698,7 @@ SCENARIOS: list[Scenario] = [
             "learn; within=30 allows three drains of 10 steps."
         ),
         run=run_deep_sigmoid_mlp,
-        expect=Expect(kinds=("vanishing",), onset=1, within=30, layer="0"),
+        expect=Expect(kinds=("vanishing",), onset=1, within=30, layer="0", causes=("saturation",)),
     ),
     Scenario(
         name="deep_relu_normal",
@@ -708,7 +717,9 @@ SCENARIOS: list[Scenario] = [
             "to 3.3e6), so the explosion is not local to one layer's gradient norm."
         ),
         run=run_deep_relu_normal,
-        expect=Expect(kinds=("exploding", "overflow"), onset=1, within=10),
+        expect=Expect(
+            kinds=("exploding", "overflow"), onset=1, within=10, causes=("initialization",)
+        ),
     ),
     Scenario(
         name="tanh_rnn_radius3",
@@ -725,7 +736,7 @@ SCENARIOS: list[Scenario] = [
             "20 and NaN after, on every seed 0-4. Exploding from the start: onset 1."
         ),
         run=run_tanh_rnn_radius3,
-        expect=Expect(kinds=("exploding",), onset=1, within=10),
+        expect=Expect(kinds=("exploding",), onset=1, within=10, causes=("initialization",)),
     ),
     Scenario(
         name="dead_relu",
@@ -741,7 +752,7 @@ SCENARIOS: list[Scenario] = [
             "the whole run. Onset 1; layer '0' is the first layer with a zero gradient."
         ),
         run=run_dead_relu,
-        expect=Expect(kinds=("vanishing",), onset=1, within=30, layer="0"),
+        expect=Expect(kinds=("vanishing",), onset=1, within=30, layer="0", causes=("dead_units",)),
     ),
     Scenario(
         name="lr_burst_early",
@@ -757,7 +768,7 @@ SCENARIOS: list[Scenario] = [
             "= the first burst step, whose update is the first bad one."
         ),
         run=run_lr_burst_early,
-        expect=Expect(kinds=("spike",), onset=EARLY_BURST, within=10),
+        expect=Expect(kinds=("spike",), onset=EARLY_BURST, within=10, causes=("lr_too_high",)),
     ),
     Scenario(
         name="lr_burst_late",
@@ -773,7 +784,7 @@ SCENARIOS: list[Scenario] = [
             "point barely moves some seeds (seed 2: loss x1.4). Onset = the first burst step."
         ),
         run=run_lr_burst_late,
-        expect=Expect(kinds=("spike",), onset=LATE_BURST, within=10),
+        expect=Expect(kinds=("spike",), onset=LATE_BURST, within=10, causes=("lr_too_high",)),
     ),
     Scenario(
         name="poisoned_batch",
@@ -789,7 +800,14 @@ SCENARIOS: list[Scenario] = [
             "whose loss stays at 10-20 for 20 steps. The spike is at that step: within=0."
         ),
         run=run_poisoned_batch,
-        expect=Expect(kinds=("spike",), onset=POISON_STEP, within=0),
+        expect=Expect(
+            kinds=("spike",),
+            onset=POISON_STEP,
+            within=0,
+            causes=("bad_batch",),
+            batch=POISON_STEP,
+            examples=True,
+        ),
     ),
     Scenario(
         name="nan_log0",
@@ -805,7 +823,14 @@ SCENARIOS: list[Scenario] = [
             "at no other (no other step has a zero probability). Onset = that step, within=0."
         ),
         run=run_nan_log0,
-        expect=Expect(kinds=("nonfinite",), onset=LOG0_STEP, within=0),
+        expect=Expect(
+            kinds=("nonfinite",),
+            onset=LOG0_STEP,
+            within=0,
+            causes=("nonfinite_loss",),
+            batch=LOG0_STEP,
+            examples=True,
+        ),
     ),
     Scenario(
         name="fp16_overflow",
@@ -824,7 +849,9 @@ SCENARIOS: list[Scenario] = [
             "Onset = step 100, within=0."
         ),
         run=run_fp16_overflow,
-        expect=Expect(kinds=("overflow", "nonfinite"), onset=FP16_STEP, within=0),
+        expect=Expect(
+            kinds=("overflow", "nonfinite"), onset=FP16_STEP, within=0, causes=("overflow",)
+        ),
     ),
     Scenario(
         name="slow_divergence",
@@ -840,7 +867,13 @@ SCENARIOS: list[Scenario] = [
             "the run. Onset = that centre; within=100, by which point the rise is unmistakable."
         ),
         run=run_slow_divergence,
-        expect=Expect(kinds=("divergence",), onset=142, within=100, before_nonfinite=True),
+        expect=Expect(
+            kinds=("divergence",),
+            onset=142,
+            within=100,
+            before_nonfinite=True,
+            causes=("lr_too_high",),
+        ),
     ),
     Scenario(
         name="layer_lr_too_high",
@@ -859,7 +892,13 @@ SCENARIOS: list[Scenario] = [
             "in the first 20 steps while layer '2''s grows 1.6x), its weights do. Onset 1."
         ),
         run=run_layer_lr_too_high,
-        expect=Expect(kinds=("exploding", "spike"), onset=1, within=10, layer=HOT_LAYER),
+        expect=Expect(
+            kinds=("exploding", "spike"),
+            onset=1,
+            within=10,
+            layer=HOT_LAYER,
+            causes=("lr_too_high",),
+        ),
     ),
     Scenario(
         name="tanh_small_init",
@@ -875,7 +914,9 @@ SCENARIOS: list[Scenario] = [
             "and the loss stays at chance (ln 10): vanishing gradients in the first layers."
         ),
         run=run_tanh_small_init,
-        expect=Expect(kinds=("vanishing",), onset=1, within=30, layer="0"),
+        expect=Expect(
+            kinds=("vanishing",), onset=1, within=30, layer="0", causes=("initialization",)
+        ),
     ),
     Scenario(
         name="adam_lr_too_high",
@@ -891,7 +932,9 @@ SCENARIOS: list[Scenario] = [
             "network never trains (its ReLUs die). Exploding from step 1."
         ),
         run=run_adam_lr_too_high,
-        expect=Expect(kinds=("exploding", "spike", "divergence"), onset=1, within=10),
+        expect=Expect(
+            kinds=("exploding", "spike", "divergence"), onset=1, within=10, causes=("lr_too_high",)
+        ),
     ),
 ]
 

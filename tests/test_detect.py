@@ -379,10 +379,11 @@ def test_nonfinite_fires_once_per_bad_step_naming_the_bad_tensors() -> None:
     assert events[0].layers == ("fc1.bias", "fc2.weight")
     assert events[1].layers == ("fc1.weight",)
     message = events[0].message
-    for words in ("NaN/Inf gradients", "skipped", "learning rate", "exploding", "clip"):
+    for words in ("NaN/Inf gradients", "skipped", "fc1.bias"):
         assert words in message
-    for words in ("log of zero", "division by zero", "fp16", "loss scaling", "bf16"):
-        assert words in message
+    # The symptom only: the guard's explainer adds the cause and advice that fits it.
+    for words in ("learning rate", "epsilon", "bf16"):
+        assert words not in message
     assert events[0].extra == {"skipped": True, "loss_finite": True}
 
 
@@ -705,10 +706,8 @@ def test_vanishing_fires_after_patience_drains_naming_the_leading_weak_layers() 
     assert event.value == pytest.approx(1e-5)
     assert event.threshold == 1e-3
     assert event.extra["ratios"] == pytest.approx({"encoder.0": 1e-5, "encoder.1": 1e-4})
-    for words in ("Vanishing gradients in the first 2 layer(s)", "ReLU", "sigmoid/tanh"):
-        assert words in event.message
-    for words in ("He/Xavier", "BatchNorm/LayerNorm", "residual connections", "LSTM/GRU"):
-        assert words in event.message
+    assert "Vanishing gradients in the first 2 layer(s)" in event.message
+    assert "ReLU" not in event.message  # remedies are the explainer's advice, by cause
     assert "zero gradient" not in event.message
 
 
@@ -781,10 +780,9 @@ def test_exploding_fires_on_sustained_growth_of_the_median() -> None:
     assert event.threshold == pytest.approx(10.0)  # growth x the smallest median (1.0)
     assert event.step == 1 + 2 * 5  # onset: the first drain that grew
     assert event.extra["detected_at"] == 25
-    for words in ("Exploding gradients", "27x", "Clip the gradient norm", "warm-up"):
+    for words in ("Exploding gradients", "27x"):
         assert words in event.message
-    for words in ("learning rate", "He/Xavier", "normalization", "LSTM/GRU"):
-        assert words in event.message
+    assert "Clip the gradient norm" not in event.message  # advice is the explainer's
 
 
 def test_exploding_needs_growth_at_every_drain_and_the_full_factor() -> None:

@@ -28,7 +28,7 @@ import gradguard as gg
 from gradguard import lab
 from gradguard.errors import ConfigError
 from gradguard.report import write_lab_report, write_report
-from gradguard.report._data import load_run
+from gradguard.report._data import load_run, merge_streaks
 from gradguard.report._figures import draw_heatmap
 from gradguard.report._verdict import verdict
 
@@ -63,6 +63,12 @@ def event_rows(page: str) -> list[list[str]]:
         [html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
         for row in re.findall(r"<tr>(.*?)</tr>", table.group(1))
     ]
+
+
+def section_of(page: str, ident: str) -> str:
+    found = re.search(rf'<section id="{ident}">(.*?)</section>', page, re.S)
+    assert found, f"no section {ident}"
+    return found.group(1)
 
 
 def write_run(
@@ -138,20 +144,33 @@ def test_report_of_a_faulty_run(faulty_run: Path) -> None:
     assert "1 rollback after a loss spike at step 101" in sentence
     assert "30 more undone by rollbacks" in sentence
     images = images_of(page)
-    assert list(images) == PLOT_IDS
+    # the update-ratio heatmap (after the gradient-norm one) only when the guard logs ratios
+    assert list(images) in (PLOT_IDS, [*PLOT_IDS[:4], "img-update_ratio", *PLOT_IDS[4:]])
     for ident, pixels in images.items():
         assert pixels.shape[0] > 200, ident
         assert pixels.shape[1] > 800, ident
         assert pixels[..., :3].std() > 0.05, f"{ident} is blank"
     assert "data-skipped" not in page
-    events = [json.loads(line) for line in (faulty_run / "events.jsonl").read_text().splitlines()]
+    written = [json.loads(line) for line in (faulty_run / "events.jsonl").read_text().splitlines()]
+    events = merge_streaks(written)  # one per streak, by onset
     rows = event_rows(page)
-    assert len(rows) == len(events) == 7
-    assert [int(r[0]) for r in rows] == sorted(e["step"] for e in events)
-    assert {r[2] for r in rows} == {"nonfinite", "spike", "rollback", "cooldown"}
-    assert [r[1] for r in rows] == [e["severity"] for e in sorted(events, key=lambda e: e["step"])]
-    for e in events:
-        assert any(r[7] == e["message"] for r in rows)
+    assert len(rows) == len(events) <= len(written)  # a guard logging streaks rewrites rows
+    first_steps = [int(r[0].split("–")[0]) for r in rows]
+    assert first_steps == sorted(first_steps) == [e["first_step"] for e in events]
+    assert first_steps[0] == 30
+    assert 101 in first_steps
+    kinds = {r[2] for r in rows}
+    assert {"nonfinite", "spike (loss)", "rollback", "cooldown"} <= kinds
+    assert kinds <= {"nonfinite", "spike (loss)", "spike (grad_norm)", "rollback", "cooldown"}
+    assert [r[3] for r in rows] == [e["severity"] for e in events]
+    assert [r[7] for r in rows] == [e["message"] for e in events]
+    # the warnings, first to last, at the top of the page
+    assert page.index('id="what-happened"') < page.index('id="plots"')
+    onsets = re.findall(r'<p class="episode-head"><b>Steps? (\d+)', page)
+    attention = [str(e["first_step"]) for e in events if e["severity"] != "info"]
+    assert onsets == list(dict.fromkeys(attention))
+    assert onsets[0] == "30"
+    assert "101" in onsets
     assert "NormClip(max_norm=1.0, norm_type=2.0)" in html.unescape(page)
     # self-contained: no reference leaves the file (only data: URLs and in-page anchors)
     assert not re.search(r'(?:src|href)="(?!data:|#)', page)
@@ -200,7 +219,8 @@ def test_missing_loss_skips_its_plot_with_a_note(tmp_path: Path) -> None:
         r"without a loss\)",
         page,
     )
-    assert list(images_of(page)) == [i for i in PLOT_IDS if i != "img-loss"]
+    shown = [i for i in images_of(page) if i != "img-update_ratio"]  # when the guard logs it
+    assert shown == [i for i in PLOT_IDS if i != "img-loss"]
     assert "No events." in page
 
 
@@ -226,8 +246,10 @@ def test_event_text_is_escaped(tmp_path: Path) -> None:
     assert "<script>" not in page
     assert "<b>x</b>" not in page
     assert "&lt;script&gt;x()&lt;/script&gt;&amp;" in page
-    assert event_rows(page)[0][6:] == ["<b>x</b>", "<script>x()</script>&"]
-    assert event_rows(page)[0][1] == "warning"  # a row without severity reads as a warning
+    row = event_rows(page)[0]
+    assert (row[5], row[7]) == ("<b>x</b>", "<script>x()</script>&")
+    assert row[3] == "warning"  # a row without severity reads as a warning
+    assert "<b>x</b>" not in section_of(page, "what-happened")
 
 
 @pytest.mark.parametrize(
@@ -262,7 +284,8 @@ def test_event_text_is_escaped(tmp_path: Path) -> None:
             [event(7, "divergence", metric="loss")],
             1.0,
             "bad",
-            "Diverged at step 7 (training stopped) (20 steps logged).",
+            "Diverged at step 7; stop requested at about step 10 (by divergence at step 7); "
+            "training ended at step 20 (20 steps logged).",
         ),
         (
             [event(9, "rollback", value=5.0, threshold=7.0, extra={"trigger": "exploding"})],
@@ -301,7 +324,7 @@ def test_bad_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_report_modules_import_no_torch() -> None:
-    """``report/`` imports only the standard library, numpy, matplotlib and torch-free modules.
+    """``report/`` imports only the stdlib, numpy, matplotlib (and its Pillow), torch-free modules.
 
     A plain ``import gradguard.report`` runs ``gradguard/__init__.py`` first, which imports
     torch, so a subprocess cannot simply check ``sys.modules`` after that import. This test
@@ -322,7 +345,7 @@ def test_report_modules_import_no_torch() -> None:
                 if module.startswith("gradguard."):
                     ok = module.startswith("gradguard.report") or module in allowed_gradguard
                 else:
-                    ok = top in sys.stdlib_module_names or top in ("numpy", "matplotlib")
+                    ok = top in sys.stdlib_module_names or top in ("numpy", "matplotlib", "PIL")
                     ok = ok or top == "__future__"
                 assert ok, f"{path.name} imports {module}"
     errors_tree = ast.parse((SRC / "errors.py").read_text())

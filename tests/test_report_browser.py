@@ -216,7 +216,7 @@ def test_report_renders_in_chromium(browser: Chromium, tmp_path: Path) -> None:
     images, errors = browser.load(report)
     assert errors == []
     assert [i["id"] for i in images] == [
-        "img-loss", "img-grad_norm", "img-lr", "img-heatmap", "img-layer_bars"
+        "img-loss", "img-grad_norm", "img-lr", "img-heatmap", "img-update_ratio", "img-layer_bars"
     ]  # fmt: skip
     for image in images:
         assert image["complete"], image

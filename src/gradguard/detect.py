@@ -137,12 +137,6 @@ def _tensors_where(window: Window, row: int, bad: BoolArray) -> tuple[str, ...]:
 
 # --- per-step detectors ----------------------------------------------------------------
 
-_NONFINITE_CAUSES = (
-    "Likely causes: a too-high learning rate or exploding gradients (clip the gradient "
-    "norm, lower the LR), a log of zero or a division by zero (add an epsilon), fp16 "
-    "overflow (use loss scaling or bf16)."
-)
-
 
 class NonFinite:
     """One ``nonfinite`` event per step whose gradients hold a NaN or an Inf.
@@ -219,7 +213,7 @@ class NonFinite:
                     layers=tensors,
                     message=(
                         f"NaN/Inf gradients{where}; step "
-                        f"{'skipped' if skipped else 'not skipped'}.{origin} {_NONFINITE_CAUSES}"
+                        f"{'skipped' if skipped else 'not skipped'}.{origin}"
                     ),
                     extra={"skipped": skipped, "loss_finite": not loss_bad},
                 )
@@ -711,11 +705,7 @@ def _spike_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 
 # --- sustained detectors ---------------------------------------------------------------
 
-_VANISHING_FIX = (
-    "Early layers learn slowly or not at all. Use ReLU-family activations instead of "
-    "sigmoid/tanh, He/Xavier initialization, BatchNorm/LayerNorm and residual "
-    "connections (LSTM/GRU for recurrent nets)."
-)
+_VANISHING_FIX = "Early layers learn slowly or not at all."
 
 
 class Vanishing:
@@ -934,13 +924,6 @@ def _layer_means(window: Window) -> FloatArray | None:
     return None if rows is None else np.asarray(window.per_layer[rows].mean(axis=0))
 
 
-_EXPLODING_FIX = (
-    "Clip the gradient norm, lower the learning rate or add LR warm-up / a decay "
-    "schedule, use He/Xavier initialization and normalization layers; for RNNs use "
-    "LSTM/GRU."
-)
-
-
 class _RisingRun(NamedTuple):
     """The current run of rising gradient norms; it restarts at any step that does not rise."""
 
@@ -1131,8 +1114,7 @@ class Exploding:
                 f"Exploding gradients: the median layer's gradient norm is {median:.3g} times "
                 f"its weight norm (limit {self.max_ratio:g}; healthy networks sit near "
                 f"1e-4 to 1), in {len(over)} of {len(ratios)} layers, first {_names(over)}: "
-                f"any SGD step above LR {1 / median:.2g} replaces the weights. "
-                f"{_EXPLODING_FIX}"
+                f"any SGD step above LR {1 / median:.2g} replaces the weights."
             ),
             extra={"detected_at": int(window.steps[-1])},
         )
@@ -1177,8 +1159,7 @@ class Exploding:
                 f"Exploding weights in {_names(names)}: the parameter norm of {names[0]} grew "
                 f"{top:.3g}x since step {max(base[0], 0)} ({before[order[0]]:.3g} -> "
                 f"{now[order[0]]:.3g}) while the loss rose: its updates are far too "
-                "large for it. Check that layer's learning rate (its param group) and "
-                f"initialization, clip the gradient norm. {_EXPLODING_FIX}"
+                "large for it."
             ),
             extra={"detected_at": int(window.steps[-1])},
         )
@@ -1218,8 +1199,7 @@ class Exploding:
             message=(
                 f"Exploding gradients: the gradient norm rose at each of {hit.length} steps "
                 f"in a row, {hit.last_norm / hit.first_norm:.3g}x in all "
-                f"({hit.first_norm:.3g} -> {hit.last_norm:.3g}), while the loss rose. "
-                f"{_EXPLODING_FIX}"
+                f"({hit.first_norm:.3g} -> {hit.last_norm:.3g}), while the loss rose."
             ),
             extra={"run_steps": hit.length, "detected_at": int(window.steps[-1])},
         )
@@ -1255,7 +1235,7 @@ class Exploding:
             message=(
                 f"Exploding gradients: the median gradient norm grew at each of the last "
                 f"{self.patience} log interval(s), {now / base:.3g}x in all ({base:.3g} -> "
-                f"{now:.3g}), while the loss rose. {_EXPLODING_FIX}"
+                f"{now:.3g}), while the loss rose."
             ),
             extra={"medians": medians, "detected_at": int(window.steps[-1])},
         )
@@ -1289,7 +1269,7 @@ class Exploding:
                 message=(
                     f"Exploding gradients: clipping was active on {fraction:.0%} of steps for "
                     f"{self.patience} log interval(s) while the loss rose: the gradients keep "
-                    f"exceeding the clip threshold. {_EXPLODING_FIX}"
+                    f"exceeding the clip threshold."
                 ),
                 extra={"detected_at": int(window.steps[-1])},
             )

@@ -4,8 +4,9 @@
 multiplies together:
 
 * per layer, in the order the layers run: the mean and std of its output, the fraction
-  of saturated units after sigmoid/tanh-like activations and of dead units after the
-  ReLU family, the gradient norm of its parameters (gradient flow, through
+  of saturated units after sigmoid/tanh-like activations and of dead units after ReLU
+  and ReLU6 (leaky, ELU, GELU or SiLU units pass gradient below zero and cannot die),
+  the gradient norm of its parameters (gradient flow, through
   :func:`gradguard.stats.grad_stats`), the gradient norm at its output, its weight norm
   and largest singular value, and its gain (output std / input std);
 * the per-example input-output Jacobian: its largest singular values and its mean
@@ -15,7 +16,8 @@ multiplies together:
   forget-gate statistics;
 
 then gives a verdict (``"healthy"``, ``"vanishing"``, ``"exploding"``) by the thresholds
-below, flags layers, and recommends remedies with their sources.
+below, flags layers, and recommends remedies with their sources (:func:`diagnose` gives
+the rule for the clipping threshold, and what is left out because the model has it).
 
 Thresholds. One number decides all three signals: a factor of :data:`RATIO` = 10³
 between where the gradient enters and where it leaves.
@@ -51,6 +53,7 @@ mode, so BatchNorm normalizes with batch statistics, as in the first training st
 
 from __future__ import annotations
 
+import decimal
 import html
 import json
 import math
@@ -91,7 +94,8 @@ zero (or less) for every example of the batch."""
 
 INIT_TOLERANCE = 1.25
 """A weight's std further than this factor from the std its activation's scheme gives
-counts as mis-initialized in the recommendations."""
+counts as mis-initialized in the recommendations; an input std further than this factor
+from 1 counts as not unit-scaled."""
 
 EXACT_SVD_MAX = 64
 """Largest singular values of weights with a side up to this are exact (``svdvals``);
@@ -99,6 +103,10 @@ larger ones come from :data:`POWER_ITERATIONS` power iterations (a lower bound, 
 about 1 % on random matrices, where the top two singular values are close)."""
 
 POWER_ITERATIONS = 50
+
+CLIP_FRACTION = 0.5
+"""A suggested clipping threshold is at most this fraction of the global gradient norm
+measured: a threshold at or above that norm would not clip the batch it came from."""
 
 SOURCES: Mapping[str, str] = {
     "init": "Glorot & Bengio 2010; He et al. 2015; Klambauer et al. 2017",
@@ -141,8 +149,9 @@ class LayerDiagnosis:
         activation_std: std of its output.
         saturated_fraction: share of outputs where a sigmoid/tanh-like activation's
             derivative is below :data:`SATURATION_DERIVATIVE` of its peak.
-        dead_fraction: share of units of a ReLU-family activation that are <= 0 for
-            every example of the batch (a unit: one element of an example's output).
+        dead_fraction: share of units of a ReLU (ReLU6, leaky ReLU of slope 0) that are
+            <= 0 for every example of the batch (a unit: one element of an example's
+            output); None after activations that pass gradient below zero.
         grad_norm: L2 norm of the gradient of its parameters.
         output_grad_norm: L2 norm of the gradient of the loss at its output.
         relative_grad: ``output_grad_norm`` over that of the last parametrized layer.
@@ -260,7 +269,11 @@ class RecurrentDiagnosis:
 
 @dataclass(frozen=True)
 class Recommendation:
-    """A remedy: a stable ``code``, a message in plain words, the layers, the source."""
+    """A remedy: a stable ``code``, a message in plain words, the layers, the source.
+
+    A recommendation never names a remedy the model is measured to have already (see
+    :func:`diagnose`).
+    """
 
     code: str
     message: str
@@ -290,8 +303,9 @@ class Diagnosis:
         loss: the loss the gradients were taken of.
         grad_norm: global L2 norm of the parameter gradients.
         gradient_ratio: first over last parametrized layer's output gradient.
-        suggested_clip: a global-norm clipping threshold from the measured gradients
-            (√L times the median layer gradient norm), or None.
+        suggested_clip: a global-norm clipping threshold from the measured gradients,
+            always below ``grad_norm`` (see :func:`diagnose` for the rule); None when the
+            norms overflow. The ``clip`` recommendation names the same value.
         batch_dim: the batch dimension used for units and examples.
         notes: what could not be measured, and why.
     """
@@ -478,13 +492,21 @@ def _dead(y: Tensor, batch_dim: int) -> Tensor | None:
 _NAN = float("nan")
 
 
+def _zero_below(act: init.Activation) -> bool:
+    """Whether the activation passes no gradient below zero, so a unit can die (ReLU, ReLU6).
+
+    A leaky ReLU, ELU, GELU or SiLU passes some gradient there: its units never die.
+    """
+    return act.kind in ("relu", "relu6") or (act.kind == "leaky_relu" and act.slope == 0)
+
+
 def _moments(module: nn.Module, x: Tensor | None, y: Tensor, batch_dim: int) -> Tensor:
     """[n, Σy, Σy², n_x, Σx, Σx², saturated, dead, non-finite] of one call, fp64."""
     y64 = y.detach().double()
     act = init.activation_of(module)
     kind = act.kind if act is not None else ""
     sat = _saturated(kind, y64)
-    dead = _dead(y64, batch_dim) if act is not None and act.family == "relu" else None
+    dead = _dead(y64, batch_dim) if act is not None and _zero_below(act) else None
     values = [
         torch.tensor(float(y64.numel()), dtype=torch.float64, device=y.device),
         y64.sum(),
@@ -666,6 +688,115 @@ def _backward(
     """Gradients of the loss for the parameters and the recorded outputs; no ``.grad``."""
     grads = torch.autograd.grad(loss, [*params, *outputs], allow_unused=True)
     return list(grads[: len(params)]), list(grads[len(params) :])
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """What the loss's autograd graph shows of the architecture.
+
+    Attributes:
+        skip: an identity path around a parametrized branch (``x + f(x)``) ran; None when
+            that cannot be settled: none found, but a custom ``autograd.Function`` (a
+            reentrant checkpoint, say) hides part of the graph, or the graph was larger
+            than :data:`_GRAPH_BUDGET` nodes.
+        norm: a batch, layer, group, instance or RMS normalization operator ran (also one
+            called as a function, or inside a custom module).
+    """
+
+    skip: bool | None
+    norm: bool
+
+
+_JOINS = frozenset({"AddBackward0", "SubBackward0"})
+_RESHAPES = frozenset(
+    {
+        "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "TransposeBackward0",
+        "PermuteBackward0", "ExpandBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
+        "SqueezeBackward1", "CloneBackward0", "ToCopyBackward0",
+    }
+)  # fmt: skip
+_NORM_OPS = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RmsNorm")
+_GRAPH_BUDGET = 200_000
+"""Graph nodes visited (in all) looking for skip connections before giving up."""
+
+
+def _graph_structure(loss: Tensor) -> _Structure:
+    """Skip connections and normalization in the autograd graph of ``loss``.
+
+    The graph records what ran, whatever the model's code looks like (no tracing, no
+    data-dependent control flow to trip on): a skip connection is a sum (or difference)
+    of two tensors one of which is computed from the other through parameters, the
+    ``x + f(x)`` of a residual block. A plain layer's ``x @ w + b`` is not one: ``b`` is a
+    parameter, not computed from ``x @ w``.
+    """
+    nodes: list[Any] = []
+    seen: set[int] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        stack.extend(child for child, _ in node.next_functions)
+    norm = any(op in type(node).__name__ for node in nodes for op in _NORM_OPS)
+    budget = [_GRAPH_BUDGET]
+    for node in nodes:
+        if type(node).__name__ in _JOINS and _is_skip(node, budget):
+            return _Structure(True, norm)
+        if budget[0] <= 0:
+            return _Structure(None, norm)
+    opaque = any(isinstance(node, torch.autograd.function.BackwardCFunction) for node in nodes)
+    return _Structure(None if opaque else False, norm)
+
+
+def _is_leaf(node: Any) -> bool:
+    return not hasattr(node, "_sequence_nr") or type(node).__name__ == "AccumulateGrad"
+
+
+def _reshaped_from(node: Any) -> tuple[set[int], int]:
+    """``node`` and what it reshapes (``x.view(...) + f(x)`` is a skip too), the oldest's number."""
+    chain = {id(node)}
+    while type(node).__name__ in _RESHAPES:
+        inner = [c for c, _ in node.next_functions if c is not None and not _is_leaf(c)]
+        if len(inner) != 1:
+            break
+        node = inner[0]
+        chain.add(id(node))
+    return chain, node._sequence_nr()
+
+
+def _is_skip(join: Any, budget: list[int]) -> bool:
+    """Whether one operand of ``join`` is computed from the other through parameters.
+
+    Walks back from the later operand; nodes created before the earlier one cannot lead
+    to it (autograd numbers nodes in creation order) and are not visited.
+    """
+    operands = [child for child, _ in join.next_functions if child is not None]
+    operands = [child for child in operands if not _is_leaf(child)]
+    if len(operands) != 2:
+        return False
+    early, late = sorted(operands, key=lambda node: node._sequence_nr())
+    targets, floor = _reshaped_from(early)
+    found = parametrized = False
+    seen: set[int] = set()
+    stack = [late]
+    while stack and budget[0] > 0:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        budget[0] -= 1
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if type(child).__name__ == "AccumulateGrad":
+                parametrized = True
+            elif id(child) in targets:
+                found = True
+            elif not _is_leaf(child) and child._sequence_nr() > floor:
+                stack.append(child)
+    return found and parametrized
 
 
 def _param_grad_norms(
@@ -1055,6 +1186,7 @@ class _Signal:
     kind: str  # "vanishing" | "exploding"
     source: str  # "nonfinite" | "depth" | "jacobian" | "time"
     reason: str
+    factor: float = _NAN  # the measured ratio behind it (nan for "nonfinite")
 
 
 def _nonfinite_signals(
@@ -1089,6 +1221,7 @@ def _depth_signal(layers: Sequence[LayerDiagnosis]) -> _Signal | None:
         f"the gradient at the output of the first layer, {first.name!r} ({first.kind}), is "
         f"{ratio:.2g} times the gradient at the last, {last.name!r} ({last.kind}); beyond the "
         f"band [1/{RATIO:g}, {RATIO:g}]; {kind} layers include {', '.join(flagged)}",
+        ratio,
     )
 
 
@@ -1105,6 +1238,7 @@ def _jacobian_signal(jac: JacobianDiagnosis | None) -> _Signal | None:
         f"the input-output Jacobian's root mean squared singular value is {rms:.2g} "
         f"(largest {jac.top_singular_values[0]:.2g}); isometry is 1, the band "
         f"[1/{RATIO:g}, {RATIO:g}]",
+        rms,
     )
 
 
@@ -1119,6 +1253,7 @@ def _time_signals(recurrent: Sequence[RecurrentDiagnosis]) -> list[_Signal]:
                     f"in {rnn.name!r} ({rnn.kind}) the gradient reaching the first of "
                     f"{rnn.steps} steps is {rnn.decay:.2g} times the gradient reaching the "
                     f"last (band [1/{RATIO:g}, {RATIO:g}])",
+                    rnn.decay if rnn.decay is not None else _NAN,
                 )
             )
     return signals
@@ -1155,8 +1290,9 @@ class _Context:
     layers: tuple[LayerDiagnosis, ...]
     recurrent: tuple[RecurrentDiagnosis, ...]
     followers: Mapping[str, init.Activation]
-    suggested_clip: float | None
-    grad_norm: float | None
+    clip: _Clip
+    grad_norm: float
+    structure: _Structure
 
     @property
     def sources(self) -> set[str]:
@@ -1263,12 +1399,24 @@ def _module(model: nn.Module, name: str) -> nn.Module:
         return nn.Identity()
 
 
+def _has_normalization(ctx: _Context) -> bool:
+    """A norm layer of torch or a custom one (``LlamaRMSNorm``), or a norm operator that ran."""
+    return ctx.structure.norm or any(
+        isinstance(module, init.NORM_LAYERS)
+        or (
+            type(module).__name__.endswith(("Norm", "Normalization"))
+            and not type(module).__name__.startswith("_")  # _WeightNorm: a parametrization
+        )
+        for module in ctx.model.modules()
+    )
+
+
 def _rec_structure(ctx: _Context) -> list[Recommendation]:
     if ctx.verdict == "healthy" or not ctx.feedforward:
         return []
     flagged = tuple(layer.name for layer in ctx.layers if ctx.verdict in layer.flags)
     recs = []
-    if not any(isinstance(m, init.NORM_LAYERS) for m in ctx.model.modules()):
+    if not _has_normalization(ctx):
         recs.append(
             Recommendation(
                 "normalization",
@@ -1279,11 +1427,12 @@ def _rec_structure(ctx: _Context) -> list[Recommendation]:
                 SOURCES["normalization"],
             )
         )
-    if len(ctx.weight_layers) >= 8:
+    if len(ctx.weight_layers) >= 8 and ctx.structure.skip is not True:
+        has = "if the network has none" if ctx.structure.skip is None else "the network has none"
         recs.append(
             Recommendation(
                 "residual",
-                f"Add residual connections, x + f(x), if the network has none: with "
+                f"Add residual connections, x + f(x) ({has}): with "
                 f"{len(ctx.weight_layers)} weight layers in a row, the identity path "
                 "carries the gradient past the layers that shrink or amplify it.",
                 flagged,
@@ -1296,21 +1445,22 @@ def _rec_structure(ctx: _Context) -> list[Recommendation]:
 def _rec_exploding(ctx: _Context) -> list[Recommendation]:
     if ctx.verdict != "exploding":
         return []
-    if ctx.suggested_clip is not None:
+    if ctx.clip.value is not None:
         clip = (
-            f"Clip the global gradient norm, e.g. gradguard.NormClip({ctx.suggested_clip:.2g}) "
-            "(√L times the median layer gradient norm measured here; the global norm is "
-            f"{ctx.grad_norm:.2g}), or let the threshold adapt with gradguard.ZClip()."
+            f"Clip the global gradient norm, e.g. gradguard.NormClip({ctx.clip.value:.2g}) "
+            f"({ctx.clip.basis}; below the global norm measured here, {ctx.grad_norm:.2g}, "
+            "so it clips), or let the threshold adapt with gradguard.ZClip()."
         )
     else:
         clip = (
             "Clip the gradient with an adaptive threshold, gradguard.ZClip() or "
-            "gradguard.AutoClip(): the measured norms overflow, so no fixed value fits."
+            f"gradguard.AutoClip(): {ctx.clip.basis}, so no fixed value fits."
         )
     return [
         Recommendation(
             "clip",
-            clip + " Clipping bounds each step; it does not remove the cause.",
+            clip + " Clipping bounds each step; it does not remove the cause: fix the cause, "
+            "then run diagnose again for a threshold measured on healthy gradients.",
             (),
             SOURCES["clip"],
         ),
@@ -1385,34 +1535,81 @@ def _rec_forget_bias(rnn: RecurrentDiagnosis) -> list[Recommendation]:
     ]
 
 
+def _feeding(ctx: _Context, layers: Sequence[LayerDiagnosis]) -> list[tuple[str, nn.Module]]:
+    """The weight layer that runs last before each of ``layers`` (the one feeding it)."""
+    found: dict[str, nn.Module] = {}
+    for layer in layers:
+        before = [
+            (other.name, module)
+            for other in ctx.layers[: layer.index]
+            if isinstance(module := _module(ctx.model, other.name), init.WEIGHT_LAYERS)
+        ]
+        if before:
+            found.setdefault(*before[-1])
+    return list(found.items())
+
+
+def _input_std(ctx: _Context) -> float | None:
+    """The std of the model's input, from the first layer's output std over its gain."""
+    for layer in ctx.layers:
+        if layer.gain is not None and layer.gain > 0 and layer.activation_std is not None:
+            return layer.activation_std / layer.gain
+    return None
+
+
+def _rec_dead(ctx: _Context, dead: Sequence[LayerDiagnosis]) -> Recommendation:
+    """Remedies for dead ReLUs, less those the model already has (He init, zero biases)."""
+    feeding = _feeding(ctx, dead)
+    wrong = {name for name, _, _ in _mis_initialized(ctx)}
+    biased = [
+        name
+        for name, module in feeding
+        if isinstance(bias := getattr(module, "bias", None), Tensor) and bool(bias.any())
+    ]
+    if not feeding or biased or any(name in wrong for name, _ in feeding):
+        remedies = "use He initialization with zero biases, a Leaky ReLU, or a lower learning rate"
+    else:
+        remedies = (
+            "use a Leaky ReLU, or a lower learning rate (the layers feeding them already "
+            "follow He initialization with zero biases)"
+        )
+    return Recommendation(
+        "dead-units",
+        f"{dead[0].dead_fraction:.0%} of the units after {dead[0].name!r} output zero for "
+        f"every example (dead ReLUs get no gradient): {remedies}.",
+        tuple(layer.name for layer in dead),
+        SOURCES["dead-units"],
+    )
+
+
+def _rec_saturation(ctx: _Context, saturated: Sequence[LayerDiagnosis]) -> Recommendation:
+    """Remedies for saturated units, less those the model already has (unit inputs, Xavier)."""
+    feeding = _feeding(ctx, saturated)
+    wrong = {name for name, _, _ in _mis_initialized(ctx)}
+    remedies = []
+    std = _input_std(ctx)
+    if std is None or not 1 / INIT_TOLERANCE <= std <= INIT_TOLERANCE:
+        remedies.append("scale the inputs to unit variance")
+    if not feeding or any(name in wrong for name, _ in feeding):
+        remedies.append("use Xavier initialization")
+    remedies.append("use a non-saturating activation")
+    text = remedies[0] if len(remedies) == 1 else ", ".join(remedies[:-1]) + ", or " + remedies[-1]
+    return Recommendation(
+        "saturation",
+        f"{saturated[0].saturated_fraction:.0%} of the outputs of {saturated[0].name!r} sit "
+        f"where the activation's slope is under {SATURATION_DERIVATIVE:.0%} of its peak: "
+        f"{text}.",
+        tuple(layer.name for layer in saturated),
+        SOURCES["saturation"],
+    )
+
+
 def _rec_units(ctx: _Context) -> list[Recommendation]:
-    recs = []
     dead = [layer for layer in ctx.layers if "dead" in layer.flags]
-    if dead:
-        recs.append(
-            Recommendation(
-                "dead-units",
-                f"{dead[0].dead_fraction:.0%} of the units after {dead[0].name!r} output zero "
-                "for every example (dead ReLUs get no gradient): use He initialization with "
-                "zero biases, a Leaky ReLU, or a lower learning rate.",
-                tuple(layer.name for layer in dead),
-                SOURCES["dead-units"],
-            )
-        )
     saturated = [layer for layer in ctx.layers if "saturated" in layer.flags]
-    if saturated:
-        recs.append(
-            Recommendation(
-                "saturation",
-                f"{saturated[0].saturated_fraction:.0%} of the outputs of "
-                f"{saturated[0].name!r} sit where the activation's slope is under "
-                f"{SATURATION_DERIVATIVE:.0%} of its peak: scale the inputs to unit "
-                "variance, use Xavier initialization, or a non-saturating activation.",
-                tuple(layer.name for layer in saturated),
-                SOURCES["saturation"],
-            )
-        )
-    return recs
+    return ([_rec_dead(ctx, dead)] if dead else []) + (
+        [_rec_saturation(ctx, saturated)] if saturated else []
+    )
 
 
 def _recommend(ctx: _Context) -> tuple[Recommendation, ...]:
@@ -1421,20 +1618,90 @@ def _recommend(ctx: _Context) -> tuple[Recommendation, ...]:
     return tuple(recs + _rec_units(ctx))
 
 
-def _suggested_clip(param_norms: Mapping[str, float]) -> float | None:
-    """√L times the median layer gradient norm, to 2 significant figures.
+@dataclass(frozen=True)
+class _Clip:
+    """A global-norm clipping threshold (None: no fixed value fits) and, in words, its basis."""
 
-    For a healthy network this is close to the global norm; where a few layers explode it
-    is what the global norm would be if every layer were typical, so clipping there bounds
-    the outliers without scaling ordinary steps.
+    value: float | None
+    basis: str
+
+
+def _typical_norm(param_norms: Mapping[str, float]) -> tuple[float, int] | None:
+    """√L times the median layer gradient norm, and L, over the finite nonzero layer norms.
+
+    The global norm the batch would have if every layer's gradient were typical.
     """
     norms = sorted(v for v in param_norms.values() if math.isfinite(v) and v > 0)
     if not norms:
         return None
     mid = len(norms) // 2
     median = norms[mid] if len(norms) % 2 else (norms[mid - 1] + norms[mid]) / 2
-    value = math.sqrt(len(norms)) * median
-    return float(f"{value:.2g}") if math.isfinite(value) else None
+    return math.sqrt(len(norms)) * median, len(norms)
+
+
+_AMPLIFICATION = {
+    "depth": "the amplification from the last layer's output to the first's",
+    "time": "the amplification from the last time step to the first",
+    "jacobian": "the input-output Jacobian's rms singular value",
+}
+
+
+def _suggested_clip(
+    typical: tuple[float, int] | None, grad_norm: float, signals: Sequence[_Signal]
+) -> _Clip:
+    """The smallest of the bounds below that apply, rounded down to 2 significant figures.
+
+    * √L times the median layer gradient norm: the global norm if every layer were typical,
+      so clipping there bounds the outlier layers and leaves the typical ones alone;
+    * :data:`CLIP_FRACTION` times the global norm G: a threshold at or above G would not
+      clip the very batch it was measured on (where all layers are alike, √L times the
+      median *is* G);
+    * when a gradient explodes: G divided by the amplification measured, the depth ratio or
+      the decay through time (the larger, if both), else the Jacobian's rms singular value.
+      That is about the norm without the explosion, the size of a step the repaired network
+      takes; a threshold read off the exploded norms themselves (1e22 on a ReLU network
+      with N(0, 1) weights) bounds nothing.
+
+    Always below G, positive and finite. No value when G or the amplification is not
+    finite (an overflow), when an activation or the loss overflowed, or with no gradient.
+    """
+    exploding = [s for s in signals if s.kind == "exploding"]
+    if any(s.source == "nonfinite" for s in exploding) or not math.isfinite(grad_norm):
+        return _Clip(None, "the measured norms overflow (inf/NaN)")
+    if grad_norm <= 0:
+        return _Clip(None, "the measured gradient is zero")
+    bounds = [(CLIP_FRACTION * grad_norm, f"{CLIP_FRACTION:g} times the global norm")]
+    if typical is not None:
+        bounds.append(
+            (
+                typical[0],
+                f"√L times the median layer gradient norm, L = {typical[1]} layers: the "
+                "global norm if every layer were typical",
+            )
+        )
+    ratios = [s for s in exploding if s.source in ("depth", "time")] or [
+        s for s in exploding if s.source == "jacobian"
+    ]
+    if ratios:
+        worst = max(ratios, key=lambda s: s.factor)
+        if not math.isfinite(worst.factor):
+            return _Clip(None, "the measured amplification overflows (inf/NaN)")
+        bounds.append(
+            (
+                grad_norm / worst.factor,
+                f"the global norm divided by {_AMPLIFICATION[worst.source]}, "
+                f"{worst.factor:.2g}: about the norm without the explosion",
+            )
+        )
+    value, basis = min(bounds, key=lambda bound: bound[0])
+    rounded = float(_TWO_FIGURES_DOWN.create_decimal(value)) if value > 0 else 0.0
+    if not 0 < rounded < grad_norm:  # an underflow: no number is better than a wrong one
+        return _Clip(None, "the measured norms are out of range")
+    return _Clip(rounded, basis)
+
+
+_TWO_FIGURES_DOWN = decimal.Context(prec=2, rounding=decimal.ROUND_DOWN)
+"""Rounds to 2 significant figures toward zero: a rounded bound stays below the bound."""
 
 
 # --------------------------------------------------------------------------- diagnose
@@ -1457,6 +1724,34 @@ def diagnose(
     model's ``.grad`` fields are never written), the Jacobian estimate and, for each
     RNN/LSTM/GRU, one pass through time; see the module docstring for what is measured
     and the thresholds of the verdict. The model is left exactly as it was found.
+
+    The clipping threshold (``suggested_clip``, and the ``clip`` recommendation when the
+    verdict is "exploding") is the smallest of these bounds, rounded down to 2
+    significant figures:
+
+    * √L times the median layer gradient norm, the global norm if every layer were
+      typical: clipping there bounds outlier layers and leaves ordinary steps alone;
+    * :data:`CLIP_FRACTION` (half) of the global norm G: a threshold at or above G would
+      not clip the batch it was measured on, and where every layer is alike √L times the
+      median is G itself;
+    * when gradients explode, G divided by the amplification measured (the depth ratio or
+      the decay through time, else the Jacobian's rms singular value): about the norm
+      without the explosion, so steps keep the size the repaired network takes. A value
+      read off the exploded norms (1e22 on a 30-layer ReLU network with N(0, 1) weights)
+      would bound nothing; the fix there is the initialization, and the threshold to keep
+      is the one diagnose measures after it.
+
+    It is therefore always below G, positive and finite; when the norms, an activation or
+    the loss overflow (inf/NaN) no fixed value is given and the advice is an adaptive
+    threshold (``ZClip``, ``AutoClip``). The message says which bound the number is.
+
+    Recommendations leave out what the model already has: normalization when it has a
+    norm layer (torch's, a custom ``...Norm`` module, or a norm operator in the autograd
+    graph), residual connections when the autograd graph holds an ``x + f(x)``, He
+    initialization with zero biases for dead ReLUs whose feeding layers have both,
+    Xavier initialization and input scaling for saturated units when the feeding layers
+    follow Xavier and the inputs have unit std, a gated RNN for an LSTM or GRU, a Leaky
+    ReLU for units that already leak (they are never flagged dead).
 
     Args:
         model: the network, in the mode to diagnose (a new model is in train mode).
@@ -1525,6 +1820,7 @@ def _diagnose(
     primary = _first_float(output)
     loss = _loss(output, primary, targets, loss_fn, seed)
     outputs = [t for record in records for t in record.outputs]
+    structure = _graph_structure(loss)
     param_grads, out_grads = _backward(loss, [p for _, p in trainable], outputs)
     del output, outputs
     param_norms, grad_norm = _param_grad_norms(trainable, param_grads)
@@ -1545,8 +1841,8 @@ def _diagnose(
         layers,
         jac,
         tuple(recurrent),
-        (float(loss.detach()), grad_norm, _suggested_clip(param_norms)),
-        followers,
+        (float(loss.detach()), grad_norm, _typical_norm(param_norms)),
+        (followers, structure),
         (batch_dim, tuple(notes + rnn_notes)),
     )
 
@@ -1565,11 +1861,12 @@ def _conclude(
     layers: tuple[LayerDiagnosis, ...],
     jac: JacobianDiagnosis | None,
     recurrent: tuple[RecurrentDiagnosis, ...],
-    measured: tuple[float, float, float | None],
-    followers: Mapping[str, init.Activation],
+    measured: tuple[float, float, tuple[float, int] | None],
+    shape: tuple[Mapping[str, init.Activation], _Structure],
     extra: tuple[int, tuple[str, ...]],
 ) -> Diagnosis:
-    loss, grad_norm, clip = measured
+    loss, grad_norm, typical = measured
+    followers, structure = shape
     signals = _nonfinite_signals(layers, loss, grad_norm)
     signals += [s for s in (_depth_signal(layers), _jacobian_signal(jac)) if s is not None]
     signals += _time_signals(recurrent)
@@ -1579,7 +1876,10 @@ def _conclude(
     reasons = tuple(s.reason for s in signals if s.kind == verdict) or (
         _healthy_reason(ratio, jac, recurrent),
     )
-    ctx = _Context(model, verdict, tuple(signals), layers, recurrent, followers, clip, grad_norm)
+    clip = _suggested_clip(typical, grad_norm, signals)
+    ctx = _Context(
+        model, verdict, tuple(signals), layers, recurrent, followers, clip, grad_norm, structure
+    )
     return Diagnosis(
         verdict=verdict,
         reasons=reasons,
@@ -1590,7 +1890,7 @@ def _conclude(
         loss=loss,
         grad_norm=grad_norm,
         gradient_ratio=ratio,
-        suggested_clip=clip,
+        suggested_clip=clip.value,
         batch_dim=extra[0],
         notes=extra[1],
     )

@@ -141,24 +141,37 @@ class Explainer:
         self._update: np.ndarray[Any, Any] | None = None  # last measured ratio per layer
         self._update_typical: np.ndarray[Any, Any] | None = None
         self._episode: tuple[int, str, dict[str, Any]] | None = None  # (last step, cause, ev)
+        self._episode_here = False  # the episode was explained in the current drain
+        self._last_out_of_bounds = False  # the last step's gradient norm was out of bounds
 
     # --- public ----------------------------------------------------------------------
 
     def explain(self, window: Window, events: Sequence[Event]) -> list[Event]:
         """Return ``events`` with a cause, evidence and advice on each warning or error."""
         self._observe_updates(window)
-        out = []
         onset = min((e.step for e in events if e.needs_attention), default=None)
-        for event in events:
+        # Sudden one-step events first: a blow-up that the same drain shows is their
+        # consequence, and inherits their cause, whatever step its detector dates it to.
+        order = sorted(range(len(events)), key=lambda i: events[i].kind != "spike")
+        out = list(events)
+        self._episode_here = False
+        for i in order:
+            event = events[i]
             if not event.needs_attention or event.cause or event.kind in ("rollback", "cooldown"):
-                out.append(event)
                 continue
             cause, evidence = self._cause(window, event)
             evidence = {**evidence, **self._batch_evidence(window, event)}
             advice = self._advice(cause, window, event, evidence)
             batch = self._batch_at(window, event.step)
-            out.append(replace(event, cause=cause, evidence=evidence, advice=advice, batch=batch))
-            self._episode = (int(event.extra.get("detected_at", event.step)), cause, evidence)
+            out[i] = replace(event, cause=cause, evidence=evidence, advice=advice, batch=batch)
+            seen = int(event.extra.get("detected_at", event.step))
+            if self._episode is None or seen >= self._episode[0] or event.kind == "spike":
+                self._episode = (
+                    max(seen, self._episode[0] if self._episode else seen),
+                    cause,
+                    evidence,
+                )
+                self._episode_here = True
         self._remember(window, onset)
         return out
 
@@ -190,6 +203,9 @@ class Explainer:
             "batch_medians": list(self._batch_medians),
             "batch_tops": list(self._batch_tops),
             "update": None if self._update is None else self._update.tolist(),
+            "update_typical": _listed_or_none(self._update_typical),
+            "episode": None if self._episode is None else list(self._episode),
+            "last_out_of_bounds": self._last_out_of_bounds,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -199,8 +215,14 @@ class Explainer:
         self._lrs = deque(((int(s), float(v)) for s, v in state.get("lrs", ())), maxlen=_HISTORY)
         self._batch_medians = deque(state.get("batch_medians", ()), maxlen=256)
         self._batch_tops = deque(state.get("batch_tops", ()), maxlen=256)
-        update = state.get("update")
+        update, typical = state.get("update"), state.get("update_typical")
         self._update = None if update is None else np.asarray(update, dtype=np.float64)
+        self._update_typical = None if typical is None else np.asarray(typical, dtype=np.float64)
+        episode = state.get("episode")
+        self._episode = (
+            None if episode is None else (int(episode[0]), str(episode[1]), dict(episode[2]))
+        )
+        self._last_out_of_bounds = bool(state.get("last_out_of_bounds", False))
 
     # --- history ---------------------------------------------------------------------
 
@@ -231,6 +253,8 @@ class Explainer:
             self._layer_norms.append(np.median(window.per_layer[healthy], axis=0))
         if self._update is not None and onset is None:
             self._update_typical = self._update.copy()
+        if len(window):
+            self._last_out_of_bounds = self._out_of_bounds(float(window.grad_norm[-1]))
 
     # --- causes ----------------------------------------------------------------------
 
@@ -253,19 +277,19 @@ class Explainer:
 
     def _cause(self, window: Window, event: Event) -> tuple[str, dict[str, Any]]:
         row = self._row(window, event.step)
-        inherited = self._inherited(event)
+        inherited = self._inherited(window, event)
         if event.kind in ("nonfinite", "overflow"):
             return self._nonfinite_cause(window, event, row, inherited)
         if event.kind == "vanishing":
             return self._vanishing_cause(window, event)
-        rules = (self._lr_jump, self._bad_batch, self._initialization, self._hot_layer)
-        for rule in rules:
+        for rule in (self._lr_jump, self._bad_batch, self._initialization):
             found = rule(window, event, row)
             if found is not None:
                 return found
         if inherited is not None:
             return inherited
-        return self._high_updates(event) or ("unknown", self._plain_evidence(event, row))
+        found = self._hot_layer(window, event, row) or self._high_updates(event)
+        return found or ("unknown", self._plain_evidence(event, row))
 
     def _updates_for(self, event: Event) -> np.ndarray[Any, Any] | None:
         """Update ratios to judge ``event`` by.
@@ -275,18 +299,47 @@ class Explainer:
         """
         return self._update_typical if event.kind == "spike" else self._update
 
-    def _inherited(self, event: Event) -> tuple[str, dict[str, Any]] | None:
-        """The cause of the blow-up this event ends, when one was seen just before."""
+    def _inherited(self, window: Window, event: Event) -> tuple[str, dict[str, Any]] | None:
+        """The cause of the blow-up this event ends, when one was seen just before.
+
+        The event must come from the same drain as that blow-up's explanation, or follow a
+        step whose gradient was already out of bounds (non-finite, or ten times the healthy
+        median), or whose loss had not come back to twice its healthy level: an unrelated
+        fault after the run recovered gets its own cause.
+        """
         if self._episode is None:
             return None
         last, cause, evidence = self._episode
-        if event.step - last > INHERIT_STEPS or cause == "unknown":
+        if event.step - last > INHERIT_STEPS:
+            return None
+        step = event.step
+        if not (self._episode_here or self._blowing_up(window, step) or self._hurt(window, step)):
             return None
         summary = evidence.get("summary", "")
         return cause, {
             "summary": f"It follows the blow-up seen up to step {last}: {summary}",
             "follows_step": last,
         }
+
+    def _blowing_up(self, window: Window, step: int) -> bool:
+        """Whether the step before ``step`` had a gradient norm out of bounds."""
+        before = window.grad_norm[window.steps == step - 1]
+        if not before.size:
+            return self._last_out_of_bounds
+        return self._out_of_bounds(float(before[0]))
+
+    def _hurt(self, window: Window, step: int) -> bool:
+        """Whether the loss before ``step`` was still above twice its healthy median."""
+        before = (window.steps < step) & window.loss_given & np.isfinite(window.loss)
+        if not before.any() or not self._losses:
+            return False
+        return float(window.loss[before][-1]) > 2 * float(np.median(self._losses))
+
+    def _out_of_bounds(self, norm: float) -> bool:
+        """Non-finite, or ten times the healthy median (always, with no healthy step yet)."""
+        if not math.isfinite(norm) or not self._norms:
+            return True
+        return norm >= 10 * float(np.median(self._norms))
 
     def _plain_evidence(self, event: Event, row: _Row | None) -> dict[str, Any]:
         evidence: dict[str, Any] = {
@@ -590,6 +643,27 @@ class Explainer:
 
     # --- the batch -------------------------------------------------------------------
 
+    def _typical_top(self) -> float:
+        """The usual largest per-example loss of a batch in this run (NaN before any)."""
+        return float(np.median(self._batch_tops)) if self._batch_tops else math.nan
+
+    def _standing_out(self, samples: np.ndarray[Any, Any]) -> list[tuple[int, float]]:
+        """(position, loss) of the examples that stand out of their batch and of the run.
+
+        Hard examples stand out of every batch; a bad one is also ``BATCH_LEVEL`` times
+        the usual largest loss of a batch. Non-finite losses always stand out. Where the
+        whole batch is off, its largest losses stand out of the run alone.
+        """
+        top = self._typical_top()
+        if math.isnan(top):
+            return _outliers(samples)
+        found = []
+        for k in range(min(SAMPLE_TOP, int(samples[_SAMPLE["size"]]))):
+            loss = float(samples[_SAMPLE["top0"] + k])
+            if not math.isfinite(loss) or loss >= BATCH_LEVEL * top:
+                found.append((int(samples[_SAMPLE["position0"] + k]), loss))
+        return found
+
     @staticmethod
     def _batch_at(window: Window, step: int) -> Any:
         if window.batch is None:
@@ -603,7 +677,7 @@ class Explainer:
         samples = _sample_row(window, onset)
         if samples is None:
             return {}
-        found = _outliers(samples)
+        found = self._standing_out(samples)
         if not found:
             return {}
         batch = self._batch_at(window, onset)
@@ -897,6 +971,10 @@ class Explainer:
         )
 
 
+def _listed_or_none(values: np.ndarray[Any, Any] | None) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
+
+
 def window_len(window: Window) -> int:
     """The number of steps in ``window``."""
     return len(window)
@@ -950,17 +1028,22 @@ def _outliers(samples: np.ndarray[Any, Any]) -> list[tuple[int, float]]:
 
 
 _RANK = {"info": 0, "warning": 1, "error": 2}
+#: Kinds raised per step: their streaks are runs of consecutive steps. The others are
+#: judged per drain, and a streak continues from one drain to the next.
+PER_STEP_KINDS = ("nonfinite", "overflow", "spike")
 
 
 class Streaks:
     """Consecutive events of one kind and cause become one event with a count.
 
-    An event continues the open streak of its kind when it starts at most ``gap`` steps
-    after the streak's last step and has the streak's cause (an info event without a
-    cause joins any). The streak keeps its first event's step, cause, evidence and
-    advice; ``count``, ``last_step`` and the highest severity grow. The run directory gets
-    a streak's row again when its count reaches a power of two and when it ends, so a
-    3,000-step NaN streak writes about a dozen rows, the last of which holds the count.
+    An event continues the open streak of its kind when it has the streak's cause (an
+    info event without a cause joins any) and follows it directly: at the next step for
+    the kinds raised per step (:data:`PER_STEP_KINDS`), within ``gap`` steps (one log
+    interval) for the kinds judged per drain. The streak keeps its first event's step,
+    cause, evidence and advice; ``count``, ``last_step`` and the highest severity grow.
+    The run directory gets a streak's row again when its count reaches a power of two and
+    when it ends, so a 3,000-step NaN streak writes about a dozen rows, the last of which
+    holds the count.
     """
 
     def __init__(self, gap: int) -> None:
@@ -1043,7 +1126,8 @@ class Streaks:
         return True
 
     def _continues(self, streak: Event, event: Event) -> bool:
-        if event.step < streak.step or event.step > streak.end_step + self.gap:
+        gap = 1 if event.kind in PER_STEP_KINDS else self.gap
+        if event.step < streak.step or event.step > streak.end_step + gap:
             return False
         # an info row without a cause joins any streak; a cause never changes mid-streak
         return not event.cause or event.cause == streak.cause

@@ -30,6 +30,7 @@ CAUSES: dict[str, str] = {
     "overflow": "overflow of a low-precision type",
     "nonfinite_loss": "a non-finite loss (e.g. log(0) or division by zero)",
     "nonfinite_forward": "non-finite values in the forward pass",
+    "nonfinite_backward": "non-finite values born in the backward pass (e.g. sqrt or log at 0)",
     "saturation": "saturating activations",
     "dead_units": "dead units",
     "initialization": "weights initialised at the wrong scale",
@@ -297,7 +298,7 @@ class Event:
         where = f" in {', '.join(self.layers[:4])}" if self.layers else ""
         more = f" (+{len(self.layers) - 4} more)" if len(self.layers) > 4 else ""
         span = f" (x{self.count} to step {self.end_step})" if self.count > 1 else ""
-        why = f" [cause: {self.cause}]" if self.cause else ""
+        why = f" [cause: {CAUSES.get(self.cause, self.cause)}]" if self.cause else ""
         text = (
             f"step {self.step}{span}: {self.severity} {self.kind}{where}{more}{why}: {self.message}"
         )

@@ -38,11 +38,14 @@ def _require_matplotlib() -> None:
 def write_report(run_dir: str | os.PathLike[str]) -> Path:
     """Write ``run_dir/report.html`` for a guarded run and return its path.
 
-    The page opens with a one-sentence verdict, then the loss, global-norm and
-    learning-rate timelines (skipped steps, spikes, rollbacks and cool-downs marked), a
-    heatmap of per-layer gradient norms over steps (log colour, layers in depth order),
-    per-layer bars at the start and the end, the event table and the configuration. A
-    figure whose fields the run lacks (e.g. no loss was given) is replaced by a note.
+    The page opens with a one-sentence verdict and what happened and what to do (the
+    warnings and errors by onset, with their cause, evidence and advice), then the loss,
+    global-norm and learning-rate timelines (skipped steps, spikes, rollbacks and
+    cool-downs marked; off-scale values on the edge), heatmaps of per-layer gradient
+    norms and, when logged, update ratios over steps (log colour, layers in depth order,
+    event onsets marked), per-layer bars at the start and the end, the event table (one
+    row per streak) and the configuration. A figure whose fields the run lacks (e.g. no
+    loss was given) is replaced by a note.
 
     Args:
         run_dir: a directory written by ``Guard(run_dir=...)``.

@@ -4,6 +4,8 @@ The reader is forgiving where a crash or an old run can leave gaps: a torn last 
 dropped, a missing file gives no rows, and each gap becomes a note the report shows.
 Steps repeated after a rollback are kept apart: the rows a rollback undid are
 "superseded" and drawn faintly, the rows the model finally went through are "final".
+An event that lasts several steps (a streak) is rewritten by the guard while it grows;
+the reader keeps one event per streak, its last row.
 """
 
 from __future__ import annotations
@@ -82,6 +84,61 @@ def superseded(steps: npt.NDArray[np.int64]) -> BoolArray:
     return out
 
 
+def step_of(row: dict[str, Any], key: str = "step") -> int | None:
+    """A row's integer step field, or None when it is absent or not a finite number."""
+    value = number(row.get(key))
+    return int(value) if math.isfinite(value) else None
+
+
+def merge_streaks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One event per streak, the last row of each, ordered by onset (``first_step``).
+
+    The guard rewrites a streak's row while it grows, so rows with the same kind, cause,
+    metric and first step are one event and the last one wins (rows from before streaks
+    existed use ``step`` as their first step; the metric is part of the key because a
+    loss spike and a gradient-norm spike at one step are two events). A rollback that
+    restored a step before an event's onset undid it: a row with the same key after the
+    rollback is the replayed step's own event, not a rewrite. Every merged event carries
+    ``first_step``, ``last_step`` and ``count``; rows without a step are dropped.
+
+    Example:
+        >>> rows = [{"step": 5, "kind": "nonfinite", "count": 1},
+        ...         {"step": 5, "kind": "nonfinite", "count": 3, "first_step": 5},
+        ...         {"step": 2, "kind": "spike"}]
+        >>> [(e["first_step"], e["count"]) for e in merge_streaks(rows)]
+        [(2, 1), (5, 3)]
+    """
+    merged: list[dict[str, Any]] = []
+    open_streaks: dict[tuple[str, str, str, int], int] = {}
+    for row in rows:
+        step = step_of(row)
+        first = step_of(row, "first_step")
+        first = step if first is None else first
+        if first is None:
+            continue
+        if row.get("kind") == "rollback":
+            restored = number(row.get("value"))
+            if math.isfinite(restored):
+                for key in [k for k in open_streaks if k[3] > restored]:
+                    del open_streaks[key]
+        last = step_of(row, "last_step")
+        count = step_of(row, "count")
+        event = {
+            **row,
+            "first_step": first,
+            "last_step": max(first, last if last is not None else step or first),
+            "count": max(1, 1 if count is None else count),
+        }
+        kind, cause, metric = (str(row.get(k) or "") for k in ("kind", "cause", "metric"))
+        streak = (kind, cause, metric, first)
+        if streak in open_streaks:
+            merged[open_streaks[streak]] = event
+        else:
+            open_streaks[streak] = len(merged)
+            merged.append(event)
+    return sorted(merged, key=lambda e: int(e["first_step"]))  # stable: file order per step
+
+
 @dataclass(frozen=True)
 class RunData:
     """A run directory's content, as read; arrays are computed on first use.
@@ -91,8 +148,10 @@ class RunData:
         meta: ``meta.json`` (empty when missing).
         metrics: ``metrics.jsonl`` rows, in file order.
         layers: ``layers.jsonl`` rows, in file order.
-        events: ``events.jsonl`` rows, in file order.
+        events: one event per streak (``merge_streaks``), ordered by onset.
         notes: what could not be read, for the reader of the report.
+        event_rows: ``events.jsonl`` rows as written, in file order (a rollback and its
+            cool-down are paired in this order).
     """
 
     run_dir: Path
@@ -101,6 +160,7 @@ class RunData:
     layers: list[dict[str, Any]]
     events: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    event_rows: list[dict[str, Any]] = field(default_factory=list)
 
     @cached_property
     def steps(self) -> npt.NDArray[np.int64]:
@@ -142,8 +202,36 @@ class RunData:
         keep = ~superseded(steps)
         return steps[keep], norms.reshape(len(rows), width)[keep]
 
+    @cached_property
+    def update_ratio_matrix(self) -> tuple[npt.NDArray[np.int64], FloatArray, BoolArray]:
+        """Final ``layers.jsonl`` rows with update ratios: steps, ratios, measured [step, layer].
+
+        Only some rows carry ``update_ratio`` and each measures a subset of the layers
+        (null for the others), so ``measured`` tells a missing value from a NaN one.
+        Rows whose length differs from ``layer_names`` are left out.
+        """
+        width = len(self.layer_names)
+        rows = [
+            r
+            for r in self.layers
+            if width and isinstance(r.get("update_ratio"), list) and len(r["update_ratio"]) == width
+        ]
+        steps = np.array([int(number(r.get("step"))) for r in rows], dtype=np.int64)
+        ratios = [r["update_ratio"] for r in rows]
+        values = np.array([[number(v) for v in r] for r in ratios], dtype=np.float64)
+        measured = np.array([[v is not None for v in r] for r in ratios], dtype=bool)
+        keep = ~superseded(steps)
+        shape = (len(rows), width)
+        return steps[keep], values.reshape(shape)[keep], measured.reshape(shape)[keep]
+
+    @cached_property
+    def first_attention_step(self) -> int | None:
+        """The onset of the first warning or error, or None when the run had none."""
+        onsets = [int(e["first_step"]) for e in self.events if severity(e) != "info"]
+        return min(onsets) if onsets else None
+
     def events_of(self, *kinds: str, attention: bool = False) -> list[dict[str, Any]]:
-        """Events of the given kinds, in file order; with ``attention``, warnings and errors."""
+        """Events of the given kinds by onset; with ``attention``, warnings and errors only."""
         return [
             e
             for e in self.events
@@ -183,6 +271,7 @@ def load_run(run_dir: Path) -> RunData:
         meta=meta,
         metrics=tables[METRICS_FILE],
         layers=tables[LAYERS_FILE],
-        events=tables[EVENTS_FILE],
+        events=merge_streaks(tables[EVENTS_FILE]),
         notes=notes,
+        event_rows=tables[EVENTS_FILE],
     )

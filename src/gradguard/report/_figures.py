@@ -2,7 +2,12 @@
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg renderer, never
 through ``pyplot``: writing a report leaves the caller's matplotlib backend and open
-figures alone. A figure whose fields are missing is not drawn; the report says why.
+figures alone. A figure whose fields are missing is not drawn; the report says why (an
+optional figure, such as the update-ratio heatmap, is left out silently).
+
+The timelines take their y-range from the healthy steps (before the first warning or
+error), so a blow-up to 1e30 or a NaN streak does not squash the rest of the run: the
+values beyond the range are drawn as markers on the axis edge.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
-from gradguard.report._data import FloatArray, RunData, number
+from gradguard.report._data import BoolArray, FloatArray, RunData, number, severity
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 RED, ORANGE, PURPLE, GREY, BLUE = "#d62728", "#ff7f0e", "#9467bd", "#7f7f7f", "#1f77b4"
+DARK_RED = "#8b0000"
 MAX_COLUMNS = 600  # heatmap columns; longer runs are binned (geometric mean per bin)
 MAX_LAYER_LABELS = 40
 
@@ -33,6 +40,7 @@ MISSING = {
     "grad_norm": "no grad_norm in metrics.jsonl",
     "lr": "no learning rate in metrics.jsonl",
     "layer_norms": "no per-layer norms (layers.jsonl rows matching the layer_names of meta.json)",
+    "update_ratio": "no update ratios in layers.jsonl",
 }
 
 
@@ -40,7 +48,12 @@ def missing_fields(run: RunData, needs: tuple[str, ...]) -> list[str]:
     """The reasons, one per field in ``needs`` that the run does not have."""
     out = []
     for name in needs:
-        present = run.layer_matrix[1].size > 0 if name == "layer_norms" else run.has(name)
+        if name == "layer_norms":
+            present = run.layer_matrix[1].size > 0
+        elif name == "update_ratio":
+            present = bool(run.update_ratio_matrix[2].any())
+        else:
+            present = run.has(name)
         if not present:
             out.append(MISSING[name])
     return out
@@ -48,20 +61,37 @@ def missing_fields(run: RunData, needs: tuple[str, ...]) -> list[str]:
 
 @dataclass(frozen=True)
 class Plot:
-    """One figure of the report: its title, what it shows, its fields and how to draw it."""
+    """One figure of the report: its title, what it shows, its fields and how to draw it.
+
+    An ``optional`` figure shows data only some runs have; without it the figure is left
+    out rather than replaced by a note.
+    """
 
     key: str
     title: str
     caption: str
     needs: tuple[str, ...]
     draw: Callable[[RunData], Figure]
+    optional: bool = False
 
 
-def png(fig: Figure, dpi: int = 100) -> bytes:
-    """The figure as PNG bytes."""
+def png(fig: Figure, dpi: int = 100, colors: int = 256) -> bytes:
+    """The figure as PNG bytes with a palette of ``colors`` colours.
+
+    A plot has few colours, so the palette PNG looks the same and is about 2.5 times
+    smaller than the full-colour one: the report stays small enough to mail. Pillow is
+    a dependency of matplotlib.
+    """
+    from PIL import Image
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+    out = io.BytesIO()
+    palette.save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def _figure(height: float, width: float = 11.0) -> Figure:
@@ -87,7 +117,7 @@ def _cooldown_spans(run: RunData) -> list[tuple[float, float]]:
     """(first cooled step, last cooled step): after each rollback, until its cool-down event."""
     spans = []
     restored: float | None = None
-    for event in run.events:
+    for event in run.event_rows:  # file order: a cool-down's step can precede its rollback's
         if event.get("kind") == "rollback" and math.isfinite(number(event.get("value"))):
             restored = number(event.get("value"))
         elif event.get("kind") == "cooldown" and restored is not None:
@@ -96,15 +126,18 @@ def _cooldown_spans(run: RunData) -> list[tuple[float, float]]:
     return spans
 
 
-def _mark_events(ax: Axes, run: RunData, metric: str) -> list[Any]:
+def _mark_events(ax: Axes, run: RunData, metric: str, top: float = math.inf) -> list[Any]:
     """Mark skipped steps, spikes of ``metric``, rollbacks, cool-downs and divergence."""
-    handles = _mark_steps(ax, run, metric)
+    handles = _mark_steps(ax, run, metric, top)
     handles += _mark_spans(ax, run)
     return handles
 
 
-def _mark_steps(ax: Axes, run: RunData, metric: str) -> list[Any]:
-    """Single-step marks: skipped steps, spikes, vanishing/exploding onsets, divergence."""
+def _mark_steps(ax: Axes, run: RunData, metric: str, top: float = math.inf) -> list[Any]:
+    """Single-step marks: skipped steps, spikes, vanishing/exploding onsets, divergence.
+
+    A spike beyond ``top`` (the y-range's upper end) is drawn at ``top``.
+    """
     from matplotlib.lines import Line2D
 
     handles: list[Any] = []
@@ -114,9 +147,11 @@ def _mark_steps(ax: Axes, run: RunData, metric: str) -> list[Any]:
         handles.append(Line2D([], [], color=RED, lw=0.9, label="skipped step"))
     spikes = [e for e in run.events_of("spike") if e.get("metric") == metric]
     if spikes:
-        xs = [number(e["step"]) for e in spikes]
-        ys = [number(e.get("value")) for e in spikes]
-        ax.scatter(xs, ys, marker="^", s=60, color=ORANGE, zorder=5, edgecolor="black", lw=0.5)
+        xs = [number(e["first_step"]) for e in spikes]
+        values = [number(e.get("value")) for e in spikes]
+        ys = [v if v <= top or top == math.inf else top for v in values]
+        ax.scatter(xs, ys, marker="^", s=60, color=ORANGE, zorder=7, edgecolor="black", lw=0.5,
+                   clip_on=False)  # fmt: skip
         handles.append(Line2D([], [], color=ORANGE, marker="^", ls="", label="spike"))
     lines: list[tuple[tuple[str, ...], str, str, str]] = [
         (("vanishing", "exploding"), PURPLE, ":", "vanishing/exploding onset"),
@@ -125,7 +160,7 @@ def _mark_steps(ax: Axes, run: RunData, metric: str) -> list[Any]:
     for kinds, color, style, label in lines:
         if metric != "grad_norm" and kinds[0] == "vanishing":
             continue  # per-layer conditions belong on the gradient-norm plot
-        found = [number(e["step"]) for e in run.events_of(*kinds)]
+        found = [number(e["first_step"]) for e in run.events_of(*kinds)]
         if found:
             ax.vlines(found, 0, 1, transform=ax.get_xaxis_transform(), color=color, ls=style)
             handles.append(Line2D([], [], color=color, ls=style, label=label))
@@ -176,6 +211,120 @@ def _log_if_wide(ax: Axes, values: FloatArray, ratio: float = 100.0) -> None:
         ax.set_yscale("log")
 
 
+# --- y-range from the healthy steps, off-scale values on the edge ------------------------
+
+MIN_HEALTHY = 5  # fewer healthy values than this: robust quantiles of all values instead
+
+
+@dataclass(frozen=True)
+class YRange:
+    """A timeline's y-limits and scale: values outside ``[lo, hi]`` are drawn on the edge."""
+
+    lo: float
+    hi: float
+    log: bool
+
+
+def y_range(values: FloatArray, healthy: BoolArray, log_ratio: float) -> YRange | None:
+    """The y-range that keeps the healthy part readable, or None when no value is finite.
+
+    The reference values are the finite ``healthy`` ones (the steps before the first
+    warning or error); with fewer than ``MIN_HEALTHY`` of them, all finite values with
+    their 1 % and 99 % quantiles as the reference range. The scale is logarithmic when
+    the reference is positive and spans ``log_ratio``. The range reaches down to the
+    smallest finite value (a loss that keeps falling after a recovered fault stays
+    visible) and up to the largest one, but at most half a reference span above the
+    reference (in log10 units on a log scale), plus a 5 % margin: a blow-up lies beyond.
+
+    Example:
+        >>> r = y_range(np.array([1.0, 2.0, 1.5, 1.2, 1.1, 1e30]), np.arange(6) < 5, 100.0)
+        >>> (round(r.lo, 3), round(r.hi, 3), r.log)
+        (0.925, 2.575, False)
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return None
+    reference = values[healthy & np.isfinite(values)]
+    if reference.size >= MIN_HEALTHY:
+        ref_lo, ref_hi = float(reference.min()), float(reference.max())
+    else:
+        reference = finite
+        ref_lo, ref_hi = (float(q) for q in np.quantile(finite, [0.01, 0.99]))
+    log = bool((reference > 0).all() and reference.max() >= log_ratio * reference.min())
+    shown = finite[finite > 0] if log else finite
+
+    def t(x: float) -> float:
+        return math.log10(x) if log else x
+
+    span = t(ref_hi) - t(ref_lo)
+    if span <= 0:  # a constant reference: one decade, or a fifth of its size
+        span = 1.0 if log else max(abs(ref_hi) * 0.2, 1e-12)
+    lo = min(t(float(shown.min())), t(ref_lo))
+    hi = min(t(float(shown.max())), t(ref_hi) + 0.5 * span)
+    hi = max(hi, t(ref_hi))
+    margin = 0.05 * (hi - lo) if hi > lo else 0.05 * span
+    lo, hi = lo - margin, hi + margin
+    return YRange(10.0**lo, 10.0**hi, True) if log else YRange(lo, hi, False)
+
+
+def off_scale(values: FloatArray, shown: YRange | None) -> tuple[BoolArray, BoolArray, BoolArray]:
+    """The values drawn on the axis edge: (above the range or +Inf, below or -Inf, NaN).
+
+    On a log scale zero and negative values are below the range.
+
+    Example:
+        >>> masks = off_scale(np.array([1.0, 50.0, np.inf, -np.inf, np.nan]),
+        ...                   YRange(0.0, 10.0, False))
+        >>> [np.flatnonzero(m).tolist() for m in masks]
+        [[1, 2], [3], [4]]
+    """
+    nan = np.isnan(values)
+    if shown is None:
+        return np.isposinf(values), np.isneginf(values), nan
+    with np.errstate(invalid="ignore"):
+        high = ~nan & (values > shown.hi)
+        low = ~nan & ((values < shown.lo) | ((values <= 0) if shown.log else False))
+    return high, low, nan
+
+
+def _scaled_series(ax: Axes, run: RunData, values: FloatArray, log_ratio: float) -> YRange | None:
+    """Apply the healthy y-range to ``ax`` and draw the final rows beyond it on its edge."""
+    onset = run.first_attention_step
+    healthy = run.final if onset is None else run.final & (run.steps < onset)
+    shown = y_range(values[run.final], healthy[run.final], log_ratio)
+    if shown is not None:
+        if shown.log:
+            ax.set_yscale("log")
+        ax.set_ylim(shown.lo, shown.hi)
+    high, low, nan = off_scale(values, shown)
+    edge = ax.get_xaxis_transform()  # x in steps, y in axes fractions
+    for mask, y, marker, color in ((high, 0.985, "^", DARK_RED), (low, 0.015, "v", DARK_RED)):
+        steps = run.steps[mask & run.final]
+        if steps.size:
+            ax.plot(steps, np.full(steps.size, y), marker, color=color, ms=5, transform=edge,
+                    clip_on=False, zorder=6)  # fmt: skip
+    steps = run.steps[nan & run.final]
+    if steps.size:
+        ax.plot(steps, np.full(steps.size, 0.985), "x", color=RED, ms=4, transform=edge,
+                clip_on=False, zorder=6)  # fmt: skip
+    return shown
+
+
+def _off_scale_handles(values: FloatArray, run: RunData, shown: YRange | None) -> list[Any]:
+    """Legend entries for the edge markers that were drawn."""
+    from matplotlib.lines import Line2D
+
+    high, low, nan = off_scale(values, shown)
+    handles: list[Any] = []
+    if (high & run.final).any():
+        handles.append(Line2D([], [], color=DARK_RED, marker="^", ls="", label="off scale (above)"))
+    if (low & run.final).any():
+        handles.append(Line2D([], [], color=DARK_RED, marker="v", ls="", label="off scale (below)"))
+    if (nan & run.final).any():
+        handles.append(Line2D([], [], color=RED, marker="x", ls="", label="NaN"))
+    return handles
+
+
 # --- the figures --------------------------------------------------------------------------
 
 
@@ -185,8 +334,9 @@ def draw_loss(run: RunData) -> Figure:
     ax = fig.subplots()
     loss = run.column("loss")
     handles = _series(ax, run, loss, "loss", BLUE)
-    handles += _mark_events(ax, run, "loss")
-    _log_if_wide(ax, loss)
+    shown = _scaled_series(ax, run, loss, log_ratio=100.0)
+    handles += _mark_events(ax, run, "loss", top=math.inf if shown is None else shown.hi)
+    handles += _off_scale_handles(loss, run, shown)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -214,18 +364,22 @@ def draw_grad_norm(run: RunData) -> Figure:
     norm = run.column("grad_norm")
     handles = _series(ax, run, norm, "global gradient norm", "black")
     clipped = run.column("clipped_norm")
-    differs = run.final & np.isfinite(clipped) & (np.abs(clipped - norm) > 1e-6 * np.abs(norm))
+    with np.errstate(invalid="ignore"):  # Inf - Inf where both norms overflowed
+        differs = run.final & np.isfinite(clipped) & (np.abs(clipped - norm) > 1e-6 * np.abs(norm))
     if differs.any():
         ax.plot(run.steps[differs], clipped[differs], ".", color=ORANGE, ms=4)
         handles.append(
             Line2D([], [], color=ORANGE, marker=".", ls="", label="after clipping (clip threshold)")
         )
+    shown = _scaled_series(ax, run, norm, log_ratio=10.0)
     threshold = clip_threshold(run.meta.get("config", {}))
     if threshold is not None:
         ax.axhline(threshold, color=ORANGE, ls="--", lw=1.0)
-        handles.append(Line2D([], [], color=ORANGE, ls="--", label=f"max_norm = {threshold:g}"))
-    handles += _mark_events(ax, run, "grad_norm")
-    _log_if_wide(ax, norm, ratio=10.0)
+        where = " (above the plot)" if shown is not None and threshold > shown.hi else ""
+        label = f"max_norm = {threshold:g}{where}"
+        handles.append(Line2D([], [], color=ORANGE, ls="--", label=label))
+    handles += _mark_events(ax, run, "grad_norm", top=math.inf if shown is None else shown.hi)
+    handles += _off_scale_handles(norm, run, shown)
     ax.set_xlabel("step")
     ax.set_ylabel("gradient norm (L2)")
     ax.grid(alpha=0.3, which="both")
@@ -280,27 +434,59 @@ def binned_log_norms(norms: FloatArray, columns: int) -> tuple[FloatArray, Float
     return mean, bad.astype(np.float64)
 
 
-def draw_heatmap(run: RunData) -> Figure:
-    """Per-layer gradient norm over steps, log colour, layers in depth order (input on top)."""
+def _mark_onsets(ax: Axes, run: RunData, rows: int, span: tuple[float, float]) -> bool:
+    """Thin lines and a triangle above the axes at each warning or error's first step.
+
+    Only onsets within ``span`` (the heatmap's steps) are marked. Returns whether
+    anything was marked (the title then says what the triangles are).
+    """
+    colors = {"warning": ORANGE, "error": RED}
+    marked = False
+    for level, color in colors.items():
+        onsets = sorted(
+            {
+                int(e["first_step"])
+                for e in run.events
+                if severity(e) == level and span[0] <= int(e["first_step"]) <= span[1]
+            }
+        )
+        if not onsets:
+            continue
+        marked = True
+        ax.vlines(onsets, -0.5, rows - 0.5, color="white", lw=0.6, alpha=0.7, zorder=3)
+        ax.plot(onsets, np.full(len(onsets), 1.0), "v", color=color, ms=6, mec="black", mew=0.4,
+                transform=ax.get_xaxis_transform(), clip_on=False, zorder=4)  # fmt: skip
+    return marked
+
+
+def _layer_heatmap(
+    run: RunData, steps: npt.NDArray[np.int64], values: FloatArray, label: str, what: str
+) -> Figure:
+    """A layers x steps heatmap of ``values`` [step, layer], log colour, events on top.
+
+    Non-finite cells are red, zero (or not measured) cells grey; more steps than
+    ``MAX_COLUMNS`` are binned by geometric mean.
+    """
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap, LogNorm
 
-    steps, norms = run.layer_matrix
     names = run.layer_names
-    mean, bad = binned_log_norms(norms, MAX_COLUMNS)
-    values = np.ma.masked_invalid(10.0**mean).T
+    mean, bad = binned_log_norms(values, MAX_COLUMNS)
+    shown_values = np.ma.masked_invalid(10.0**mean).T
     fig = _figure(max(2.6, min(14.0, 0.2 * len(names) + 1.4)))
     ax = fig.subplots()
     extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(names) - 0.5, -0.5)
     cmap = colormaps["viridis"].with_extremes(bad="#dddddd")
-    finite = values.compressed()
+    finite = shown_values.compressed()
     norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size else None
     shown: dict[str, Any] = {"aspect": "auto", "extent": extent, "interpolation": "nearest"}
-    image = ax.imshow(values, cmap=cmap, norm=norm, **shown)
+    image = ax.imshow(shown_values, cmap=cmap, norm=norm, **shown)
     if bad.any():
         overlay = np.ma.masked_equal(bad.T, 0.0)
         ax.imshow(overlay, cmap=ListedColormap([RED]), vmin=0, vmax=1, **shown)
-    fig.colorbar(image, ax=ax, label="gradient norm (log scale)", pad=0.01)
+    fig.colorbar(image, ax=ax, label=label, pad=0.01)
+    marked = _mark_onsets(ax, run, len(names), (extent[0], extent[1]))
+    ax.set_xlim(extent[0], extent[1])
     _layer_ticks(ax, names)
     ax.set_xlabel("step")
     ax.set_ylabel("layer (input at top)")
@@ -309,8 +495,40 @@ def draw_heatmap(run: RunData) -> Figure:
         if len(steps) > mean.shape[0]
         else ""
     )
-    ax.set_title(f"red: NaN/Inf, grey: zero{binned}", fontsize=8, loc="right")
+    onsets = "; triangles: warning/error onsets" if marked else ""
+    ax.set_title(f"red: NaN/Inf, grey: {what}{binned}{onsets}", fontsize=8, loc="right")
     return fig
+
+
+def draw_heatmap(run: RunData) -> Figure:
+    """Per-layer gradient norm over steps, log colour, layers in depth order (input on top)."""
+    steps, norms = run.layer_matrix
+    return _layer_heatmap(run, steps, norms, "gradient norm (log scale)", "zero")
+
+
+def forward_fill(values: FloatArray, measured: BoolArray) -> tuple[FloatArray, BoolArray]:
+    """Each cell's latest measured value at or before its row, and whether there is one.
+
+    Example:
+        >>> filled, known = forward_fill(np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]),
+        ...                              np.array([[True, False], [False, True], [False, False]]))
+        >>> filled.tolist(), known.tolist()
+        ([[1.0, 0.0], [1.0, 2.0], [1.0, 2.0]], [[True, False], [True, True], [True, True]])
+    """
+    rows = np.arange(values.shape[0])[:, None]
+    latest = np.maximum.accumulate(np.where(measured, rows, -1), axis=0)
+    known = latest >= 0
+    filled = np.take_along_axis(values, np.maximum(latest, 0), axis=0)
+    return np.where(known, filled, 0.0), known
+
+
+def draw_update_ratio(run: RunData) -> Figure:
+    """Per-layer update ratio ||weight change|| / ||weights|| over steps, log colour."""
+    steps, ratios, measured = run.update_ratio_matrix
+    filled, _ = forward_fill(ratios, measured)  # not yet measured: 0, drawn grey
+    return _layer_heatmap(
+        run, steps, filled, "update ratio |Δw| / |w| (log scale)", "zero or not yet measured"
+    )
 
 
 def start_end_rows(norms: FloatArray, k: int = 10) -> tuple[slice, slice]:
@@ -354,8 +572,10 @@ PLOTS = (
     Plot(
         "loss",
         "Loss",
-        "Loss at every step. Red lines: skipped steps; triangles: loss spikes; grey bands: "
-        "steps undone by a rollback; blue bands: the LR cool-down after it.",
+        "Loss at every step. Red lines: skipped steps; orange triangles: loss spikes; grey "
+        "bands: steps undone by a rollback; blue bands: the LR cool-down after it. The "
+        "y-range is that of the steps before the first warning or error: values far above "
+        "it are dark-red triangles on the top edge, NaN values red crosses there.",
         ("loss",),
         draw_loss,
     ),
@@ -363,7 +583,10 @@ PLOTS = (
         "grad_norm",
         "Global gradient norm",
         "Global L2 norm of the gradients before clipping, and after clipping where the "
-        "policy shrank it. Non-finite norms are gaps at the red lines (skipped steps).",
+        "policy shrank it. Non-finite norms are gaps at the red lines (skipped steps), "
+        "marked by red crosses (NaN) or triangles (Inf) on the top edge; as on the loss "
+        "plot, the y-range comes from the steps before the first warning or error and "
+        "values far beyond it are triangles on the edge.",
         ("grad_norm",),
         draw_grad_norm,
     ),
@@ -372,9 +595,25 @@ PLOTS = (
         "heatmap",
         "Per-layer gradient norm over steps",
         "Each row a layer, input at the top; log colour. Dark rows near the top that stay "
-        "dark are vanishing gradients, bright rows exploding ones.",
+        "dark are vanishing gradients, bright rows exploding ones. Triangles above and "
+        "thin white lines: onsets of warnings (orange) and errors (red).",
         ("layer_norms",),
         draw_heatmap,
+    ),
+    Plot(
+        "update_ratio",
+        "Per-layer update ratio over steps",
+        "Each row a layer, input at the top; log colour of |Δw| / |w|, the size of a step's "
+        "weight change relative to the weights (about 1e-3 is a common rule of thumb; much "
+        "larger points to a learning rate too high for that layer, much smaller to a layer "
+        "that barely learns). "
+        "The guard measures a rotating subset of layers at some steps only, so each cell "
+        "shows the layer's latest measurement at or before that column (forward-filled); "
+        "grey: zero or not yet measured. Triangles above: onsets of warnings (orange) and "
+        "errors (red).",
+        ("update_ratio",),
+        draw_update_ratio,
+        optional=True,
     ),
     Plot(
         "layer_bars",

@@ -38,6 +38,15 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-al
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.pass { color: #1a7f1a; font-weight: 600; } td.fail { color: #c01818; font-weight: 600; }
+ol.episodes { padding-left: 22px; }
+li.episode { margin: 8px 0 12px; padding: 6px 10px; border-left: 4px solid #ff9f0e;
+             background: #fffaf0; }
+li.episode.error { border-color: #d62728; background: #fdf3f3; }
+li.episode p { margin: 3px 0; }
+.cause { font-weight: 600; }
+.evidence { color: #333; }
+.stop { padding: 6px 10px; background: #fdecec; border-left: 4px solid #d62728; }
+.no-action { padding: 6px 10px; background: #eaf7ea; border-left: 4px solid #2ca02c; }
 code, pre { font-family: ui-monospace, monospace; font-size: 12px; }
 pre { background: #f6f6f6; padding: 8px; overflow-x: auto; }
 """

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 
 from gradguard.report._data import RunData, number
+from gradguard.report._triage import stop_request
 
 Level = Literal["ok", "warn", "bad"]
 
@@ -27,7 +28,12 @@ def _plural(n: int, word: str) -> str:
 
 
 def _first_step(events: Sequence[dict[str, Any]]) -> int:
-    return min(int(number(e.get("step"))) for e in events)
+    return min(int(e["first_step"]) for e in events)
+
+
+def _steps(events: Sequence[dict[str, Any]]) -> int:
+    """How many steps the events cover: a streak counts each of its steps."""
+    return sum(int(e["count"]) for e in events)
 
 
 def _layers_text(events: Sequence[dict[str, Any]]) -> str:
@@ -46,7 +52,7 @@ def _describe_trigger(run: RunData, rollback: dict[str, Any]) -> str:
         metrics = [
             e.get("metric")
             for e in run.events_of("spike", attention=True)
-            if e.get("step") == onset
+            if e.get("first_step") == onset
         ]
         metric = "loss" if "loss" in metrics else str(metrics[0]) if metrics else ""
         words = _SPIKE_WORDS.get(metric, "spike")
@@ -83,11 +89,11 @@ def _event_parts(run: RunData) -> list[str]:
     if skipped:
         parts.append(f"{_plural(skipped, 'step')} skipped for non-finite gradients")
     elif nonfinite:
-        steps = len({e.get("step") for e in nonfinite})
+        steps = _steps(nonfinite)
         parts.append(f"non-finite gradients at {_plural(steps, 'step')} (not skipped)")
     overflow = run.events_of("overflow", attention=True)
     if overflow:
-        parts.append(f"the fp32 gradient norm overflowed at {_plural(len(overflow), 'step')}")
+        parts.append(f"the fp32 gradient norm overflowed at {_plural(_steps(overflow), 'step')}")
     spike_events = run.events_of("spike", attention=True)
     spikes = Counter(str(e.get("metric", "")) for e in spike_events)
     for metric, count in sorted(spikes.items()):
@@ -105,7 +111,8 @@ def _event_parts(run: RunData) -> list[str]:
 def verdict(run: RunData) -> tuple[Level, str]:
     """The run in one sentence, and how worried to be (``ok``, ``warn``, ``bad``).
 
-    ``bad``: the run diverged or a rollback could not be made; ``warn``: any other
+    ``bad``: the run diverged, a rollback could not be made or the guard asked the loop
+    to stop (the sentence says whether it did); ``warn``: any other
     warning or error event; ``ok``: none (``info`` events, such as a loss scaler's
     backoffs or a spike with no effect on the loss, need no action and are only counted).
     """
@@ -118,14 +125,17 @@ def verdict(run: RunData) -> tuple[Level, str]:
         parts.append(rollback)
     divergence = run.events_of("divergence")
     if divergence:
-        parts.append(f"diverged at step {_first_step(divergence)} (training stopped)")
+        parts.append(f"diverged at step {_first_step(divergence)}")
+    stop = stop_request(run)
+    if stop is not None:
+        parts.append(stop.sentence())
     if not parts:
         clipped = int((run.column("scale")[run.final] < 1.0).sum())
         shrunk = f"; the clip policy shrank {_plural(clipped, 'step')}" if clipped else ""
         infos = len(run.events)
         what = f"no warnings ({_plural(infos, 'info event')})" if infos else "no events"
         return "ok", f"healthy: {what} in {_plural(final_steps, 'step')}{shrunk}."
-    level: Level = "bad" if divergence or failed else "warn"
+    level: Level = "bad" if divergence or failed or stop is not None else "warn"
     sentence = "; ".join(parts)
     undone = len(run.metrics) - int(run.final.sum())
     more = f", {undone} more undone by rollbacks" if undone else ""
