@@ -1168,3 +1168,44 @@ def test_weight_growth_is_measured_over_ten_steps_whatever_the_drain_length() ->
     (fast,) = run(Exploding(), drains(10, 12.0))
     assert fast.extra["detected_at"] == 20  # the loss is flat within the first drain
     assert "grew 12x since step 10" in fast.message
+
+
+def test_weak_layers_that_still_move_are_not_vanishing() -> None:
+    """Adam scales each gradient by its own size: a tiny gradient can take a full step."""
+    profile = [1e-6, 1e-5, 1.0]
+    moving = np.array([2e-3, np.nan, 1e-3])  # layer 0 measured: it moves like the others
+    still = np.array([1e-9, np.nan, 1e-3])
+    for ratios, expected in ((moving, 0), (still, 1)):
+        windows = [
+            dataclasses.replace(w, update_ratio=ratios) for w in layer_windows([profile] * 4)
+        ]
+        events = [e for d in per_drain(Vanishing(), windows) for e in d]
+        assert len(events) == expected
+    (event,) = events
+    assert event.layers == ("l0", "l1")
+    assert event.extra["update_ratios"] == {"l0": 1e-9}
+
+
+def test_adam_on_tiny_input_features_is_not_vanishing_while_sgd_is() -> None:
+    import torch
+    from torch import nn
+
+    import gradguard as gg
+
+    def events(make_optimizer: Any) -> list[Event]:
+        torch.manual_seed(0)
+        # no bias in the first layer: its whole gradient scales with the tiny inputs
+        model = nn.Sequential(nn.Linear(8, 32, bias=False), nn.ReLU(), nn.Linear(32, 1))
+        guard = gg.Guard(model, make_optimizer(model.parameters()), detectors=[Vanishing()])
+        for _ in range(120):
+            x = torch.randn(64, 8)
+            loss = (model(x * 1e-6) - x[:, :1]).square().mean()  # inputs in micro-units
+            guard.optimizer.zero_grad()
+            loss.backward()
+            guard.step(loss)
+        guard.close()
+        return list(guard.events)
+
+    assert events(lambda p: torch.optim.Adam(p, lr=1e-3)) == []
+    (event,) = events(lambda p: torch.optim.SGD(p, lr=1e-2))
+    assert event.layers[0] == "0"

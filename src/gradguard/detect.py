@@ -730,16 +730,27 @@ class Vanishing:
     sitting at chance. Without a loss it always counts. ``ignore_zero=True`` leaves
     layers whose gradient is exactly 0 out of the rule.
 
+    A small gradient is a symptom only if the weights barely move: an adaptive optimizer
+    (Adam and its kin) divides each gradient by its own running size, so a layer with a
+    tiny gradient can still take full-size steps. Where the guard measured a layer's
+    update ratio (``Window.update_ratio``: the norm of a step's weight change over the
+    weights' norm, one layer subset per drain), a layer whose last measured ratio is at
+    least ``min_update`` is learning and ends the leading run.
+
     Defaults: a layer 1,000 times weaker than the strongest is, in practice, not being
     trained (measured at initialization, width 32: a 20-layer sigmoid MLP with PyTorch's
     default init gives its first layer a ratio of 5e-17, the same MLP with ReLU and He
-    init 0.3); three drains rule out a noisy window.
+    init 0.3); three drains rule out a noisy window. The smallest median update ratio of
+    any layer in ten healthy runs (GPT, BERT, ViT, ResNet, LSTM, GRU, MLPs; SGD and
+    AdamW) is 1.3e-4, while the weak layers of vanishing runs move by 1e-8 or less (0 in
+    fp32 for a deep sigmoid MLP): ``min_update`` 1e-6 sits between.
 
     Args:
         threshold: ratio to the largest layer norm below which a layer counts, in (0, 1).
         patience: consecutive drains the condition must hold.
         ignore_zero: leave layers with exactly zero gradient out.
         stuck: the relative loss improvement under which dead units count, in (0, 1).
+        min_update: an update ratio at or above which a layer is learning, in (0, 1).
 
     References:
         Pascanu, Mikolov & Bengio 2013, "On the difficulty of training recurrent neural
@@ -756,8 +767,11 @@ class Vanishing:
         patience: int = 3,
         ignore_zero: bool = False,
         stuck: float = 0.05,
+        min_update: float = 1e-6,
     ) -> None:
         self.threshold = _float_in("threshold", threshold, 0.0, 1.0)
+        self.min_update = _float_in("min_update", min_update, 0.0, 1.0)
+        self._updates: list[float] | None = None  # last measured update ratio per layer
         self.patience = _int_at_least("patience", patience, 1)
         if not isinstance(ignore_zero, bool):
             raise ConfigError(f"ignore_zero must be True or False, got {ignore_zero!r}.")
@@ -771,11 +785,12 @@ class Vanishing:
     def __repr__(self) -> str:
         return (
             f"Vanishing(threshold={self.threshold}, patience={self.patience}, "
-            f"ignore_zero={self.ignore_zero}, stuck={self.stuck})"
+            f"ignore_zero={self.ignore_zero}, stuck={self.stuck}, min_update={self.min_update})"
         )
 
     def observe(self, window: Window) -> list[Event]:
         """Update the streak with this window; return an event when an episode starts."""
+        self._follow_updates(window)
         norms = _layer_means(window)
         if norms is None:
             return []
@@ -797,12 +812,27 @@ class Vanishing:
         self._active = True
         return [self._event(window, leading, ratios, norms, loss)]
 
+    def _follow_updates(self, window: Window) -> None:
+        ratio = window.update_ratio
+        if ratio is None:
+            return
+        if self._updates is None or len(self._updates) != len(ratio):
+            self._updates = [math.nan] * len(ratio)
+        for j, value in enumerate(ratio):
+            if math.isfinite(value):
+                self._updates[j] = float(value)
+
+    def _learning(self, j: int) -> bool:
+        """Whether layer ``j``'s last measured update ratio says it moves."""
+        updates = self._updates
+        return updates is not None and j < len(updates) and updates[j] >= self.min_update
+
     def _leading_weak(self, norms: FloatArray, ratios: FloatArray) -> list[int]:
         leading = []
         for j in range(len(norms)):
             if self.ignore_zero and norms[j] == 0:
                 continue
-            if ratios[j] >= self.threshold:
+            if ratios[j] >= self.threshold or self._learning(j):
                 break
             leading.append(j)
         return leading if len(leading) < len(norms) else []
@@ -856,21 +886,37 @@ class Vanishing:
                 "ratios": {window.layer_names[j]: float(ratios[j]) for j in leading},
                 "zero": zero,
                 "detected_at": int(window.steps[-1]),
+                **self._update_extra(window, leading),
             },
         )
 
+    def _update_extra(self, window: Window, leading: list[int]) -> dict[str, Any]:
+        """The weak layers' last measured update ratios: how little they move."""
+        if self._updates is None:
+            return {}
+        measured = {
+            window.layer_names[j]: self._updates[j]
+            for j in leading
+            if j < len(self._updates) and math.isfinite(self._updates[j])
+        }
+        return {"update_ratios": measured} if measured else {}
+
     def state_dict(self) -> dict[str, Any]:
-        """Return the streak, its onset, whether it was reported and the first loss."""
+        """Return the streak, its onset, whether it was reported, the first loss, updates."""
         return {
             "streak": self._streak,
             "onset": self._onset,
             "active": self._active,
             "first_loss": self._first_loss,
+            "updates": None if self._updates is None else list(self._updates),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the state saved by :meth:`state_dict`."""
-        _check_keys(self, state, {"streak", "onset", "active", "first_loss"})
+        """Restore the state saved by :meth:`state_dict` (one saved before updates: none)."""
+        keys = {"streak", "onset", "active", "first_loss"}
+        _check_keys(self, state, keys | ({"updates"} if "updates" in state else set()))
+        updates = state.get("updates")
+        self._updates = None if updates is None else [float(v) for v in updates]
         self._streak = int(state["streak"])
         self._onset = int(state["onset"])
         self._active = bool(state["active"])

@@ -732,6 +732,8 @@ class Explainer:
                 self._clip_advice(row),
             ],
         }
+        if event.kind == "vanishing" and cause == "unknown":
+            rules["unknown"] = lambda: self._normalization_advice()
         steps = rules.get(cause, lambda: [self._clip_advice(row)])()
         if cause in ("lr_too_high", "layer_local", "unknown") and event.kind != "vanishing":
             steps.append(self._rollback_advice())
@@ -929,6 +931,18 @@ class Explainer:
                 )
             )
         return steps
+
+    def _normalization_advice(self) -> list[Advice | None]:
+        if self.facts.normalized:
+            return []
+        return [
+            Advice(
+                "normalization",
+                "Standardise the inputs (mean 0, std 1 per feature) and add LayerNorm or "
+                "BatchNorm between layers, so that each layer sees inputs of unit scale.",
+                {"normalization": "LayerNorm"},
+            )
+        ]
 
     def _dead_advice(self, window: Window, event: Event) -> list[Advice | None]:
         lr = float(window.lr[-1])
