@@ -571,8 +571,10 @@ The guard's own cost is a subtraction within the same rounds: on another copy of
 model, whose gradients are views of the same buffer, `guard.step(loss)` of
 `gg.Guard(model, optimizer, clip=gg.NormClip(1.0), detectors="default",
 log_every={LOG_EVERY})` (per-layer statistics, the clip, the optimizer step, the ring
-buffer, and a drain to the six default detectors every {LOG_EVERY} steps, with each
-layer's parameter norm) is timed next
+buffer, and a drain to the six default detectors and the explainer every {LOG_EVERY}
+steps, with each layer's parameter norm and, on the drained step, the update ratios of
+a subset of layers: a copy of at most the largest layer's weights before the optimizer
+step) is timed next
 to the bare `optimizer.step()` of the very same `torch.optim.AdamW(lr=1e-6)`
 (two instances of one configuration were seen to differ by up to 3% in step time, 1.4 ms
 on the GPT-like model, where they land in memory), and the cost is the difference of the

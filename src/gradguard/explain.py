@@ -40,6 +40,7 @@ LOW_GAIN, HIGH_GAIN = 0.35, 2.5
 INHERIT_STEPS = 50
 
 _SAMPLE = {name: i for i, name in enumerate(SAMPLE_COLUMNS)}
+_NOUNS = {"exploding": "explosion", "nonfinite": "NaN/Inf", "vanishing": "vanishing gradient"}
 _HISTORY = 2048
 
 
@@ -137,12 +138,12 @@ class Explainer:
         self._lrs: deque[tuple[int, float]] = deque(maxlen=_HISTORY)
         self._batch_medians: deque[float] = deque(maxlen=256)
         self._batch_tops: deque[float] = deque(maxlen=256)
-        self._layer_norms: deque[np.ndarray[Any, Any]] = deque(maxlen=64)
         self._update: np.ndarray[Any, Any] | None = None  # last measured ratio per layer
         self._update_typical: np.ndarray[Any, Any] | None = None
         self._episode: tuple[int, str, dict[str, Any]] | None = None  # (last step, cause, ev)
         self._episode_here = False  # the episode was explained in the current drain
         self._last_out_of_bounds = False  # the last step's gradient norm was out of bounds
+        self._spiked = False  # the current drain holds a spike
 
     # --- public ----------------------------------------------------------------------
 
@@ -155,15 +156,16 @@ class Explainer:
         order = sorted(range(len(events)), key=lambda i: events[i].kind != "spike")
         out = list(events)
         self._episode_here = False
+        self._spiked = any(e.kind == "spike" for e in events)
         for i in order:
             event = events[i]
             if not event.needs_attention or event.cause or event.kind in ("rollback", "cooldown"):
                 continue
             cause, evidence = self._cause(window, event)
             evidence = {**evidence, **self._batch_evidence(window, event)}
-            advice = self._advice(cause, window, event, evidence)
-            batch = self._batch_at(window, event.step)
-            out[i] = replace(event, cause=cause, evidence=evidence, advice=advice, batch=batch)
+            event = replace(event, cause=cause, evidence=evidence)
+            event = replace(event, batch=self._batch_at(window, event.step))
+            out[i] = replace(event, advice=self._advice(cause, window, event, evidence))
             seen = int(event.extra.get("detected_at", event.step))
             if self._episode is None or seen >= self._episode[0] or event.kind == "spike":
                 self._episode = (
@@ -236,10 +238,17 @@ class Explainer:
         self._update[measured] = ratio[measured]
 
     def _remember(self, window: Window, onset: int | None) -> None:
-        """Keep the window's healthy steps (before any event's onset) as the reference."""
+        """Keep the window's healthy steps as the reference.
+
+        Healthy: before any event's onset in this drain, and more than ``INHERIT_STEPS``
+        after the last explained episode (a run recovering from a blow-up is not the
+        reference its next event is judged against).
+        """
         healthy = window.finite & ~window.skipped & np.isfinite(window.grad_norm)
         if onset is not None:
             healthy &= window.steps < onset
+        if self._episode is not None:
+            healthy &= window.steps > self._episode[0] + INHERIT_STEPS
         self._norms.extend(float(v) for v in window.grad_norm[healthy])
         given = healthy & window.loss_given & np.isfinite(window.loss)
         self._losses.extend(float(v) for v in window.loss[given])
@@ -249,10 +258,8 @@ class Explainer:
             self._batch_medians.extend(float(v) for v in medians[healthy & np.isfinite(medians)])
             tops = window.samples[:, _SAMPLE["top0"]]
             self._batch_tops.extend(float(v) for v in tops[healthy & np.isfinite(tops)])
-        if healthy.any():
-            self._layer_norms.append(np.median(window.per_layer[healthy], axis=0))
-        if self._update is not None and onset is None:
-            self._update_typical = self._update.copy()
+        if self._update is not None and len(window) and bool(healthy[-1]):
+            self._update_typical = self._update.copy()  # measured on a healthy step
         if len(window):
             self._last_out_of_bounds = self._out_of_bounds(float(window.grad_norm[-1]))
 
@@ -286,18 +293,20 @@ class Explainer:
             found = rule(window, event, row)
             if found is not None:
                 return found
-        if inherited is not None:
+        if inherited is not None and inherited[0] != "unknown":
             return inherited
         found = self._hot_layer(window, event, row) or self._high_updates(event)
-        return found or ("unknown", self._plain_evidence(event, row))
+        return found or inherited or ("unknown", self._plain_evidence(event, row))
 
     def _updates_for(self, event: Event) -> np.ndarray[Any, Any] | None:
         """Update ratios to judge ``event`` by.
 
-        A one-step spike's own step says nothing of the learning rate, so spikes read the
-        last ratios of a healthy drain.
+        A one-step spike's own step says nothing of the learning rate, so spikes, and any
+        event of a drain that holds one, read the last ratios of a healthy drain, if any.
         """
-        return self._update_typical if event.kind == "spike" else self._update
+        if self._update_typical is None:  # no healthy drain yet: the run is off from the start
+            return self._update
+        return self._update_typical if event.kind == "spike" or self._spiked else self._update
 
     def _inherited(self, window: Window, event: Event) -> tuple[str, dict[str, Any]] | None:
         """The cause of the blow-up this event ends, when one was seen just before.
@@ -315,10 +324,11 @@ class Explainer:
         step = event.step
         if not (self._episode_here or self._blowing_up(window, step) or self._hurt(window, step)):
             return None
-        summary = evidence.get("summary", "")
+        root = evidence.get("root", evidence.get("summary", ""))
         return cause, {
-            "summary": f"It follows the blow-up seen up to step {last}: {summary}",
+            "summary": f"It follows the blow-up seen up to step {last}: {root}",
             "follows_step": last,
+            "root": root,
         }
 
     def _blowing_up(self, window: Window, step: int) -> bool:
@@ -329,11 +339,16 @@ class Explainer:
         return self._out_of_bounds(float(before[0]))
 
     def _hurt(self, window: Window, step: int) -> bool:
-        """Whether the loss before ``step`` was still above twice its healthy median."""
-        before = (window.steps < step) & window.loss_given & np.isfinite(window.loss)
-        if not before.any() or not self._losses:
+        """Whether the loss was still above twice its healthy median before ``step``.
+
+        For an onset before the window, the window's first loss is read.
+        """
+        given = window.loss_given & np.isfinite(window.loss)
+        before = given & (window.steps < step)
+        if not self._losses or not given.any():
             return False
-        return float(window.loss[before][-1]) > 2 * float(np.median(self._losses))
+        loss = float(window.loss[before][-1]) if before.any() else float(window.loss[given][0])
+        return loss > 2 * float(np.median(self._losses))
 
     def _out_of_bounds(self, norm: float) -> bool:
         """Non-finite, or ten times the healthy median (always, with no healthy step yet)."""
@@ -442,18 +457,19 @@ class Explainer:
         before = [lr for s, lr in self._lrs if s < onset] + [
             float(v) for s, v in zip(window.steps, window.lr, strict=True) if s < onset
         ]
-        at_onset = window.lr[window.steps == onset]
-        if not before or not at_onset.size:
+        at_onset = [float(v) for v in window.lr[window.steps == onset]]
+        at_onset += [lr for s, lr in self._lrs if s == onset]
+        if not before or not at_onset:
             return None
         horizon = max(2 * len(window), 10)  # the rise happened within this many steps
         earlier = np.asarray(before[: max(len(before) - horizon, 1)])
-        base, now = float(np.median(earlier)), float(at_onset[0])
+        base, now = float(np.median(earlier)), at_onset[0]
         if not (base > 0 and now >= LR_JUMP * base):
             return None
         return "lr_too_high", {
             "summary": (
                 f"The learning rate rose to {now:.3g} by step {onset} from {base:.3g} "
-                f"(x{now / base:.3g}); the {event.kind} followed."
+                f"(x{now / base:.3g}); the {_NOUNS.get(event.kind, event.kind)} followed."
             ),
             "lr": now,
             "lr_before": base,
