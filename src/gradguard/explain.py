@@ -69,6 +69,7 @@ class RunFacts:
         recovery: a recovery strategy (``Rollback``) is in use.
         low_precision: ``"float16"`` or ``"bfloat16"`` when the parameters are stored so.
         saturating: saturating activation modules found in the model (``Sigmoid``, ...).
+        rectified: the model has ReLU modules (units that can die).
         normalized: the model has normalization layers.
         group_lr: the learning rate of each layer's param group (depth order).
         layer_scale: reads a layer's weight scale when needed (events are rare).
@@ -80,6 +81,7 @@ class RunFacts:
     recovery: bool = False
     low_precision: str | None = None
     saturating: tuple[str, ...] = ()
+    rectified: bool = False
     normalized: bool = False
     group_lr: Callable[[], Sequence[float]] | None = None
     layer_scale: Callable[[str], LayerScale | None] = field(default=lambda _name: None)
@@ -144,6 +146,7 @@ class Explainer:
         self._episode_here = False  # the episode was explained in the current drain
         self._last_out_of_bounds = False  # the last step's gradient norm was out of bounds
         self._spiked = False  # the current drain holds a spike
+        self._last_loss = math.nan  # the previous drain's last finite loss
 
     # --- public ----------------------------------------------------------------------
 
@@ -208,6 +211,7 @@ class Explainer:
             "update_typical": _listed_or_none(self._update_typical),
             "episode": None if self._episode is None else list(self._episode),
             "last_out_of_bounds": self._last_out_of_bounds,
+            "last_loss": self._last_loss,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -225,6 +229,7 @@ class Explainer:
             None if episode is None else (int(episode[0]), str(episode[1]), dict(episode[2]))
         )
         self._last_out_of_bounds = bool(state.get("last_out_of_bounds", False))
+        self._last_loss = float(state.get("last_loss", math.nan))
 
     # --- history ---------------------------------------------------------------------
 
@@ -262,6 +267,8 @@ class Explainer:
             self._update_typical = self._update.copy()  # measured on a healthy step
         if len(window):
             self._last_out_of_bounds = self._out_of_bounds(float(window.grad_norm[-1]))
+            last = window.loss_given & np.isfinite(window.loss)
+            self._last_loss = float(window.loss[last][-1]) if last.any() else math.nan
 
     # --- causes ----------------------------------------------------------------------
 
@@ -343,11 +350,18 @@ class Explainer:
 
         For an onset before the window, the window's first loss is read.
         """
+        if not self._losses or not len(window):
+            return False
         given = window.loss_given & np.isfinite(window.loss)
         before = given & (window.steps < step)
-        if not self._losses or not given.any():
+        if before.any():
+            loss = float(window.loss[before][-1])
+        elif step > window.steps[0] or not given.any():
             return False
-        loss = float(window.loss[before][-1]) if before.any() else float(window.loss[given][0])
+        elif step == window.steps[0]:
+            loss = self._last_loss  # the previous drain's last loss
+        else:
+            loss = float(window.loss[given][0])
         return loss > 2 * float(np.median(self._losses))
 
     def _out_of_bounds(self, norm: float) -> bool:
@@ -610,10 +624,19 @@ class Explainer:
         names = event.layers or window.layer_names[:1]
         zero = [n for n in names if self._layer_is_zero(window, n)]
         if zero and len(zero) == len(names):
+            if self.facts.saturating and not self.facts.rectified:
+                return "saturation", {
+                    "summary": (
+                        f"The gradients of {_listed(zero)} are exactly zero at every step, in "
+                        f"a model of {_listed(list(self.facts.saturating))} units: saturated "
+                        "at their bounds, their slope is 0."
+                    ),
+                    "zero_layers": zero,
+                }
             return "dead_units", {
                 "summary": (
                     f"The gradients of {_listed(zero)} are exactly zero at every step: no "
-                    "unit before them passes a gradient (dead ReLUs)."
+                    "unit before them passes a gradient (ReLUs that never fire)."
                 ),
                 "zero_layers": zero,
             }
@@ -928,12 +951,13 @@ class Explainer:
 
     def _saturation_advice(self, evidence: dict[str, Any]) -> list[Advice | None]:
         used = _listed(list(self.facts.saturating))
+        first = evidence.get("first_layer_norm")
+        measured = f": the first layer's gradient is {first:.3g} here" if first is not None else ""
         steps: list[Advice | None] = [
             Advice(
                 "activation",
                 f"Replace {used} in the hidden layers with ReLU or GELU, whose slope is 1 "
-                f"where active: the first layer's gradient is "
-                f"{evidence.get('first_layer_norm', math.nan):.3g} here.",
+                f"where active{measured}.",
                 {"activation": "ReLU", "from": list(self.facts.saturating)},
             )
         ]

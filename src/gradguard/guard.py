@@ -673,6 +673,7 @@ class Guard:
             recovery=self.recovery is not None,
             low_precision=low,
             saturating=tuple(saturating),
+            rectified=bool(types & {"ReLU", "ReLU6", "Threshold"}),
             normalized=any(isinstance(m, _NORMS) for m in model.modules()),
             group_lr=group_lr,
             layer_scale=layer_scale,
