@@ -14,6 +14,7 @@ hand-made windows.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,8 @@ OUTLIER_SIGMA = 6.0
 BATCH_LEVEL = 5.0
 #: Weight scale (std times sqrt(fan-in)) outside [LOW_GAIN, HIGH_GAIN] is a wrong init scale.
 LOW_GAIN, HIGH_GAIN = 0.35, 2.5
+#: A loss this many times its recent healthy level has not recovered from an episode.
+HURT = 1.5
 #: A cause stays with the episode for this many steps: a NaN after a blow-up is its end.
 INHERIT_STEPS = 50
 
@@ -320,8 +323,8 @@ class Explainer:
 
         The event must come from the same drain as that blow-up's explanation, or follow a
         step whose gradient was already out of bounds (non-finite, or ten times the healthy
-        median), or whose loss had not come back to twice its healthy level: an unrelated
-        fault after the run recovered gets its own cause.
+        median), or whose loss had not come back near its recent healthy level: an
+        unrelated fault after the run recovered gets its own cause.
         """
         if self._episode is None:
             return None
@@ -345,10 +348,15 @@ class Explainer:
             return self._last_out_of_bounds
         return self._out_of_bounds(float(before[0]))
 
-    def _hurt(self, window: Window, step: int) -> bool:
-        """Whether the loss was still above twice its healthy median before ``step``.
+    def _recent_loss(self) -> float:
+        """The median of the last 32 healthy losses: the level the run had reached."""
+        recent = list(self._losses)[-32:]
+        return float(np.median(recent)) if recent else math.nan
 
-        For an onset before the window, the window's first loss is read.
+    def _hurt(self, window: Window, step: int) -> bool:
+        """Whether the loss was still ``HURT`` times its recent healthy level before ``step``.
+
+        For an onset before the window, the window's mean loss is read.
         """
         if not self._losses or not len(window):
             return False
@@ -361,8 +369,8 @@ class Explainer:
         elif step == window.steps[0]:
             loss = self._last_loss  # the previous drain's last loss
         else:
-            loss = float(window.loss[given][0])
-        return loss > 2 * float(np.median(self._losses))
+            loss = float(np.mean(window.loss[given]))  # the level a sustained event judged
+        return loss > HURT * self._recent_loss()
 
     def _out_of_bounds(self, norm: float) -> bool:
         """Non-finite, or ten times the healthy median (always, with no healthy step yet)."""
@@ -518,6 +526,8 @@ class Explainer:
             )
             return "bad_batch", evidence
         if math.isfinite(typical) and typical > 0 and median >= BATCH_LEVEL * typical:
+            if not self._isolated(window, onset):
+                return None  # the next batches are as bad: the model broke, not the data
             evidence["summary"] = (
                 f"At step {onset} the whole batch's median loss was {median:.3g}, "
                 f"{median / typical:.3g}x this run's typical {typical:.3g}, with a steady "
@@ -525,6 +535,24 @@ class Explainer:
             )
             return "bad_batch", evidence
         return None
+
+    def _isolated(self, window: Window, onset: int) -> bool:
+        """Whether the loss came back after ``onset`` (judged on the steps the window shows).
+
+        A whole batch far above the usual losses is a bad batch when the next batch, on
+        the weights that batch's update left, is back near the usual level; when the onset
+        is the window's last step, the steps before it must have been calm.
+        """
+        given = window.loss_given & np.isfinite(window.loss)
+        typical = self._recent_loss()
+        if math.isnan(typical):
+            return False
+        after = given & (window.steps > onset)
+        if after.any():
+            return float(window.loss[after][0]) <= BATCH_LEVEL * typical
+        before = given & (window.steps < onset)
+        last = float(window.loss[before][-1]) if before.any() else self._last_loss
+        return last <= 2 * typical
 
     def _initialization(
         self, window: Window, event: Event, row: _Row | None
@@ -856,7 +884,7 @@ class Explainer:
             o["id"] if o.get("id") is not None else f"position {o['position']}" for o in outliers
         ]
         who = f" examples {_listed([str(n) for n in names])}" if names else " its examples"
-        where = f"batch {batch}" if batch is not None else "the batch"
+        where = f"batch {_short(batch)}" if batch is not None else "the batch"
         return Advice(
             "inspect_batch",
             f"Inspect {where}:{who} stand out; fix or drop them.",
@@ -944,7 +972,7 @@ class Explainer:
         return Advice(
             "init",
             f"Initialise layer {evidence['layer']} and its like with {scheme}: std "
-            f"{_sig(target):g} for fan-in {fan_in}, not {std:.3g}; or gg.init.lsuv_ "
+            f"{_sig(target):g} for fan-in {fan_in}, not {std:.3g}; or gg.init.lsuv "
             "to measure it on a batch.",
             {"layer": evidence["layer"], "std": _sig(target), "from": std},
         )
@@ -1032,6 +1060,17 @@ def _listed_or_none(values: np.ndarray[Any, Any] | None) -> list[float] | None:
 def window_len(window: Window) -> int:
     """The number of steps in ``window``."""
     return len(window)
+
+
+def _short(value: Any, width: int = 60) -> str:
+    """A batch id for a sentence: its JSON, cut to ``width`` characters with its length."""
+    text = json.dumps(value)
+    if len(text) <= width:
+        return text
+    if not isinstance(value, list):
+        return text[: width - 3] + "..."
+    cut = max(text.rfind(",", 0, width - 5), 1)  # whole ids only
+    return f"{text[:cut]}, ...] ({len(value)} ids)"
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -1202,9 +1241,12 @@ def _last_seen(event: Event) -> int:
 
 def _grow(streak: Event, event: Event) -> Event:
     severity = event.severity if _RANK[event.severity] > _RANK[streak.severity] else None
+    # per-step kinds count steps: a second event at a step already counted (a loss and a
+    # gradient-norm spike at once) adds none
+    same_step = event.kind in PER_STEP_KINDS and event.step <= streak.end_step
     return replace(
         streak,
-        count=streak.count + event.count,
+        count=streak.count + (0 if same_step else event.count),
         last_step=max(streak.end_step, _last_seen(event)),
         severity=severity or streak.severity,
     )

@@ -207,8 +207,10 @@ class Event:
         evidence: the numbers behind the cause; ``evidence["summary"]`` says it in one
             sentence.
         advice: concrete steps, most effective first, with numbers from this run.
-        count: how many consecutive steps (or drains) the streak has lasted: consecutive
-            events of the same kind become one event.
+        count: how long the streak has lasted: consecutive events of the same kind and
+            cause become one event. For the kinds raised per step (``nonfinite``,
+            ``overflow``, ``spike``) it counts steps; for the others, the drains that
+            raised the event again.
         last_step: the last step of the streak (``step`` for a single event).
         batch: the id passed as ``guard.step(batch=...)`` at ``step``, if any.
     """
