@@ -494,6 +494,15 @@ count, for or against.
 - **Precision** is over all counted events: those that are the right detection of their
   run, over all of them. Events that follow a detected blow-up (an overflow after the
   explosion it came from, a divergence after a bad batch) count against it.
+- **Cause**: every pathological run is labelled with the causes that are right for it
+  (`Event.cause`: `saturation` for the deep sigmoid MLP, `initialization` for N(0, 1),
+  radius-3 and small-init weights, `dead_units`, `lr_too_high` for the LR bursts, the
+  ramp, Adam at LR 1 and the one layer's LR, `bad_batch`, `nonfinite_loss` for `log(0)`,
+  `overflow` for fp16). The detecting event's cause is *right*, *unknown* (an honest
+  answer, counted apart) or *wrong*. The corpus passes each step's index as
+  `guard.step(batch=...)` and, for the classifiers, the per-example losses as
+  `sample_losses=`; the poisoned batch and `log(0)` runs must also carry that batch id
+  and name the examples that stand out.
 
 """
 

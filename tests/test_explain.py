@@ -478,3 +478,19 @@ def _event(
 
 def test_sample_columns_are_documented_in_order() -> None:
     assert SAMPLE_COLUMNS[:4] == ("median", "mad", "nonfinite", "size")
+
+
+def test_one_layer_far_outpacing_the_others_is_layer_local_with_its_own_lr() -> None:
+    import dataclasses
+
+    explainer = Explainer(RunFacts(group_lr=lambda: [0.1, 0.1]))
+    window = dataclasses.replace(
+        _window(loss=[1.0] * 4, norms=[1.0] * 4), update_ratio=np.array([1e-3, 0.5])
+    )
+    (event,) = explainer.explain(window, [_event(4, "exploding", layers=("1",))])
+    assert (event.cause, event.evidence["layer"]) == ("layer_local", "1")
+    setting = advice_of(event, "group_lr")
+    assert setting["layer"] == "1"
+    assert setting["lr"] < setting["from"] == 0.1
+    # brought to the usual pace of 1e-3 per step: 0.1 x 1e-3 / 0.5
+    assert setting["lr"] == pytest.approx(2e-4)
