@@ -303,6 +303,9 @@ class Totals:
     cause_wrong: int = 0
     evidence_checked: int = 0
     evidence_right: int = 0
+    events_cause_right: int = 0
+    events_cause_unknown: int = 0
+    events_cause_other: int = 0
 
     @property
     def cause_accuracy(self) -> float | None:
@@ -345,7 +348,24 @@ def totals(outcomes: Sequence[Outcome]) -> Totals:
         cause_wrong=sum(o.cause == "wrong" for o in sick),
         evidence_checked=sum(o.evidence_ok is not None for o in sick),
         evidence_right=sum(bool(o.evidence_ok) for o in sick),
+        **_event_causes(sick),
     )
+
+
+def _event_causes(sick: Sequence[Outcome]) -> dict[str, int]:
+    """Every counted event at or after the onset of a labelled run, by its cause's verdict."""
+    verdicts = [
+        _cause_verdict(r.cause, o.expect.causes)
+        for o in sick
+        if o.expect is not None and o.expect.causes
+        for r in o.raised
+        if r.step >= o.expect.onset
+    ]
+    return {
+        "events_cause_right": verdicts.count("right"),
+        "events_cause_unknown": verdicts.count("unknown"),
+        "events_cause_other": verdicts.count("wrong"),
+    }
 
 
 def scenario_verdicts(outcomes: Sequence[Outcome]) -> dict[str, tuple[int, int]]:
@@ -417,6 +437,9 @@ def to_markdown(outcomes: Sequence[Outcome]) -> str:
         f"{t.cause_wrong}.",
         f"- Batch id and outlier examples named: {t.evidence_right} / {t.evidence_checked} "
         "runs that ask for them.",
+        f"- Cause of every counted event from the onset on (consequences included): the "
+        f"run's labelled cause on {t.events_cause_right}, unknown on "
+        f"{t.events_cause_unknown}, another on {t.events_cause_other}.",
         "",
         "| scenario | criterion met (runs) |",
         "|---|---|",

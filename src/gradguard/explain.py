@@ -180,8 +180,24 @@ class Explainer:
                     evidence,
                 )
                 self._episode_here = True
+        out = [self._second_look(window, e) for e in out]
         self._remember(window, onset)
         return out
+
+    def _second_look(self, window: Window, event: Event) -> Event:
+        """An unknown event of a drain whose blow-up got a cause takes that cause."""
+        if event.cause != "unknown" or not self._episode_here or self._episode is None:
+            return event
+        found = self._inherited(window, event)
+        if found is None or found[0] == "unknown":
+            return event
+        evidence = {**found[1], **{k: v for k, v in event.evidence.items() if k == "outliers"}}
+        return replace(
+            event,
+            cause=found[0],
+            evidence=evidence,
+            advice=self._advice(found[0], window, event, evidence),
+        )
 
     def explain_rollback(self, event: Event, trigger: Event | None, skipped: list[Any]) -> Event:
         """A rollback carries its trigger's cause and the batches it skipped."""
@@ -299,12 +315,15 @@ class Explainer:
             return self._nonfinite_cause(window, event, row, inherited)
         if event.kind == "vanishing":
             return self._vanishing_cause(window, event)
-        for rule in (self._lr_jump, self._bad_batch, self._initialization):
+        found = self._lr_jump(window, event, row)
+        if found is not None:
+            return found
+        if inherited is not None and inherited[0] != "unknown":
+            return inherited  # a model still damaged by a blow-up makes batches look bad
+        for rule in (self._bad_batch, self._initialization):
             found = rule(window, event, row)
             if found is not None:
                 return found
-        if inherited is not None and inherited[0] != "unknown":
-            return inherited
         found = self._hot_layer(window, event, row) or self._high_updates(event)
         return found or inherited or ("unknown", self._plain_evidence(event, row))
 
@@ -649,6 +668,9 @@ class Explainer:
         }
 
     def _vanishing_cause(self, window: Window, event: Event) -> tuple[str, dict[str, Any]]:
+        inherited = self._inherited(window, event)
+        if inherited is not None and inherited[0] != "unknown":
+            return inherited  # units saturated or killed by a blow-up: the blow-up's cause
         names = event.layers or window.layer_names[:1]
         zero = [n for n in names if self._layer_is_zero(window, n)]
         if zero and len(zero) == len(names):
