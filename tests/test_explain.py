@@ -423,11 +423,14 @@ def test_streaks_merge_one_kind_and_cause_and_end_after_a_gap() -> None:
     assert not new
     assert updated[0].count == 14
     assert updated[0].last_step == 18
-    assert streaks.due(updated[0]) is False  # 14: not a power of two, not ended
-    new, updated = streaks.merge([_event(19, "nonfinite", cause="overflow")], 30)
+    assert streaks.due(updated[0])  # the count passed 8 since its row was written at 4
+    new, updated = streaks.merge([_event(19, "nonfinite", "info")], 25)
+    assert updated[0].count == 15
+    assert not streaks.due(updated[0])  # no power of two passed, not ended
+    new, updated = streaks.merge([_event(20, "nonfinite", cause="overflow")], 30)
     assert [e.cause for e in new] == ["overflow"]  # another cause: another event
-    assert updated[0].count == 14
-    assert streaks.due(updated[0])
+    assert updated[0].count == 15
+    assert streaks.due(updated[0])  # the first one ended: its last row is owed
     new, _ = streaks.merge([_event(21, "overflow"), _event(23, "overflow")], 30)
     assert [e.count for e in new] == [1, 1]  # a step apart: not consecutive
 

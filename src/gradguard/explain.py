@@ -1156,7 +1156,7 @@ class Streaks:
     the kinds raised per step (:data:`PER_STEP_KINDS`), within ``gap`` steps (one log
     interval) for the kinds judged per drain. The streak keeps its first event's step,
     cause, evidence and advice; ``count``, ``last_step`` and the highest severity grow.
-    The run directory gets a streak's row again when its count reaches a power of two and
+    The run directory gets a streak's row again when its count passes a power of two and
     when it ends, so a 3,000-step NaN streak writes about a dozen rows, the last of which
     holds the count.
     """
@@ -1232,9 +1232,9 @@ class Streaks:
         """Whether a streak's updated row goes to the sinks now (and note it as written)."""
         key = (event.kind, event.step)
         written = self._written.get(key, 0)
-        power_of_two = event.count & (event.count - 1) == 0
+        passed_power_of_two = event.count.bit_length() > written.bit_length()
         ended = key in self._ended
-        if event.count == written or not (power_of_two or ended):
+        if event.count == written or not (passed_power_of_two or ended):
             return False
         self._written[key] = event.count
         self._forget_if_done(key)

@@ -48,6 +48,31 @@ _SATURATING = ("Sigmoid", "Tanh", "Softsign", "Hardtanh", "Hardsigmoid", "LogSig
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
+class _Registrations:
+    """Counts parameter and submodule registrations on any module, process-wide.
+
+    A guard compares the count at each step (one integer): when it moved, some module
+    gained a parameter or a submodule, and the guard checks its own model once.
+    """
+
+    count = 0
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed:
+            return
+
+        def bump(*_args: Any) -> None:
+            cls.count += 1
+
+        from torch.nn.modules import module as module_mod
+
+        module_mod.register_module_parameter_registration_hook(bump)
+        module_mod.register_module_module_registration_hook(bump)
+        cls.installed = True
+
+
 @runtime_checkable
 class Recovery(Protocol):
     """What the guard needs from a recovery strategy (see ``gradguard.Rollback``)."""
@@ -154,9 +179,14 @@ class Guard:
             )
 
         self.process_group = process_group
+        _check_optimizer_params(model, optimizer)
+        _Registrations.install()
+        self._registrations = _Registrations.count
+        self._optimizer_shape = _optimizer_shape(optimizer)
         layout = layout_for(model, process_group)
         self.layer_names = layout.layer_names
         self.tensor_names = layout.names
+        self.tensor_params = layout.params
         self.device = layout.device
         self.fused = _supports_found_inf(optimizer)
         self.events: list[Event] = []
@@ -228,8 +258,7 @@ class Guard:
         Returns:
             A :class:`StepReport` of device tensors.
         """
-        if self._closed:
-            raise GradGuardError("this Guard was closed; build a new one to keep training.")
+        self._check_ready()
         self.step_count += 1
         if self.fused and self._buffered == 0 and self.scheduler is not None:
             self._scheduler_at_window_start = {
@@ -242,11 +271,7 @@ class Guard:
         if self.scaler is not None:
             self._unscale()
         loss_tensor = None if loss is None else self._loss_tensor(loss)
-        samples = None if sample_losses is None else self._sample_summary(sample_losses)
-        self._window_batch.append(batch)
-        self._window_samples.append(samples is not None)
-        if batch is not None:
-            self._batches.append((self.step_count, batch))
+        samples = self._note_data(batch, sample_losses)
         measure_update = self._probe is not None and self._buffered == self.log_every - 1
         if measure_update:
             assert self._probe is not None
@@ -278,6 +303,58 @@ class Guard:
         if self.recovery is not None:
             self.recovery.after_step(self)
         return report
+
+    def _check_ready(self) -> None:
+        """Refuse a step on a closed guard, on parameters it does not measure, or on none.
+
+        O(1) unless the parameter set may have changed; the gradient check reads each
+        parameter's ``.grad`` attribute (no tensor work).
+        """
+        if self._closed:
+            raise GradGuardError("this Guard was closed; build a new one to keep training.")
+        if (
+            _Registrations.count != self._registrations
+            or _optimizer_shape(self.optimizer) != self._optimizer_shape
+        ):
+            self._check_parameter_set()
+        if all(p.grad is None for p in self.tensor_params):
+            raise GradGuardError(
+                f"step {self.step_count + 1}: no gradients: was backward() called? Every "
+                "parameter's .grad is None, so there is nothing to measure or step (call "
+                "loss.backward() before guard.step(); zero_grad(set_to_none=True) after it)."
+            )
+
+    def _note_data(self, batch: Any, sample_losses: Tensor | None) -> Tensor | None:
+        """Keep the step's batch id (host) and its per-example loss summary (device)."""
+        samples = None if sample_losses is None else self._sample_summary(sample_losses)
+        self._window_batch.append(batch)
+        self._window_samples.append(samples is not None)
+        if batch is not None:
+            self._batches.append((self.step_count, batch))
+        return samples
+
+    def _check_parameter_set(self) -> None:
+        """After a model or optimizer change: refuse what the guard would not measure.
+
+        The guard measures the parameters it saw when it was built; a parameter stepped
+        by the optimizer but not measured could take a NaN into the weights.
+        """
+        measured = {id(p) for p in self.tensor_params}
+        new = [
+            name
+            for name, p in self.model.named_parameters()
+            if p.requires_grad and id(p) not in measured
+        ]
+        if new:
+            shown = ", ".join(new[:6]) + (f" and {len(new) - 6} more" if len(new) > 6 else "")
+            raise ConfigError(
+                f"the model has parameters the guard was not built with: {shown}. A module "
+                "or parameter was added (or replaced) after the Guard was made: build a new "
+                "Guard for the changed model (and give its optimizer the new parameters)."
+            )
+        _check_optimizer_params(self.model, self.optimizer)
+        self._registrations = _Registrations.count
+        self._optimizer_shape = _optimizer_shape(self.optimizer)
 
     @contextlib.contextmanager
     def _cooled_lr(self) -> Iterator[None]:
@@ -996,6 +1073,31 @@ def _layer_scale(model: nn.Module, name: str) -> LayerScale | None:
     with torch.no_grad():
         std = float(weight.detach().float().std())  # sync: only to explain an event
     return LayerScale(std=std, fan_in=fan_in)
+
+
+def _optimizer_shape(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """How many parameters each group holds: changes when a group or parameter is added."""
+    return tuple(len(group["params"]) for group in optimizer.param_groups)
+
+
+def _check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer must step the model's parameters only: the guard measures those."""
+    owned = {id(p) for p in model.parameters()}
+    foreign = [
+        (i, tuple(p.shape))
+        for i, group in enumerate(optimizer.param_groups)
+        for p in group["params"]
+        if id(p) not in owned
+    ]
+    if foreign:
+        shown = ", ".join(f"group {i}: {list(shape)}" for i, shape in foreign[:4])
+        more = f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
+        raise ConfigError(
+            f"the optimizer steps {len(foreign)} tensor(s) that are not parameters of the "
+            f"model ({shown}{more}): the guard measures the model's gradients only, so a "
+            "NaN there would reach the weights. Build the optimizer from "
+            "model.parameters(), or give the Guard the model that owns them."
+        )
 
 
 def _detectors(value: Literal["default"] | Sequence[Detector] | None) -> list[Detector]:

@@ -1,0 +1,149 @@
+"""Misuse never costs data: each case ends in a clear error or in correct handling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.errors import ConfigError, GradGuardError
+
+
+def _model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def _backward(model: nn.Module, nan_in: nn.Parameter | None = None) -> torch.Tensor:
+    loss = model(torch.randn(6, 4)).square().mean()
+    loss.backward()
+    if nan_in is not None:
+        assert nan_in.grad is not None
+        nan_in.grad.fill_(math.nan)
+    return loss
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# --- the guard measures what the optimizer steps -------------------------------------------
+
+
+def test_an_optimizer_over_another_model_is_refused_naming_the_tensors() -> None:
+    model, other = _model(), _model(1)
+    with pytest.raises(ConfigError, match=r"steps 4 tensor\(s\) that are not parameters"):
+        gg.Guard(model, torch.optim.SGD(other.parameters(), lr=0.1))
+
+
+def test_an_optimizer_over_part_of_the_model_is_accepted() -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)  # fine-tuning the head
+    guard = gg.Guard(model, optimizer, detectors=None)
+    _backward(model)
+    guard.step()
+    assert guard.step_count == 1
+
+
+def test_a_param_group_of_another_model_added_later_is_refused_before_the_step() -> None:
+    model, other = _model(), _model(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, optimizer, detectors=None)
+    optimizer.add_param_group({"params": list(other.parameters())})
+    _backward(model)
+    _backward(other, nan_in=other[0].weight)
+    before = _weights(other)
+    with pytest.raises(ConfigError, match="not parameters of the model"):
+        guard.step()
+    assert _unchanged(other, before)  # the NaN never reached the other model's weights
+    assert guard.step_count == 0
+
+
+def test_a_group_added_through_the_wrapped_optimizer_is_checked_too() -> None:
+    model, other = _model(), _model(1)
+    guard = gg.Guard(model, torch.optim.SGD(model[0].parameters(), lr=0.1), detectors=None)
+    wrapped = guard.wrap()
+    wrapped.add_param_group({"params": list(model[2].parameters())})  # the model's: fine
+    _backward(model)
+    wrapped.step()
+    wrapped.add_param_group({"params": list(other.parameters())})
+    _backward(model)
+    with pytest.raises(ConfigError, match="not parameters of the model"):
+        wrapped.step()
+
+
+def test_a_module_added_after_the_guard_is_refused_before_its_nan_reaches_the_weights() -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, optimizer, detectors=None)
+    _backward(model)
+    guard.step()
+    head = nn.Linear(1, 1)
+    model.append(head)
+    optimizer.add_param_group({"params": list(head.parameters())})
+    optimizer.zero_grad()
+    _backward(model, nan_in=head.weight)
+    before = _weights(model)
+    with pytest.raises(ConfigError, match=r"parameters the guard was not built with: 3\.weight"):
+        guard.step()
+    assert _unchanged(model, before)
+
+
+def test_a_module_built_before_the_guard_and_added_after_is_noticed() -> None:
+    model = _model()
+    head = nn.Linear(1, 1)  # its parameters were registered before the guard existed
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, optimizer, detectors=None)
+    model.add_module("head", head)
+    _backward(model)
+    with pytest.raises(ConfigError, match="head.weight"):
+        guard.step()
+
+
+def test_a_replaced_parameter_is_noticed() -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, optimizer, detectors=None)
+    model[0].weight = nn.Parameter(torch.zeros(8, 4))
+    _backward(model)
+    with pytest.raises(ConfigError) as info:
+        guard.step()
+    assert "0.weight" in str(info.value)
+
+
+def test_modules_made_elsewhere_cost_nothing_but_one_check() -> None:
+    model = _model()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), detectors=None)
+    _model(3)  # an unrelated model built mid-run (e.g. for evaluation)
+    for _ in range(3):
+        guard.optimizer.zero_grad()
+        _backward(model)
+        guard.step()
+    assert guard.step_count == 3
+
+
+def test_the_refusal_is_a_gradguard_error() -> None:
+    assert issubclass(ConfigError, GradGuardError)
+
+
+def test_a_step_without_backward_is_refused_and_not_counted() -> None:
+    model = _model()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log_every=2)
+    with pytest.raises(GradGuardError, match=r"no gradients: was backward\(\) called\?"):
+        guard.step()
+    assert guard.step_count == 0
+    _backward(model)
+    guard.step()
+    guard.optimizer.zero_grad(set_to_none=True)
+    with pytest.raises(GradGuardError, match="step 2: no gradients"):
+        guard.step()
+    guard.close()
+    assert guard.step_count == 1
+    assert not any(e.cause == "dead_units" for e in guard.events)
