@@ -147,3 +147,68 @@ def test_a_step_without_backward_is_refused_and_not_counted() -> None:
     guard.close()
     assert guard.step_count == 1
     assert not any(e.cause == "dead_units" for e in guard.events)
+
+
+# --- every step mode leaves a true record ---------------------------------------------------
+
+
+def _rows(run_dir: object) -> list[dict[str, object]]:
+    from gradguard.sinks import read_jsonl
+
+    return read_jsonl(f"{run_dir}/metrics.jsonl")
+
+
+def test_raise_caught_by_the_loop_keeps_the_log_numbered_and_records_the_step(
+    tmp_path: object,
+) -> None:
+    model = _model()
+    guard = gg.Guard(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nonfinite="raise",
+        log_every=4,
+        run_dir=tmp_path,
+        tensorboard=False,
+    )
+    for step in range(1, 11):
+        guard.optimizer.zero_grad()
+        _backward(model, nan_in=model[0].bias if step == 3 else None)
+        before = _weights(model)
+        if step != 3:
+            guard.step()
+            continue
+        with pytest.raises(GradGuardError, match="step 3: non-finite gradients"):
+            guard.step()  # the loop catches it and goes on
+        assert _unchanged(model, before)  # skipped: nothing stepped
+    guard.close()
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 11)) == list(range(1, guard.step_count + 1))
+    assert (rows[2]["skipped"], rows[2]["finite"]) == (True, False)
+    (event,) = [e for e in guard.events if e.kind == "nonfinite"]
+    assert event.step == 3
+
+
+def test_zero_mode_records_the_step_as_non_finite_and_zeroed_with_an_event(
+    tmp_path: object,
+) -> None:
+    model = _model()
+    guard = gg.Guard(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nonfinite="zero",
+        log_every=2,
+        run_dir=tmp_path,
+        tensorboard=False,
+    )
+    for step in range(1, 5):
+        guard.optimizer.zero_grad()
+        _backward(model, nan_in=model[2].weight if step == 2 else None)
+        guard.step()
+    guard.close()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    rows = _rows(tmp_path)
+    assert (rows[1]["finite"], rows[1]["skipped"], rows[1].get("zeroed")) == (False, False, True)
+    assert "zeroed" not in rows[0]
+    (event,) = [e for e in guard.events if e.kind == "nonfinite"]
+    assert (event.step, event.severity, event.layers) == (2, "warning", ("2.weight",))
+    assert "zeroed" in event.message

@@ -117,6 +117,11 @@ def _check_keys(owner: object, state: Mapping[str, Any], keys: set[str]) -> None
 # --- small shared pieces ---------------------------------------------------------------
 
 
+def _zeroed(window: Window, row: int) -> bool:
+    """Whether the guard zeroed this step's non-finite gradients and took it."""
+    return window.zeroed is not None and bool(window.zeroed[row])
+
+
 def _usable(window: Window) -> BoolArray:
     """Steps whose statistics may enter a detector: finite gradients, not skipped."""
     return ~window.skipped & window.finite
@@ -171,6 +176,8 @@ class NonFinite:
         return f"NonFinite(scaler_streak={self.scaler_streak})"
 
     def _severity(self, window: Window, row: int, loss_bad: bool) -> Severity:
+        if _zeroed(window, row):
+            return "warning"  # the bad tensors' gradients were dropped, the rest stepped
         if not window.skipped[row]:
             return "error"  # NaN/Inf went into the weights
         if window.loss_scaled and not loss_bad and self._streak <= self.scaler_streak:
@@ -193,6 +200,9 @@ class NonFinite:
             tensors = _tensors_where(window, row, ~np.isfinite(window.per_tensor[row]))
             skipped = bool(window.skipped[row])
             where = f" in {len(tensors)} tensor(s), first {tensors[0]}" if tensors else ""
+            taken = "skipped" if skipped else "not skipped"
+            if _zeroed(window, row):
+                taken = "taken with those tensors' gradients zeroed (nonfinite='zero')"
             loss_bad = bool(window.loss_given[row]) and not math.isfinite(window.loss[row])
             origin = (
                 " The loss itself is NaN/Inf: the forward pass produced it." if loss_bad else ""
@@ -211,10 +221,7 @@ class NonFinite:
                     value=float(window.grad_norm[row]),
                     threshold=math.nan,
                     layers=tensors,
-                    message=(
-                        f"NaN/Inf gradients{where}; step "
-                        f"{'skipped' if skipped else 'not skipped'}.{origin}"
-                    ),
+                    message=(f"NaN/Inf gradients{where}; step {taken}.{origin}"),
                     extra={"skipped": skipped, "loss_finite": not loss_bad},
                 )
             )

@@ -39,7 +39,7 @@ from gradguard.stats import ROOT_LAYER, GradStats, grad_stats, layer_norms, laye
 
 NonFiniteMode = Literal["skip", "raise", "zero"]
 _COLUMNS = ("loss", "loss_given", "grad_norm", "clipped_norm", "scale")
-_FLAGS = ("skipped", "finite", "overflow")
+_FLAGS = ("skipped", "finite", "overflow", "zeroed")
 _N_SCALARS = len(_COLUMNS) + len(_FLAGS) + 1  # + lr
 _N_SAMPLES = len(SAMPLE_COLUMNS)
 #: batch ids kept for the log of a rollback (the steps it undoes)
@@ -216,6 +216,8 @@ class Guard:
             )
             for row in self._buffer
         ]
+        self._raise_after: GradGuardError | None = None
+        self._zeroed: Tensor | None = None  # per-tensor norms of a step whose NaN was zeroed
         self._window_batch: list[Any] = []
         self._window_samples: list[bool] = []
         self._batches: deque[tuple[int, Any]] = deque(maxlen=_BATCH_HISTORY)
@@ -302,6 +304,9 @@ class Guard:
             self.flush()
         if self.recovery is not None:
             self.recovery.after_step(self)
+        if self._raise_after is not None:
+            error, self._raise_after = self._raise_after, None
+            raise error
         return report
 
     def _check_ready(self) -> None:
@@ -467,10 +472,12 @@ class Guard:
         stats = stats.resolve()  # sync: tells NaN/Inf elements from an overflowed norm
         self.sync_count += 1
         if not stats.finite_on_host:
-            if self.nonfinite == "raise":
-                raise GradGuardError(self._nonfinite_message(stats))
+            if self.nonfinite == "raise":  # skipped and logged first, raised after the record
+                self._raise_after = GradGuardError(self._nonfinite_message(stats))
+                return stats, False
             if self.nonfinite == "skip":
                 return stats, False
+            self._zeroed = stats.per_tensor  # the log keeps what was seen, and the event
             stats = self._zero_nonfinite(stats)
         if self.scaler is not None and bool(self._scaler_found_inf() > 0):  # sync: rare path
             self.sync_count += 1
@@ -603,14 +610,16 @@ class Guard:
                 report.clipped_norm,
                 report.scale.float(),
                 self._flag(report.skipped),
-                self._flag(stats.finite),
+                self._flag(stats.finite) if self._zeroed is None else self._zero,
                 self._flag(stats.overflow),
+                self._zero if self._zeroed is None else self._one,
                 self._lr_tensor(),
             ],
             out=scalars,
         )
         per_layer.copy_(stats.per_layer)
-        per_tensor.copy_(stats.per_tensor)
+        per_tensor.copy_(stats.per_tensor if self._zeroed is None else self._zeroed)
+        self._zeroed = None
         if samples is not None:
             sample_row.copy_(samples)
         self._buffered += 1
@@ -806,6 +815,7 @@ class Guard:
             skipped=col["skipped"] > 0,
             finite=col["finite"] > 0,
             overflow=col["overflow"] > 0,
+            zeroed=col["zeroed"] > 0,
             lr=np.where(np.isnan(host_lr), host[:, _N_SCALARS - 1], host_lr),
             per_layer=host[:, _N_SCALARS : _N_SCALARS + n_layers],
             per_tensor=host[:, _N_SCALARS + n_layers : -_N_SAMPLES],

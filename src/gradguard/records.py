@@ -95,6 +95,9 @@ class Window:
     weight_norm_before: FloatArray | None = None
     #: the guard steps through a ``GradScaler``: non-finite gradients are its normal work
     loss_scaled: bool = False
+    #: steps whose non-finite gradients were zeroed (``nonfinite="zero"``) and then taken;
+    #: ``finite`` is False for them, as measured before the zeroing
+    zeroed: BoolArray | None = None
     #: per-layer update ratio of the window's last step, ||w_after - w_before|| / ||w_before||
     #: (NaN for the layers not measured at this drain; None when nothing was measured)
     update_ratio: FloatArray | None = None
@@ -127,6 +130,7 @@ class Window:
                     "finite": bool(self.finite[i]),
                     "overflow": bool(self.overflow[i]),
                     "lr": _json_float(self.lr[i]),
+                    **({"zeroed": True} if self.zeroed is not None and self.zeroed[i] else {}),
                 }
             )
         return out
