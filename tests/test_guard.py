@@ -417,6 +417,8 @@ def test_each_drain_carries_the_layers_weight_norms_now_and_at_the_last_drain() 
     assert second.weight_norm.tolist() == pytest.approx(expected_now[1], rel=1e-6)
     assert expected_now[0] != pytest.approx(at_start, rel=1e-3)  # the weights did move
     assert guard.sync_count == 10 + 2  # one read per step, one transfer per drain: no more
+    state = guard.state_dict()
+    guard.close()  # one open guard per optimizer
     resumed = gg.Guard(model, optimizer, log_every=5, detectors=None)
-    resumed.load_state_dict(guard.state_dict())
+    resumed.load_state_dict(state)
     assert resumed._last_weight_norm.tolist() == second.weight_norm.tolist()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -212,3 +213,54 @@ def test_zero_mode_records_the_step_as_non_finite_and_zeroed_with_an_event(
     (event,) = [e for e in guard.events if e.kind == "nonfinite"]
     assert (event.step, event.severity, event.layers) == (2, "warning", ("2.weight",))
     assert "zeroed" in event.message
+
+
+# --- objects that belong to one guard ---------------------------------------------------------
+
+
+def test_one_rollback_for_two_guards_is_refused() -> None:
+    rollback = gg.Rollback(every=10)
+    first, second = _model(), _model(1)
+    gg.Guard(first, torch.optim.SGD(first.parameters(), lr=0.1), recovery=rollback)
+    with pytest.raises(ConfigError, match="Rollback already belongs to another Guard"):
+        gg.Guard(second, torch.optim.SGD(second.parameters(), lr=0.1), recovery=rollback)
+
+
+def test_two_open_guards_on_one_optimizer_are_refused_until_the_first_closes() -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = gg.Guard(model, optimizer, detectors=None)
+    with pytest.raises(ConfigError, match="optimizer .*already belongs to another Guard"):
+        gg.Guard(model, optimizer, detectors=None)
+    first.close()
+    second = gg.Guard(model, optimizer, detectors=None)  # a closed guard lets go
+    _backward(model)
+    second.step()
+    assert second.step_count == 1
+
+
+@pytest.mark.parametrize("what", ["detector", "sink"])
+def test_a_detector_or_sink_shared_by_two_guards_is_refused(what: str, tmp_path: object) -> None:
+    from gradguard.detect import Spike
+    from gradguard.sinks import JsonlSink
+
+    shared: dict[str, object] = {
+        "detector": {"detectors": [Spike()]},
+        "sink": {"sinks": [JsonlSink(f"{tmp_path}/run")]},
+    }
+    kwargs: Any = shared[what]
+    first, second = _model(), _model(1)
+    owner = gg.Guard(first, torch.optim.SGD(first.parameters(), lr=0.1), **kwargs)
+    with pytest.raises(ConfigError, match=f"this {what} .*already belongs to another Guard"):
+        gg.Guard(second, torch.optim.SGD(second.parameters(), lr=0.1), **kwargs)
+    owner.close()
+
+
+def test_a_dropped_guard_in_a_reference_cycle_lets_its_optimizer_go() -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gg.Guard(model, optimizer, detectors=None, recovery=gg.Rollback(every=10))  # a cycle
+    guard = gg.Guard(model, optimizer, detectors=None)  # the loop's new guard
+    _backward(model)
+    guard.step()
+    assert guard.step_count == 1

@@ -10,9 +10,11 @@ file carries a ``# sync:`` comment with its reason.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import platform
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -45,6 +47,9 @@ _N_SAMPLES = len(SAMPLE_COLUMNS)
 #: batch ids kept for the log of a rollback (the steps it undoes)
 _BATCH_HISTORY = 4096
 _SATURATING = ("Sigmoid", "Tanh", "Softsign", "Hardtanh", "Hardsigmoid", "LogSigmoid")
+#: The guard each optimizer, detector and sink belongs to (weak on both sides: no leaks,
+#: nothing added to the objects, so they pickle as before).
+_OWNERS: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDictionary()
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
@@ -230,6 +235,12 @@ class Guard:
         # the device (no sync) until then, copied with the first drain's rows.
         self._last_weight_norm: np.ndarray[Any, Any] | None = None
         self._weight_norm_pending = self._weight_norms()
+        self._claimed: list[object] = []
+        self._claim(optimizer, "optimizer", "build one Guard per optimizer, or close() the other")
+        for detector in self.detectors:
+            self._claim(detector, "detector", "give each Guard its own detector objects")
+        for sink in self.sinks:
+            self._claim(sink, "sink", "give each Guard its own sink objects")
         for sink in self.sinks:
             sink.open(self._meta())
         if recovery is not None:
@@ -949,13 +960,36 @@ class Guard:
             self.recovery.load_state_dict(state.get("recovery", {}))
 
     def close(self) -> None:
-        """Drain what is buffered and close the sinks."""
+        """Drain what is buffered, close the sinks and release the objects it owned."""
         if self._closed:
             return
         self._drain(final=True)
         for sink in self.sinks:
             sink.close()
         self._closed = True
+        for owned in self._claimed:
+            with contextlib.suppress(KeyError, TypeError):
+                if _OWNERS[owned]() is self:
+                    del _OWNERS[owned]
+
+    def _claim(self, owned: object, what: str, fix: str) -> None:
+        """Mark ``owned`` as this guard's; refuse it if a live, open guard has it."""
+        try:
+            ref = _OWNERS.get(owned)
+        except TypeError:  # not weak-referenceable or not hashable: cannot be tracked
+            return
+        other = ref() if ref is not None else None
+        if other is not None and other is not self and not other._closed:
+            del other
+            gc.collect()  # a guard dropped by the loop may live on in a reference cycle
+            other = ref() if ref is not None else None
+        if other is not None and other is not self and not other._closed:
+            raise ConfigError(
+                f"this {what} ({type(owned).__name__}) already belongs to another Guard that "
+                f"is still open: {fix}."
+            )
+        _OWNERS[owned] = weakref.ref(self)
+        self._claimed.append(owned)
 
     def __enter__(self) -> Guard:
         return self

@@ -310,7 +310,18 @@ class Rollback:
     # --- the guard's hooks ---------------------------------------------------------------
 
     def attach(self, guard: _GuardLike) -> None:
-        """Check the cadence and take the first snapshot (step 0)."""
+        """Check the cadence and take the first snapshot (step 0).
+
+        A Rollback belongs to one guard: its snapshots are that guard's model and
+        optimizer, so a second guard is refused (a rollback would load the other model's
+        weights) unless the first one was closed.
+        """
+        owner = getattr(self, "_guard", None)
+        if owner is not None and owner is not guard and not getattr(owner, "_closed", False):
+            raise ConfigError(
+                "this Rollback already belongs to another Guard (its snapshots hold that "
+                "guard's model and optimizer): give each Guard its own gg.Rollback(...)."
+            )
         if self.every % guard.log_every:
             raise ConfigError(
                 f"Rollback(every={self.every}) must be a multiple of the guard's "
