@@ -29,7 +29,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import gradguard as gg
-from gradguard.records import CAUSES
+from gradguard.causes import CAUSES
 from gradguard.report import run_verdict, write_report
 
 BATCH_SIZE = 64

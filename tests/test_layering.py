@@ -14,6 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gradguard"
 UPSTREAM_OF_GUARD = {"guard", "lab", "cli", "bench", "integrations"}
 FORBIDDEN = {
     "errors": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
+    "causes": {"stats", "clip", "records", "detect", "sinks", "errors"} | UPSTREAM_OF_GUARD,
     "_foreach": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "stats": {"clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "clip": {"records", "detect", "sinks"} | UPSTREAM_OF_GUARD,

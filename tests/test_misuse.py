@@ -159,18 +159,19 @@ def _rows(run_dir: object) -> list[dict[str, object]]:
     return read_jsonl(f"{run_dir}/metrics.jsonl")
 
 
+def _logged_guard(model: nn.Module, nonfinite: Any, log_every: int, run_dir: object) -> gg.Guard:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return gg.Guard(
+        model, optimizer, nonfinite=nonfinite, log_every=log_every, run_dir=run_dir,
+        tensorboard=False,
+    )  # fmt: skip
+
+
 def test_raise_caught_by_the_loop_keeps_the_log_numbered_and_records_the_step(
     tmp_path: object,
 ) -> None:
     model = _model()
-    guard = gg.Guard(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        nonfinite="raise",
-        log_every=4,
-        run_dir=tmp_path,
-        tensorboard=False,
-    )
+    guard = _logged_guard(model, "raise", 4, tmp_path)
     for step in range(1, 11):
         guard.optimizer.zero_grad()
         _backward(model, nan_in=model[0].bias if step == 3 else None)
@@ -193,14 +194,7 @@ def test_zero_mode_records_the_step_as_non_finite_and_zeroed_with_an_event(
     tmp_path: object,
 ) -> None:
     model = _model()
-    guard = gg.Guard(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        nonfinite="zero",
-        log_every=2,
-        run_dir=tmp_path,
-        tensorboard=False,
-    )
+    guard = _logged_guard(model, "zero", 2, tmp_path)
     for step in range(1, 5):
         guard.optimizer.zero_grad()
         _backward(model, nan_in=model[2].weight if step == 2 else None)

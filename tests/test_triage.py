@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard.records import CAUSES
+from gradguard.causes import CAUSES
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "triage.md"

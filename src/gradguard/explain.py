@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from gradguard.records import CAUSES, SAMPLE_COLUMNS, SAMPLE_TOP, Advice, Event, Window
+from gradguard.causes import CAUSES
+from gradguard.records import SAMPLE_COLUMNS, SAMPLE_TOP, Advice, Event, Window
 
 #: An update ratio (||step|| / ||weights||) around this is the usual healthy pace.
 TARGET_UPDATE_RATIO = 1e-3
@@ -577,7 +578,7 @@ class Explainer:
         self, window: Window, event: Event, row: _Row | None
     ) -> tuple[str, dict[str, Any]] | None:
         """Gradients too large from the very first steps, on weights of the wrong scale."""
-        if event.kind not in ("exploding", "overflow") or event.step > window_len(window):
+        if event.kind not in ("exploding", "overflow") or event.step > len(window):
             return None
         if event.metric in ("weight_growth",):
             return None
@@ -898,7 +899,7 @@ class Explainer:
         )
 
     def _inspect_advice(self, event: Event, evidence: dict[str, Any]) -> Advice | None:
-        batch = self._batch_id_of(event)
+        batch = event.batch
         outliers = evidence.get("outliers") or []
         if batch is None and not outliers:
             return None
@@ -912,10 +913,6 @@ class Explainer:
             f"Inspect {where}:{who} stand out; fix or drop them.",
             {"batch": batch, "examples": names},
         )
-
-    @staticmethod
-    def _batch_id_of(event: Event) -> Any:
-        return event.batch
 
     def _rollback_advice(self) -> Advice | None:
         if self.facts.recovery:
@@ -1077,11 +1074,6 @@ class Explainer:
 
 def _listed_or_none(values: np.ndarray[Any, Any] | None) -> list[float] | None:
     return None if values is None else [float(v) for v in values]
-
-
-def window_len(window: Window) -> int:
-    """The number of steps in ``window``."""
-    return len(window)
 
 
 def _short(value: Any, width: int = 60) -> str:

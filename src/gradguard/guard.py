@@ -761,6 +761,7 @@ class Guard:
             return [float(lr_of.get(id(first_param[n]), math.nan)) for n in names]
 
         def layer_scale(name: str) -> LayerScale | None:
+            self.sync_count += 1  # one read of the weights, only to explain an event
             return _layer_scale(model, name)
 
         return RunFacts(

@@ -18,8 +18,9 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from gradguard.causes import CAUSES
 from gradguard.errors import ConfigError
-from gradguard.records import CAUSES, Event, Window, _json_float
+from gradguard.records import Event, Window, _json_float
 
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"

@@ -14,22 +14,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from gradguard.causes import CAUSES
 from gradguard.report._data import RunData, number, severity, step_of
 
 #: How each ``cause`` code reads in the report; a code not listed is shown as it is.
-CAUSE_LABELS = {
-    "lr_too_high": "learning rate too high",
-    "bad_batch": "a bad batch",
-    "overflow": "overflow of a low-precision type",
-    "nonfinite_loss": "a non-finite loss (e.g. log(0) or division by zero)",
-    "nonfinite_forward": "non-finite values in the forward pass",
-    "nonfinite_backward": "non-finite values born in the backward pass (e.g. sqrt or log at 0)",
-    "saturation": "saturating activations",
-    "dead_units": "dead units",
-    "initialization": "weights initialised at the wrong scale",
-    "layer_local": "one layer blowing up",
-    "unknown": "unknown",
-}
+CAUSE_LABELS = CAUSES
 _SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
 DEFAULT_LOG_EVERY = 10
 
