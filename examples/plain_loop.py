@@ -3,12 +3,13 @@
 Trains a small MLP on the digits data bundled with scikit-learn; one step in 50 gets a
 NaN gradient injected, to show a skipped step. Run:
 
-    python examples/plain_loop.py --steps 300 --run-dir runs/plain-loop
+    python examples/plain_loop.py --steps 300   # logs to a new runs/plain-loop-<date>-<time>
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from sklearn.datasets import load_digits
@@ -21,8 +22,9 @@ def main() -> None:
     """Train on digits for ``--steps`` steps under a guard, then report accuracy."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--run-dir", default="runs/plain-loop")
+    parser.add_argument("--run-dir", default=None, help="default: a new directory under runs/")
     args = parser.parse_args()
+    args.run_dir = args.run_dir or time.strftime("runs/plain-loop-%Y%m%d-%H%M%S")
 
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0

@@ -11,14 +11,14 @@ applies that advice (a ``NormClip`` at the threshold the clip advice names, and
 ``Rollback``), meets the same fault on the same batch, and the script prints what the
 fault cost each run. Run:
 
-    python examples/triage.py --run-dir runs/triage
+    python examples/triage.py --run-dir runs/my-triage
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,7 +176,11 @@ def print_triage(outcome: Outcome) -> float | None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Train with the fault, print the triage, then train again with the advice applied."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", default="runs/triage")
+    parser.add_argument(
+        "--run-dir",
+        default=None,
+        help="where the three runs go (default: a new runs/triage-<date>-<time>)",
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fault-at", type=int, default=150, help="the batch the bug corrupts")
@@ -193,9 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run_all(args: argparse.Namespace) -> None:
     """The two runs with the fault, their triage, and the run without it for reference."""
-    root = Path(args.run_dir)
-    for name in RUNS:  # fresh run directories: the guard appends to an existing one
-        shutil.rmtree(root / name, ignore_errors=True)
+    root = Path(args.run_dir or time.strftime("runs/triage-%Y%m%d-%H%M%S"))
+    print(f"run directories: {root}/{{{','.join(RUNS)}}}")
 
     print(f"== run 1: a bare guard; batch {args.fault_at} has {BAD_RECORDS} corrupted records")
     first = train(root / RUNS[0], args.steps, args.seed, args.fault_at)

@@ -318,7 +318,7 @@ def test_wrapped_optimizer_runs_the_guard_with_a_closure() -> None:
     ("kwargs", "message"),
     [
         ({"nonfinite": "ignore"}, "nonfinite must be 'skip', 'raise' or 'zero'"),
-        ({"log_every": 0}, "log_every must be an int >= 1"),
+        ({"log_every": 0}, "log_every must be an int in \\[1, 10000\\]"),
         ({"clip": 1.0}, r"gg.NormClip\(1.0\)"),
         ({"detectors": "all"}, "detectors must be 'default'"),
         ({"detectors": [object()]}, "detector objects"),

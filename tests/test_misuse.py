@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +17,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.errors import ConfigError, GradGuardError
+from gradguard.sinks import JsonlSink, TensorBoardSink
 
 
 def _model(seed: int = 0) -> nn.Sequential:
@@ -236,7 +243,6 @@ def test_two_open_guards_on_one_optimizer_are_refused_until_the_first_closes() -
 @pytest.mark.parametrize("what", ["detector", "sink"])
 def test_a_detector_or_sink_shared_by_two_guards_is_refused(what: str, tmp_path: object) -> None:
     from gradguard.detect import Spike
-    from gradguard.sinks import JsonlSink
 
     shared: dict[str, object] = {
         "detector": {"detectors": [Spike()]},
@@ -258,3 +264,378 @@ def test_a_dropped_guard_in_a_reference_cycle_lets_its_optimizer_go() -> None:
     _backward(model)
     guard.step()
     assert guard.step_count == 1
+
+
+# --- run directories have an owner ------------------------------------------------------------
+
+
+def _train(guard: gg.Guard, steps: int) -> None:
+    for _ in range(steps):
+        guard.optimizer.zero_grad(set_to_none=True)
+        _backward(guard.model)
+        guard.step()
+
+
+def _guard_on(run_dir: object, model: nn.Module | None = None, **kwargs: Any) -> gg.Guard:
+    model = _model() if model is None else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    return gg.Guard(model, optimizer, log_every=5, run_dir=run_dir, tensorboard=False, **kwargs)
+
+
+def test_a_fresh_run_into_another_runs_directory_is_refused_before_anything_changes(
+    tmp_path: Path,
+) -> None:
+    first = _guard_on(tmp_path)
+    _train(first, 10)
+    first.close()
+    log = (tmp_path / "metrics.jsonl").read_bytes()
+    meta = (tmp_path / "meta.json").read_bytes()
+    second = _guard_on(tmp_path)
+    _backward(second.model)
+    before = _weights(second.model)
+    with pytest.raises(ConfigError) as refused:
+        second.step()
+    message = str(refused.value)
+    assert str(tmp_path) in message
+    assert "10 steps" in message
+    for option in ("load_state_dict", "overwrite_run_dir=True", "new run_dir"):
+        assert option in message
+    assert _unchanged(second.model, before)
+    assert second.step_count == 0
+    second.close()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == log  # nothing appended
+    assert (tmp_path / "meta.json").read_bytes() == meta  # still describes its own rows
+
+
+def test_overwrite_run_dir_replaces_the_old_logs_and_tensorboard_files(tmp_path: Path) -> None:
+    first = _guard_on(tmp_path)
+    _train(first, 10)
+    first.close()
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.old").write_text("old")
+    second = _guard_on(tmp_path, overwrite_run_dir=True)
+    _train(second, 5)
+    second.close()
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5]
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_a_resumed_run_goes_on_and_meta_lists_its_sessions(tmp_path: Path) -> None:
+    first = _guard_on(tmp_path, clip=gg.NormClip(1.0))
+    _train(first, 10)
+    saved = first.state_dict()
+    first.close()
+    second = _guard_on(tmp_path, first.model, clip=gg.NormClip(2.0))
+    second.load_state_dict(saved)
+    _train(second, 5)
+    second.close()
+    assert [r["step"] for r in _rows(tmp_path)] == list(range(1, 16))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    sessions = meta["sessions"]
+    assert [s["start_step"] for s in sessions] == [0, 10]
+    assert sessions[0]["config"]["clip"] == "NormClip(max_norm=1.0, norm_type=2.0)"
+    assert meta["config"] == sessions[1]["config"]  # the rows after it were written by it
+    assert "2.0" in meta["config"]["clip"]
+
+
+def test_a_resumed_run_cuts_the_line_a_crash_tore(tmp_path: Path) -> None:
+    first = _guard_on(tmp_path)
+    _train(first, 10)
+    saved = first.state_dict()
+    first.close()
+    with (tmp_path / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 11, "loss": 0.')  # what a kill during a write leaves
+    second = _guard_on(tmp_path, first.model)
+    second.load_state_dict(saved)
+    _train(second, 5)
+    second.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 16))
+
+
+def test_two_open_guards_on_one_run_directory_are_refused(tmp_path: Path) -> None:
+    first = _guard_on(tmp_path)
+    with pytest.raises(ConfigError, match=rf"{os.getpid()}.*another run_dir"):
+        _guard_on(tmp_path)
+    first.close()
+    _guard_on(tmp_path).close()  # closing gave the directory back
+
+
+def test_a_guard_refused_at_construction_lets_its_optimizer_and_detectors_go(
+    tmp_path: Path,
+) -> None:
+    holder = _guard_on(tmp_path)
+    model = _model(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    spike = gg.detect.Spike()
+    with pytest.raises(ConfigError, match="being written by another open Guard"):
+        gg.Guard(model, optimizer, detectors=[spike], run_dir=tmp_path)
+    guard = gg.Guard(model, optimizer, detectors=[spike], run_dir=tmp_path / "other")
+    _train(guard, 1)
+    guard.close()
+    holder.close()
+
+
+_HOLD_LOCK = """
+import sys, time, torch, gradguard as gg
+model = torch.nn.Linear(2, 1)
+guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=sys.argv[1],
+                 tensorboard=False)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_another_process_writing_the_directory_is_named_and_its_death_frees_it(
+    tmp_path: Path,
+) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "ready"
+            with pytest.raises(ConfigError, match=rf"pid {child.pid} on "):
+                _guard_on(tmp_path, nn.Linear(2, 1))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+    _guard_on(tmp_path, nn.Linear(2, 1)).close()  # a killed holder leaves no stuck lock
+
+
+def test_a_damaged_meta_json_is_refused_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "meta.json").write_text('{"layer_names": [')
+    with pytest.raises(ConfigError, match=r"meta\.json cannot be read.*overwrite_run_dir"):
+        _guard_on(tmp_path)
+    (tmp_path / "meta.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a run description"):
+        _guard_on(tmp_path)
+    guard = _guard_on(tmp_path, overwrite_run_dir=True)
+    _train(guard, 5)
+    guard.close()
+    assert json.loads((tmp_path / "meta.json").read_text())["layer_names"] == ["0", "2"]
+
+
+def test_a_run_dir_that_is_a_file_is_refused_without_an_os_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot be created or written"):
+        _guard_on(tmp_path / "file" / "run")
+
+
+def test_a_temporary_file_a_crash_left_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    (tmp_path / "meta.json.tmp").write_text('{"half')
+    guard = _guard_on(tmp_path)
+    _train(guard, 5)
+    guard.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lock", "events.jsonl", "layers.jsonl", "meta.json", "metrics.jsonl",
+    ]  # fmt: skip
+
+
+def test_a_guard_closed_without_steps_leaves_the_directory_untouched(tmp_path: Path) -> None:
+    first = _guard_on(tmp_path)
+    _train(first, 5)
+    first.close()
+    rows = (tmp_path / "metrics.jsonl").read_bytes()
+    _guard_on(tmp_path).close()  # built and closed: no step, so nothing to refuse or write
+    assert (tmp_path / "metrics.jsonl").read_bytes() == rows
+
+
+def test_a_jsonl_sink_used_alone_still_refuses_appending_a_fresh_run(tmp_path: Path) -> None:
+    first = _guard_on(tmp_path)
+    _train(first, 5)
+    first.close()
+    sink = JsonlSink(tmp_path)
+    model = _model()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), sinks=[sink])
+    _backward(model)
+    with pytest.raises(ConfigError, match="already holds the logs"):
+        guard.step()
+    guard.close()
+
+
+# --- steps that would apply an update twice ------------------------------------------------
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_second_step_on_the_same_gradients_is_refused(set_to_none: bool) -> None:
+    model = _model()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), clip=gg.NormClip(1.0))
+    _backward(model)
+    guard.step()
+    after_one = _weights(model)
+    with pytest.raises(GradGuardError, match="step 2: these are the gradients step 1 already"):
+        guard.step()
+    assert _unchanged(model, after_one)
+    assert guard.step_count == 1
+    guard.optimizer.zero_grad(set_to_none=set_to_none)
+    _backward(model)
+    guard.step()  # a new backward, in place or into new tensors: a new step
+    assert guard.step_count == 2
+
+
+def test_a_step_on_a_closed_guard_is_refused() -> None:
+    model = _model()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    guard.close()
+    _backward(model)
+    with pytest.raises(GradGuardError, match="closed"):
+        guard.step()
+
+
+# --- constructors and load_state_dict validate their input ---------------------------------
+
+
+def _bad_guard_args(model: nn.Module) -> dict[str, tuple[dict[str, Any], str]]:
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(_model(1).parameters(), lr=0.1)
+    return {
+        "lbfgs": ({"optimizer": torch.optim.LBFGS(model.parameters())}, "needs a closure"),
+        "plateau": (
+            {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(sgd)},
+            r"scheduler\.step\(val_loss\)",
+        ),
+        "scheduler of another optimizer": (
+            {"scheduler": torch.optim.lr_scheduler.StepLR(other, 1)},
+            "built for another optimizer",
+        ),
+        "scheduler not a scheduler": ({"scheduler": object()}, "must be a torch.optim"),
+        "log_every 0": ({"log_every": 0}, r"log_every must be an int in \[1, 10000\]"),
+        "log_every huge": ({"log_every": 10**6}, "that many steps of statistics"),
+        "log_every bool": ({"log_every": True}, "log_every must be an int"),
+        "log_every float": ({"log_every": 2.5}, "log_every must be an int"),
+        "nonfinite": ({"nonfinite": "ignore"}, "'skip', 'raise' or 'zero'"),
+        "clip a number": ({"clip": 1.0}, r"gg\.NormClip\(1\.0\)"),
+        "detectors a string": ({"detectors": "all"}, "'default', a list or None"),
+        "detectors not detectors": ({"detectors": [len]}, "detector objects"),
+        "recovery": ({"recovery": "rollback"}, r"gg\.Rollback\(\)"),
+        "on_event": ({"on_event": 3}, "callable"),
+        "model": ({"model": "net"}, "nn.Module"),
+        "optimizer": ({"optimizer": "adam"}, "torch.optim.Optimizer"),
+        "tensorboard without run_dir": ({"tensorboard": True}, "pass run_dir"),
+        "overwrite not a bool": ({"overwrite_run_dir": "yes"}, "True or False"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_guard_args(nn.Linear(1, 1))))
+def test_bad_guard_arguments_are_refused_naming_the_argument_and_the_fix(case: str) -> None:
+    model = _model()
+    kwargs, message = _bad_guard_args(model)[case]
+    arguments: dict[str, Any] = {
+        "model": model,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+        **kwargs,
+    }
+    with pytest.raises(ConfigError, match=message):
+        gg.Guard(arguments.pop("model"), arguments.pop("optimizer"), **arguments)
+
+
+def test_a_guarded_optimizer_given_as_the_optimizer_is_refused() -> None:
+    model = _model()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ConfigError, match="not a guarded one"):
+        gg.Guard(model, guard.wrap())
+
+
+def test_parameters_on_the_meta_device_are_refused_with_the_fix() -> None:
+    with torch.device("meta"):
+        model = nn.Linear(3, 2)
+    with pytest.raises(ConfigError, match=r"'meta' device.*to_empty"):
+        gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_complex_parameters_are_refused_naming_the_parameter() -> None:
+    model = nn.Linear(3, 2, dtype=torch.complex64)
+    with pytest.raises(ConfigError, match=r"parameter weight is complex.*view_as_real"):
+        gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def _saved_state(**kwargs: Any) -> tuple[gg.Guard, dict[str, Any]]:
+    model = _model()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+    _train(guard, 3)
+    return guard, guard.state_dict()
+
+
+def _wrong_states() -> dict[str, tuple[Any, Any, str]]:
+    """(guard builder arguments, state, expected message) per wrong state."""
+    return {
+        "another model": (
+            lambda: gg.Guard(
+                wide := nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 1)),
+                torch.optim.SGD(wide.parameters(), lr=0.1),
+            ),
+            lambda: _saved_state()[1],
+            "another model",
+        ),
+        "the model's state dict": (
+            lambda: _saved_state()[0],
+            lambda: _model().state_dict(),
+            r"not a saved guard state \(missing",
+        ),
+        "not a mapping": (lambda: _saved_state()[0], lambda: [1, 2], "got list"),
+        "other detectors": (
+            lambda: _saved_state(detectors=[gg.detect.Spike(), gg.detect.NonFinite()])[0],
+            lambda: _saved_state(detectors=[gg.detect.NonFinite(), gg.detect.Spike()])[1],
+            "same detectors, in the same order",
+        ),
+        "other clip policy": (
+            lambda: _saved_state(clip=gg.ZClip())[0],
+            lambda: _saved_state(clip=gg.NormClip(1.0))[1],
+            "clipped with NormClip",
+        ),
+        "clip policy missing": (
+            lambda: _saved_state()[0],
+            lambda: _saved_state(clip=gg.NormClip(1.0))[1],
+            "differ in having a clip policy",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_wrong_states()))
+def test_a_wrong_state_dict_is_refused_and_leaves_the_guard_as_it_was(case: str) -> None:
+    build, state, message = _wrong_states()[case]
+    guard = build()
+    before = (guard.step_count, list(guard.events), [d.state_dict() for d in guard.detectors])
+    with pytest.raises(ConfigError, match=message):
+        guard.load_state_dict(state())
+    after = (guard.step_count, list(guard.events), [d.state_dict() for d in guard.detectors])
+    assert repr(after) == repr(before)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: gg.NormClip(-1.0), "max_norm must be a positive number"),
+        (lambda: gg.NormClip(math.nan), "max_norm must be a positive number"),
+        (lambda: gg.NormClip(1.0, norm_type=0), "norm_type must be a positive number"),
+        (lambda: gg.ValueClip(0), "clip_value must be a positive number"),
+        (lambda: gg.AGC(-1), "clipping must be a positive number"),
+        (lambda: gg.ZClip(alpha=2), "alpha must lie strictly between"),
+        (lambda: gg.detect.Spike(window=0), "window must be an int >= 2"),
+        (lambda: gg.detect.Divergence(patience=0), "patience must be an int >= 1"),
+        (lambda: gg.detect.Vanishing(min_update=-1), "min_update must be a number"),
+        (lambda: gg.Rollback(every=0), "every must be an int >= 1"),
+        (lambda: gg.Rollback(lr_factor=2), r"lr_factor must lie in \(0, 1\]"),
+        (lambda: gg.Rollback(on=["nan"]), "unknown trigger 'nan'"),
+        (lambda: gg.Rollback(storage="disk"), "needs path="),
+        (lambda: TensorBoardSink("tb", flush_secs=-1), "flush_secs must be a positive"),
+        (lambda: JsonlSink("run", overwrite=1), "overwrite must be True or False"),
+    ],
+)
+def test_bad_constructor_arguments_are_refused_naming_the_argument(
+    build: Any, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_a_rollback_whose_cadence_misses_the_drains_is_refused() -> None:
+    model = _model()
+    with pytest.raises(ConfigError, match="must be a multiple of the guard's log_every=10"):
+        gg.Guard(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            recovery=gg.Rollback(every=15),
+            log_every=10,
+        )

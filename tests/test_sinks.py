@@ -238,17 +238,35 @@ def test_missing_tensorboard_package(tmp_path: Path, monkeypatch: pytest.MonkeyP
 # --- JSONL ---------------------------------------------------------------------------------
 
 
-def test_jsonl_resume_appends_and_refuses_another_model(tmp_path: Path) -> None:
+def test_jsonl_resume_appends_fresh_run_refused_overwrite_replaces(tmp_path: Path) -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = gg.Guard(model, optimizer, log_every=5, run_dir=tmp_path, tensorboard=False)
     train(guard, model, optimizer, 10)
+    saved = guard.state_dict()
     guard.close()
-    guard = gg.Guard(model, optimizer, log_every=5, run_dir=tmp_path, tensorboard=False)
-    train(guard, model, optimizer, 5)
-    guard.close()
-    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 15
+    fresh = gg.Guard(model, optimizer, log_every=5, run_dir=tmp_path, tensorboard=False)
+    with pytest.raises(ConfigError, match=r"already holds the logs of another run \(10 steps\)"):
+        train(fresh, model, optimizer, 1)
+    fresh.close()
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 10  # nothing appended
+    resumed = gg.Guard(model, optimizer, log_every=5, run_dir=tmp_path, tensorboard=False)
+    resumed.load_state_dict(saved)
+    train(resumed, model, optimizer, 5)
+    resumed.close()
+    steps = [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(1, 16))
     assert len(read_jsonl(tmp_path / "layers.jsonl")) == 15
+    sessions = json.loads((tmp_path / "meta.json").read_text())["sessions"]
+    assert [s["start_step"] for s in sessions] == [0, 10]
+    replaced = gg.Guard(
+        model, optimizer, log_every=5, run_dir=tmp_path, tensorboard=False, overwrite_run_dir=True
+    )
+    train(replaced, model, optimizer, 5)
+    replaced.close()
+    assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert [s["start_step"] for s in meta["sessions"]] == [0]
     other = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1))
     with pytest.raises(ConfigError, match="another model"):
         gg.Guard(other, torch.optim.SGD(other.parameters(), lr=0.1), run_dir=tmp_path)

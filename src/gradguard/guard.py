@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import math
 import os
 import platform
@@ -130,7 +131,11 @@ class Guard:
         scaler: a ``torch.amp.GradScaler``; the guard unscales, steps through it and
             agrees with it on skipped steps.
         log_every: steps between drains (one device-to-host copy each).
-        run_dir: a directory for the JSONL logs (``docs/run-format.md``).
+        run_dir: a directory for the JSONL logs (``docs/run-format.md``). One open guard
+            writes it at a time; a directory that holds another run's logs is refused at
+            the first step unless this guard resumes that run (:meth:`load_state_dict`)
+            or ``overwrite_run_dir`` is set.
+        overwrite_run_dir: replace the logs another run left in ``run_dir``.
         on_event: called with every event, at the drain that raised it.
         sinks: extra sinks besides the run directory's.
         tensorboard: with ``run_dir``, also write TensorBoard event files to
@@ -159,8 +164,13 @@ class Guard:
         sinks: Iterable[Sink] = (),
         tensorboard: bool | None = None,
         process_group: Any = None,
+        overwrite_run_dir: bool = False,
     ) -> None:
         _validate(model, optimizer, clip, nonfinite, recovery, scheduler, log_every, on_event)
+        if not isinstance(overwrite_run_dir, bool):
+            raise ConfigError(
+                f"overwrite_run_dir must be True or False, got {overwrite_run_dir!r}."
+            )
         self.model = model
         self.optimizer = optimizer
         self.clip = clip
@@ -174,7 +184,7 @@ class Guard:
         self.run_dir = None if run_dir is None else os.fspath(run_dir)
         self.sinks: list[Sink] = list(sinks)
         if run_dir is not None:
-            self.sinks.insert(0, JsonlSink(run_dir))
+            self.sinks.insert(0, JsonlSink(run_dir, overwrite=overwrite_run_dir))
             if tensorboard or (tensorboard is None and tensorboard_available()):
                 self.sinks.insert(1, TensorBoardSink(os.path.join(run_dir, TENSORBOARD_DIR)))
         elif tensorboard:
@@ -184,6 +194,7 @@ class Guard:
             )
 
         self.process_group = process_group
+        _check_parameters(model)
         _check_optimizer_params(model, optimizer)
         _Registrations.install()
         self._registrations = _Registrations.count
@@ -236,15 +247,35 @@ class Guard:
         self._last_weight_norm: np.ndarray[Any, Any] | None = None
         self._weight_norm_pending = self._weight_norms()
         self._claimed: list[object] = []
-        self._claim(optimizer, "optimizer", "build one Guard per optimizer, or close() the other")
-        for detector in self.detectors:
-            self._claim(detector, "detector", "give each Guard its own detector objects")
-        for sink in self.sinks:
-            self._claim(sink, "sink", "give each Guard its own sink objects")
-        for sink in self.sinks:
-            sink.open(self._meta())
-        if recovery is not None:
-            recovery.attach(self)
+        self._sinks_started = False
+        self._last_grads: tuple[Any, ...] = ()
+        self._take_ownership()
+
+    def _take_ownership(self) -> None:
+        """Claim the optimizer, detectors and sinks, open the sinks, attach the recovery.
+
+        A guard that fails to build owns nothing: the caller may retry with the same
+        optimizer, detectors, sinks and run directory.
+        """
+        opened: list[Sink] = []
+        try:
+            self._claim(
+                self.optimizer, "optimizer", "build one Guard per optimizer, or close() the other"
+            )
+            for detector in self.detectors:
+                self._claim(detector, "detector", "give each Guard its own detector objects")
+            for sink in self.sinks:
+                self._claim(sink, "sink", "give each Guard its own sink objects")
+            for sink in self.sinks:
+                sink.open(self._meta())
+                opened.append(sink)
+            if self.recovery is not None:
+                self.recovery.attach(self)
+        except BaseException:
+            for sink in opened:
+                sink.close()
+            self._release_claims()
+            raise
 
     # --- the step ---------------------------------------------------------------------
 
@@ -272,6 +303,8 @@ class Guard:
             A :class:`StepReport` of device tensors.
         """
         self._check_ready()
+        if not self._sinks_started:
+            self._start_sinks()
         self.step_count += 1
         if self.fused and self._buffered == 0 and self.scheduler is not None:
             self._scheduler_at_window_start = {
@@ -315,6 +348,7 @@ class Guard:
             self.flush()
         if self.recovery is not None:
             self.recovery.after_step(self)
+        self._last_grads = self._grad_marks()
         if self._raise_after is not None:
             error, self._raise_after = self._raise_after, None
             raise error
@@ -333,12 +367,43 @@ class Guard:
             or _optimizer_shape(self.optimizer) != self._optimizer_shape
         ):
             self._check_parameter_set()
-        if all(p.grad is None for p in self.tensor_params):
+        marks = self._grad_marks()
+        if not marks:
             raise GradGuardError(
                 f"step {self.step_count + 1}: no gradients: was backward() called? Every "
                 "parameter's .grad is None, so there is nothing to measure or step (call "
                 "loss.backward() before guard.step(); zero_grad(set_to_none=True) after it)."
             )
+        if _same_gradients(marks, self._last_grads):
+            raise GradGuardError(
+                f"step {self.step_count + 1}: these are the gradients step {self.step_count} "
+                "already used (no backward() since): stepping again would apply the same "
+                "update twice. Call zero_grad() and loss.backward() before each guard.step()."
+            )
+
+    def _grad_marks(self) -> tuple[Any, ...]:
+        """The gradients a step would use: the first and last ``.grad`` with their versions.
+
+        Empty when no parameter has a gradient.
+
+        A backward replaces a gradient (``set_to_none=True``) or writes it in place (which
+        bumps its version), so equal marks mean no backward since the last step. O(1) when
+        the first parameter has a gradient.
+        """
+        params = self.tensor_params
+        first = next((g for p in params if (g := p.grad) is not None), None)
+        if first is None:
+            return ()
+        last = next(g for p in reversed(params) if (g := p.grad) is not None)
+        return (weakref.ref(first), first._version, weakref.ref(last), last._version)
+
+    def _start_sinks(self) -> None:
+        """Tell the sinks the run begins (fresh, or resumed at ``step_count``)."""
+        for sink in self.sinks:
+            start = getattr(sink, "start", None)
+            if callable(start):
+                start(self.step_count)
+        self._sinks_started = True
 
     def _note_data(self, batch: Any, sample_losses: Tensor | None) -> Tensor | None:
         """Keep the step's batch id (host) and its per-example loss summary (device)."""
@@ -680,17 +745,31 @@ class Guard:
         events = [event for d in self.detectors for event in d.observe(window)]
         events.sort(key=lambda e: e.step)
         events = self.explainer.explain(window, events)
+        last = int(window.steps[-1])
+        # The drain's rows and events reach the sinks before the recovery acts: a recovery
+        # that fails (or a process that dies while it loads a snapshot) loses nothing.
+        merged = self._conclude(window, events, last, final, stopped_before)
         if self.recovery is not None:
-            events += [
+            stopped = self.should_stop  # a recovery that gives up may request the stop
+            recovered = [
                 self._explain_rollback(event, events)
                 for event in self.recovery.on_drain(self, window, events)
             ]
-        merged, updated = self._streaks.merge(events, int(window.steps[-1]), final=final)
+            if recovered:
+                empty = self._empty_window()
+                merged += self._conclude(empty, recovered, last, final, stopped)
+        return merged
+
+    def _conclude(
+        self, window: Window, events: list[Event], last: int, final: bool, stopped: bool
+    ) -> list[Event]:
+        """Merge streaks, note a stop request, publish; return the new events."""
+        merged, updated = self._streaks.merge(events, last, final=final)
         requested = any(e.kind == "divergence" for e in merged) or self.should_stop
-        if requested and not stopped_before:
+        if requested and not stopped:
             reason = next((e for e in merged if e.kind in ("divergence", "rollback")), None)
             if reason is not None:
-                reason.extra["stop_requested_at"] = int(window.steps[-1])
+                reason.extra["stop_requested_at"] = last
         self.should_stop = requested
         self._publish(window, merged, updated)
         return merged
@@ -874,10 +953,13 @@ class Guard:
         """Everything needed to resume: drains pending steps first (one sync)."""
         self.flush()
         return {
+            "layer_names": list(self.layer_names),
+            "detector_types": [type(d).__name__ for d in self.detectors],
             "step_count": self.step_count,
             "should_stop": self.should_stop,
             "sync_count": self.sync_count,
             "clip": None if self.clip is None else self.clip.state_dict(),
+            "clip_type": None if self.clip is None else type(self.clip).__name__,
             "detectors": [d.state_dict() for d in self.detectors],
             "events": [e.to_dict() for e in self.events],
             "lr_factor": self.lr_factor,
@@ -933,14 +1015,13 @@ class Guard:
         self._load_weight_norm(state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state saved by :meth:`state_dict` (same configuration)."""
-        if len(state["detectors"]) != len(self.detectors):
-            raise ConfigError(
-                f"the saved guard had {len(state['detectors'])} detectors, this one has "
-                f"{len(self.detectors)}: build the guard with the same detectors to resume."
-            )
-        if (state["clip"] is None) != (self.clip is None):
-            raise ConfigError("the saved guard and this one differ in having a clip policy.")
+        """Restore a state saved by :meth:`state_dict` (same model and configuration).
+
+        Everything is checked before anything changes: a state of another model, with
+        other detectors or clip policy, or missing keys is refused and leaves the guard
+        as it was.
+        """
+        _check_saved_state(self, state)
         self._buffered = 0
         self._window_on_device = []
         self._window_lr = []
@@ -968,10 +1049,14 @@ class Guard:
         for sink in self.sinks:
             sink.close()
         self._closed = True
+        self._release_claims()
+
+    def _release_claims(self) -> None:
         for owned in self._claimed:
             with contextlib.suppress(KeyError, TypeError):
                 if _OWNERS[owned]() is self:
                     del _OWNERS[owned]
+        self._claimed = []
 
     def _claim(self, owned: object, what: str, fix: str) -> None:
         """Mark ``owned`` as this guard's; refuse it if a live, open guard has it."""
@@ -1125,6 +1210,36 @@ def _optimizer_shape(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
     return tuple(len(group["params"]) for group in optimizer.param_groups)
 
 
+def _same_gradients(marks: tuple[Any, ...], before: tuple[Any, ...]) -> bool:
+    """Whether two :meth:`Guard._grad_marks` name the same, unwritten gradient tensors."""
+    if len(marks) != len(before) or not marks:
+        return False
+    return all(
+        ref() is old_ref() and version == old_version
+        for ref, version, old_ref, old_version in zip(
+            marks[::2], marks[1::2], before[::2], before[1::2], strict=True
+        )
+    )
+
+
+def _check_parameters(model: nn.Module) -> None:
+    """Parameters the guard can measure: real (not ``meta``) floating-point tensors."""
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.is_meta:
+            raise ConfigError(
+                f"parameter {name} is on the 'meta' device (no data): materialize the model "
+                "first (model.to_empty(device=...) and initialize it), then build the Guard."
+            )
+        if param.is_complex():
+            raise ConfigError(
+                f"parameter {name} is complex ({param.dtype}): the guard measures real "
+                "floating-point gradients only; keep real and imaginary parts as two real "
+                "parameters (torch.view_as_real) to guard this model."
+            )
+
+
 def _check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The optimizer must step the model's parameters only: the guard measures those."""
     owned = {id(p) for p in model.parameters()}
@@ -1145,6 +1260,54 @@ def _check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) 
         )
 
 
+_STATE_KEYS = ("step_count", "should_stop", "sync_count", "clip", "detectors", "events")
+
+
+def _check_saved_state(guard: Guard, state: object) -> None:
+    """Refuse a saved guard state that would not describe this guard's run."""
+    if not isinstance(state, Mapping):
+        raise ConfigError(
+            f"load_state_dict takes the dict guard.state_dict() returned, got "
+            f"{type(state).__name__}."
+        )
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise ConfigError(
+            f"this is not a saved guard state (missing {', '.join(missing)}): pass what "
+            "guard.state_dict() returned (not the model's or the optimizer's state dict)."
+        )
+    names = state.get("layer_names")
+    if names is not None and list(names) != list(guard.layer_names):
+        differ = sorted(set(names) ^ set(guard.layer_names))[:4]
+        raise ConfigError(
+            "the saved guard state is of another model (its layers differ"
+            + (f": {', '.join(differ)}" if differ else ": their order")
+            + "): load the state saved with this model."
+        )
+    saved_detectors = state["detectors"]
+    if not isinstance(saved_detectors, Sequence) or len(saved_detectors) != len(guard.detectors):
+        count = len(saved_detectors) if isinstance(saved_detectors, Sequence) else "?"
+        raise ConfigError(
+            f"the saved guard had {count} detectors, this one has {len(guard.detectors)}: "
+            "build the guard with the same detectors to resume."
+        )
+    types = state.get("detector_types")
+    mine = [type(d).__name__ for d in guard.detectors]
+    if types is not None and list(types) != mine:
+        raise ConfigError(
+            f"the saved guard's detectors are {list(types)}, this one's {mine}: build the "
+            "guard with the same detectors, in the same order, to resume."
+        )
+    if (state["clip"] is None) != (guard.clip is None):
+        raise ConfigError("the saved guard and this one differ in having a clip policy.")
+    clip_type = state.get("clip_type")
+    if clip_type is not None and clip_type != type(guard.clip).__name__:
+        raise ConfigError(
+            f"the saved guard clipped with {clip_type}, this one with "
+            f"{type(guard.clip).__name__}: build the guard with the same policy to resume."
+        )
+
+
 def _detectors(value: Literal["default"] | Sequence[Detector] | None) -> list[Detector]:
     if value is None:
         return []
@@ -1162,6 +1325,52 @@ def _detectors(value: Literal["default"] | Sequence[Detector] | None) -> list[De
     return detectors
 
 
+#: The longest drain interval: the device buffer holds this many rows of statistics.
+MAX_LOG_EVERY = 10_000
+
+
+def _check_optimizer(optimizer: object) -> None:
+    """An optimizer the guard can step: a plain ``torch.optim.Optimizer``, no closure."""
+    if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, GuardedOptimizer):
+        raise ConfigError(
+            f"optimizer must be a torch.optim.Optimizer (not a guarded one), got "
+            f"{type(optimizer).__name__}."
+        )
+    step = inspect.signature(type(optimizer).step)
+    closure = step.parameters.get("closure")
+    if isinstance(optimizer, torch.optim.LBFGS) or (
+        closure is not None and closure.default is inspect.Parameter.empty
+    ):
+        raise ConfigError(
+            f"{type(optimizer).__name__} needs a closure that re-evaluates the loss several "
+            "times per step, so one backward's gradients do not decide the step: the guard "
+            "cannot measure or skip it. Use a first-order optimizer (SGD, Adam, AdamW), or "
+            "clip inside the closure with gg.clip_(model, policy)."
+        )
+
+
+def _check_scheduler(scheduler: object, optimizer: object) -> None:
+    """A scheduler the guard can step after each real step: an LR scheduler of ``optimizer``."""
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ConfigError(
+            "ReduceLROnPlateau steps on a validation metric, not once per optimizer step: "
+            "do not pass it to the Guard; call scheduler.step(val_loss) yourself after each "
+            "evaluation (the guard reads the learning rate the optimizer holds)."
+        )
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise ConfigError(
+            f"scheduler must be a torch.optim.lr_scheduler.LRScheduler, got "
+            f"{type(scheduler).__name__}."
+        )
+    if scheduler.optimizer is not optimizer:
+        raise ConfigError(
+            "the scheduler was built for another optimizer: build it on the optimizer "
+            "given to the Guard (torch.optim.lr_scheduler.X(optimizer, ...))."
+        )
+
+
 def _validate(
     model: object,
     optimizer: object,
@@ -1174,11 +1383,7 @@ def _validate(
 ) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}.")
-    if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, GuardedOptimizer):
-        raise ConfigError(
-            f"optimizer must be a torch.optim.Optimizer (not a guarded one), got "
-            f"{type(optimizer).__name__}."
-        )
+    _check_optimizer(optimizer)
     if clip is not None and not isinstance(clip, ClipPolicy):
         raise ConfigError(
             f"clip must be a policy such as gg.NormClip(1.0) or None, got {type(clip).__name__}."
@@ -1190,9 +1395,15 @@ def _validate(
             f"recovery must be a strategy such as gg.Rollback() or None, got "
             f"{type(recovery).__name__}."
         )
-    if scheduler is not None and not hasattr(scheduler, "step"):
-        raise ConfigError(f"scheduler must be an LR scheduler, got {type(scheduler).__name__}.")
-    if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
-        raise ConfigError(f"log_every must be an int >= 1, got {log_every!r}.")
+    _check_scheduler(scheduler, optimizer)
+    if (
+        not isinstance(log_every, int)
+        or isinstance(log_every, bool)
+        or not 1 <= log_every <= MAX_LOG_EVERY
+    ):
+        raise ConfigError(
+            f"log_every must be an int in [1, {MAX_LOG_EVERY}], got {log_every!r}: the guard "
+            "keeps that many steps of statistics on the device between drains."
+        )
     if on_event is not None and not callable(on_event):
         raise ConfigError("on_event must be a callable taking an Event.")

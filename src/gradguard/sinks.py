@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
+import shutil
+import socket
+import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
@@ -27,6 +32,7 @@ METRICS_FILE = "metrics.jsonl"
 LAYERS_FILE = "layers.jsonl"
 EVENTS_FILE = "events.jsonl"
 RUN_FORMAT_VERSION = 1
+TENSORBOARD_DIR = "tensorboard"
 
 
 @runtime_checkable
@@ -53,40 +59,178 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+LOCK_FILE = ".lock"
+ROW_FILES = (METRICS_FILE, LAYERS_FILE, EVENTS_FILE)
+
+
+class RunDirLock:
+    """One writer per run directory: an exclusive ``flock`` on ``RUN_DIR/.lock``.
+
+    The operating system drops the lock when its holder closes it or dies, so a crash
+    (even ``kill -9``) never leaves a run directory locked. The file holds the holder's
+    process id and host, for the message another writer gets. Advisory: it keeps
+    gradguard's own writers apart. Where ``fcntl`` does not exist (Windows), no lock is
+    taken.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self._handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`ConfigError` naming the process that holds it."""
+        if self._handle is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        handle = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"run_dir {self.path.parent} is being written by another open Guard "
+                f"({holder}): one run directory takes one writer at a time. Close that "
+                "guard (guard.close(), or leave its with-block) or give this one another "
+                "run_dir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._handle = handle
+        # A guard dropped without close() gives the directory back when it is collected.
+        self._finalizer = weakref.finalize(self, handle.close)
+
+    def release(self) -> None:
+        """Give the lock back (closing the file releases it); safe to call twice."""
+        if self._handle is not None:
+            self._finalizer()
+            self._handle = None
+
+
 class JsonlSink:
     """The run directory: ``meta.json`` and three append-only JSON-lines files.
 
     Each drain appends its lines with one ``write`` per file and flushes, so a crash can
-    tear at most the last line. Opening an existing run directory resumes it: the files
-    are appended to, and ``meta.json`` must describe the same layers.
+    tear at most the last line. A run directory has one writer at a time
+    (:class:`RunDirLock`). A directory that already holds rows is never appended to by a
+    fresh run: the first step is refused, naming the options, unless the guard resumes
+    that run (its state loaded with ``Guard.load_state_dict``, so its step count goes
+    on) or ``overwrite=True`` replaces the old logs. On resume a torn last line is cut
+    off and ``meta.json`` records the new session (``sessions``).
+
+    Args:
+        run_dir: the directory.
+        overwrite: remove the logs (and TensorBoard files) a previous run left there.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        if not isinstance(overwrite, bool):
+            raise ConfigError(f"overwrite must be True or False, got {overwrite!r}.")
         self.run_dir = Path(run_dir)
+        self.overwrite = overwrite
         self._files: dict[str, IO[str]] = {}
+        self._lock = RunDirLock(self.run_dir)
+        self._meta: dict[str, Any] | None = None
+        self._started = False
+        self._rows_before: int | None = None  # rows another session left, None if none
 
     def open(self, meta: Mapping[str, Any]) -> None:
-        """Create the directory and files, or resume a compatible run."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        meta_path = self.run_dir / META_FILE
-        if meta_path.exists():
-            existing = json.loads(meta_path.read_text(encoding="utf-8"))
-            if existing.get("layer_names") != list(meta["layer_names"]):
-                raise ConfigError(
-                    f"run_dir {self.run_dir} holds a run of another model (its layers differ); "
-                    "pass a new run_dir, or remove the old one."
-                )
+        """Take the directory (lock), and refuse a run of another model.
+
+        Nothing is written yet: :meth:`start` does, at the first step, once it is known
+        whether this run resumes the one already there.
+        """
+        if self._meta is not None:
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        except OSError as error:
+            raise ConfigError(
+                f"run_dir {self.run_dir} cannot be created or written ({error.strerror or error}): "
+                "give a directory this process can write."
+            ) from None
+        try:
+            self._take_directory(meta)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _take_directory(self, meta: Mapping[str, Any]) -> None:
+        for leftover in self.run_dir.glob("*.tmp"):  # a meta.json write a crash cut short
+            leftover.unlink(missing_ok=True)
+        if self.overwrite:
+            for name in (META_FILE, *ROW_FILES):
+                (self.run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / TENSORBOARD_DIR, ignore_errors=True)
+        existing = _read_meta(self.run_dir / META_FILE)
+        if existing is not None and existing.get("layer_names") != list(meta["layer_names"]):
+            raise ConfigError(
+                f"run_dir {self.run_dir} holds a run of another model (its layers differ): "
+                "give a new run_dir, or pass overwrite_run_dir=True to replace it."
+            )
+        paths = [self.run_dir / name for name in ROW_FILES]
+        held = any(path.exists() and path.stat().st_size for path in paths)
+        self._rows_before = _count_rows(paths[0]) if held else None
+        self._meta = {"format_version": RUN_FORMAT_VERSION, **meta}
+
+    def start(self, step: int) -> None:
+        """Begin writing before step ``step + 1``: a fresh run, or the resumption of one.
+
+        Raises:
+            ConfigError: the directory holds another run's rows and this run starts at
+                step 0 (neither resumed nor told to overwrite).
+        """
+        if self._started:
+            return
+        if self._meta is None:
+            raise ConfigError("JsonlSink.start called before open(); the guard opens sinks.")
+        if self._rows_before is not None and step == 0:
+            raise ConfigError(
+                f"run_dir {self.run_dir} already holds the logs of another run "
+                f"({self._rows_before} steps): a fresh run is not appended to them. To "
+                "continue that run, load its state first (guard.load_state_dict(saved) "
+                "with the state guard.state_dict() returned); to replace its logs, pass "
+                "overwrite_run_dir=True (JsonlSink(..., overwrite=True)); or give a new "
+                "run_dir."
+            )
+        session = {
+            "start_step": int(step),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": self._meta.get("config", {}),
+            "versions": self._meta.get("versions", {}),
+        }
+        body = dict(self._meta)
+        if self._rows_before is not None:
+            for name in ROW_FILES:
+                _cut_torn_line(self.run_dir / name)
+            previous = _read_meta(self.run_dir / META_FILE) or {}
+            body["sessions"] = [*previous.get("sessions", []), session]
         else:
-            body = {"format_version": RUN_FORMAT_VERSION, **meta}
-            _atomic_write_text(meta_path, json.dumps(body, indent=1) + "\n")
-        for name in (METRICS_FILE, LAYERS_FILE, EVENTS_FILE):
-            if name not in self._files:
+            body["sessions"] = [session]
+        try:
+            _atomic_write_text(self.run_dir / META_FILE, json.dumps(body, indent=1) + "\n")
+            for name in ROW_FILES:
                 self._files[name] = (self.run_dir / name).open("a", encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(
+                f"run_dir {self.run_dir} cannot be written ({error.strerror or error})."
+            ) from None
+        self._started = True
 
     def write(self, window: Window, events: Sequence[Event]) -> None:
         """Append one drain: a metrics row and a layers row per step, one row per event."""
-        if not self._files:
+        if self._meta is None:
             raise ConfigError("JsonlSink.write called before open(); the guard opens sinks.")
+        if not self._started:
+            first = int(window.steps[0]) - 1 if len(window) else 0
+            self.start(first)
         metrics = "".join(json.dumps(row) + "\n" for row in window.rows())
         layers = "".join(json.dumps(row) + "\n" for row in _layer_rows(window))
         self._append(METRICS_FILE, metrics)
@@ -100,10 +244,58 @@ class JsonlSink:
         handle.flush()
 
     def close(self) -> None:
-        """Close the files."""
+        """Close the files and give the directory back."""
         for handle in self._files.values():
             handle.close()
         self._files.clear()
+        self._lock.release()
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    """``meta.json`` as a dict, None if absent; a broken one is refused with the fix."""
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"{path} cannot be read ({error}): this run directory's description is "
+            "damaged; give a new run_dir, or pass overwrite_run_dir=True to replace it."
+        ) from None
+    if not isinstance(meta, dict):
+        raise ConfigError(
+            f"{path} is not a run description (a JSON object): give a new run_dir, or "
+            "pass overwrite_run_dir=True to replace it."
+        )
+    return meta
+
+
+def _count_rows(path: Path) -> int:
+    """Complete lines in a JSON-lines file (0 if absent)."""
+    if not path.exists():
+        return 0
+    with path.open("rb") as handle:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Truncate a JSON-lines file after its last newline: a crash can tear the last line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("r+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        position = size
+        while position > 0:
+            step = min(1 << 16, position)
+            handle.seek(position - step)
+            chunk = handle.read(step)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                position = position - step + newline + 1
+                break
+            position -= step
+        if position != size:
+            handle.truncate(position)
 
 
 def _layer_rows(window: Window) -> list[dict[str, Any]]:
@@ -137,7 +329,6 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 # --- TensorBoard ------------------------------------------------------------------------
 
-TENSORBOARD_DIR = "tensorboard"
 #: Scalar tags written once per step (``gradguard/<field>``), from the ``metrics.jsonl`` fields.
 STEP_SCALARS = ("loss", "grad_norm", "clipped_norm", "scale", "skipped", "lr")
 TOP_FAMILY = "(top)"
@@ -216,6 +407,14 @@ class TensorBoardSink:
             raise ConfigError(
                 f"histograms_every must be an int >= 0 (0: no histograms), got "
                 f"{histograms_every!r}."
+            )
+        if (
+            not isinstance(flush_secs, int | float)
+            or isinstance(flush_secs, bool)
+            or not 0 < flush_secs < math.inf
+        ):
+            raise ConfigError(
+                f"flush_secs must be a positive number of seconds, got {flush_secs!r}."
             )
         self.log_dir = Path(log_dir)
         self.histograms_every = histograms_every
