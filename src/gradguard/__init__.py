@@ -14,7 +14,7 @@ from gradguard.diagnose import Diagnosis, diagnose
 from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError
 from gradguard.guard import Guard, GuardedOptimizer
 from gradguard.records import Event, StepReport, Window
-from gradguard.recover import Rollback
+from gradguard.recover import Rollback, load_latest_snapshot
 from gradguard.stats import GradStats, grad_stats
 
 try:
@@ -45,4 +45,5 @@ __all__ = [
     "diagnose",
     "grad_stats",
     "init",
+    "load_latest_snapshot",
 ]

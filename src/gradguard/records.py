@@ -18,7 +18,15 @@ from torch import Tensor
 from gradguard.causes import CAUSES
 
 EventKind = Literal[
-    "nonfinite", "overflow", "spike", "vanishing", "exploding", "divergence", "rollback", "cooldown"
+    "nonfinite",
+    "overflow",
+    "spike",
+    "vanishing",
+    "exploding",
+    "divergence",
+    "rollback",
+    "cooldown",
+    "snapshot_failed",
 ]
 
 Severity = Literal["info", "warning", "error"]
@@ -182,8 +190,8 @@ class Event:
         step: the step at which the condition was seen (its onset for sustained ones, the
             first step for a streak); also ``first_step``.
         kind: ``nonfinite``, ``overflow``, ``spike``, ``vanishing``, ``exploding``,
-            ``divergence``, ``rollback`` or ``cooldown`` (the end of a rollback's LR
-            cool-down).
+            ``divergence``, ``rollback``, ``cooldown`` (the end of a rollback's LR
+            cool-down) or ``snapshot_failed`` (a rollback snapshot could not be written).
         value: the measured value that triggered it (NaN when not numeric).
         threshold: the threshold it crossed (NaN when none applies).
         layers: names of the layers or tensors concerned (may be empty).

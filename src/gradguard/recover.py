@@ -5,6 +5,12 @@ checkpoint from ~100 steps earlier, skip the data in between, and lower the lear
 for a while. :class:`Rollback` does it automatically when the guard's detectors raise a
 triggering event. It reads records (events, windows) and drives the objects the guard was
 given; it never imports the guard.
+
+Snapshot storage can fail under a long run: a file torn or deleted behind its back, a
+directory removed or made read-only, a full disk. None of these crashes ``guard.step``: a
+failed write becomes a ``snapshot_failed`` event and the run keeps its older snapshots; an
+unusable snapshot at a rollback is skipped for the next older one, and the ``rollback``
+event names it. :func:`load_latest_snapshot` finds the newest intact snapshot after a crash.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import copy
 import math
 import os
 import random
+import re
 import shutil
+import warnings
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,10 +35,20 @@ from torch import Tensor, nn
 
 from gradguard import _distributed
 from gradguard.errors import ConfigError, GradGuardError
-from gradguard.records import Event, Window
+from gradguard.records import Event, EventKind, Window
 
 Trigger = Literal["spike", "exploding", "nonfinite_streak", "overflow", "divergence", "vanishing"]
 _TRIGGERS = ("spike", "exploding", "nonfinite_streak", "overflow", "divergence", "vanishing")
+
+#: The kind of the event a storage fault at snapshot time raises (a write that failed, or
+#: snapshot files that vanished from the directory).
+SNAPSHOT_FAILED: EventKind = "snapshot_failed"
+
+#: What a snapshot file holds (a sharded snapshot holds ``dcp`` in place of the first two).
+PAYLOAD_KEYS = ("model", "optimizer", "scheduler", "scaler", "guard", "rng")
+
+#: A finished snapshot file: ``snapshot-<step>.pt``, ``snapshot-<step>-rank<r>.pt`` (DDP).
+_SNAPSHOT_FILE = re.compile(r"^snapshot-(\d+)(?:-rank(\d+))?\.pt$")
 
 
 class _GuardLike(Protocol):
@@ -203,6 +221,15 @@ class _Snapshot:
     payload: dict[str, Any] | None  # in memory; None when on disk
     file: Path | None = None
     mirror: int = -1
+    lost: bool = False  # its file was found missing (reported once; still tried at a rollback)
+
+    def name(self) -> str:
+        """How events and errors name it: its file, or ``memory snapshot of step N``."""
+        return f"memory snapshot of step {self.step}" if self.file is None else self.file.name
+
+
+class _Unusable(Exception):
+    """A snapshot that cannot be read or does not fit the guard's objects; says why."""
 
 
 class Rollback:
@@ -221,6 +248,17 @@ class Rollback:
     recipe. After ``max_rollbacks`` rollbacks it raises :class:`GradGuardError`
     (``on_exhausted="raise"``) or sets ``guard.should_stop`` (``"stop"``).
 
+    Storage faults never escape ``guard.step``. A snapshot is read whole into host memory
+    and checked against the model and optimizer (keys, shapes) before anything is applied;
+    one that cannot be read or does not fit (torn, deleted, unreadable, foreign) is
+    skipped for the next older one, and the ``rollback`` event lists it in
+    ``extra["unreadable"]``. When none is left, the rollback is exhausted: it raises
+    :class:`GradGuardError` naming every snapshot tried (``on_exhausted="raise"``) or sets
+    ``guard.should_stop`` with an ``error`` event naming them (``"stop"``). A disk write
+    that fails (directory gone or read-only, disk full) removes its temporary file and
+    becomes a ``snapshot_failed`` warning at the next drain; the run keeps its older
+    snapshots and the next snapshot tries again, recreating the directory if it vanished.
+
     Defaults: ``every=100`` and ``keep=2`` follow the PaLM recipe (rewind ~100 steps) with
     one older snapshot in reserve, in case the newest already holds the damage; halving the
     LR for 200 steps lets Adam's moments re-settle before the full LR returns.
@@ -237,7 +275,8 @@ class Rollback:
         cooldown: optimizer steps of cool-down.
         max_rollbacks: rollbacks allowed before giving up.
         storage: ``"memory"`` or ``"disk"`` (atomic ``torch.save``: temp file + rename).
-        path: the directory for disk snapshots.
+        path: the directory for disk snapshots; one per run (temporary files left there
+            by a crash are removed when the guard is built).
         nonfinite_streak: consecutive skipped steps that count as a ``nonfinite_streak``.
         on_exhausted: ``"raise"`` or ``"stop"`` when ``max_rollbacks`` is used up.
         spike_metrics: which spikes trigger: by default loss spikes only, since a gradient
@@ -328,10 +367,36 @@ class Rollback:
                 f"log_every={guard.log_every}, so snapshots fall right after a drain."
             )
         if self.storage == "disk":
-            assert self.path is not None
-            self.path.mkdir(parents=True, exist_ok=True)
+            self._prepare_directory(guard)
         self._guard = guard
         self.snapshot()
+        if self.storage == "disk" and not self._snapshots:
+            self._guard = None  # the guard is not built: this Rollback stays free
+            failed = self._pending.pop()
+            raise ConfigError(
+                f"Rollback(path={str(self.path)!r}): the first snapshot could not be written "
+                f"({failed.extra['error']}); give a directory the run can write to."
+            )
+
+    def _prepare_directory(self, guard: _GuardLike) -> None:
+        """Create the directory and remove what a crash mid-write left there.
+
+        A crash between ``torch.save`` and the rename leaves a ``*.pt.tmp`` file (or a
+        ``snapshot-*.tmp`` directory for FSDP2): never a snapshot, only disk space. Under
+        DDP each rank removes its own files; the FSDP2 directories are rank 0's, and the
+        ranks wait for it (the first snapshot, right after, is collective anyway).
+        """
+        assert self.path is not None
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(self.path)
+        except OSError as error:
+            raise ConfigError(
+                f"Rollback(path={str(self.path)!r}) cannot use that directory for snapshots "
+                f"({_describe(error)})."
+            ) from error
+        if _sharded(guard) and _distributed.available():
+            torch.distributed.barrier()
 
     def after_step(self, guard: _GuardLike) -> None:
         """Take a snapshot every ``every`` steps and count down the cool-down."""
@@ -361,12 +426,16 @@ class Rollback:
             self.snapshot()
 
     def on_drain(self, guard: _GuardLike, window: Window, events: Sequence[Event]) -> list[Event]:
-        """Roll back if a triggering event (or a streak of skipped steps) is in this drain."""
-        out, self._pending = self._pending, []
+        """Roll back if a triggering event (or a streak of skipped steps) is in this drain.
+
+        Returns the events queued since the last drain (``cooldown``, ``snapshot_failed``),
+        then the ``rollback`` event if one fired. When the rollback raises (exhausted),
+        the queued events stay queued for the next drain.
+        """
         trigger = self._trigger(window, events)
-        if trigger is None:
-            return out
-        return [*out, self._roll_back(guard, trigger)]
+        rollback = [] if trigger is None else [self._roll_back(guard, trigger)]
+        out, self._pending = self._pending, []
+        return [*out, *rollback]
 
     # --- snapshots ------------------------------------------------------------------------
 
@@ -385,7 +454,9 @@ class Rollback:
         if self._snapshots and self._snapshots[-1].step == step:
             return  # just restored this one
         if self.storage == "disk":
-            self._snapshots.append(_Snapshot(step, None, self._write(step, tree)))
+            written = self._write(step, tree)
+            if written is not None:
+                self._snapshots.append(_Snapshot(step, None, written))
             return
         if len(self._snapshots) == self.keep:
             index = self._snapshots[0].mirror  # the one about to be evicted
@@ -394,23 +465,94 @@ class Rollback:
             index = next(i for i in range(self.keep) if i not in used)
         self._snapshots.append(_Snapshot(step, self._mirrors[index].capture(tree), mirror=index))
 
-    def _write(self, step: int, tree: Mapping[str, Any]) -> Path:
-        """Save atomically (temp file + rename), then drop snapshots beyond ``keep``."""
+    def _write(self, step: int, tree: Mapping[str, Any]) -> Path | None:
+        """Save atomically (temp file, fsync, rename), then drop snapshots beyond ``keep``.
+
+        Returns the file, or None when the write failed: its temporary file is removed and
+        a ``snapshot_failed`` event is queued, so the run goes on with its older snapshots
+        (a crash here would lose the whole run, not one snapshot). The directory is
+        recreated if it vanished, and snapshot files that vanished with it are reported.
+        Under DDP the ranks agree: when one rank's write fails, every rank drops this
+        step, so that all ranks hold the same snapshots and roll back to the same step.
+        """
         assert self.path is not None
-        if _sharded(self._require_guard()):
+        guard = self._require_guard()
+        if _sharded(guard):
             return self._write_sharded(step, tree)
         final = self.path / f"snapshot-{step:09d}{_rank_suffix()}.pt"
-        tmp = final.with_suffix(".pt.tmp")
-        torch.save(dict(tree), tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        vanished = not self.path.exists()
+        error = _save_atomically(tree, final)
+        agreed = _agree(error is None, guard.device)
+        if error is None and not agreed:
+            _remove(final)
+        lost = self._newly_lost()
+        if not agreed or lost or vanished:
+            event = self._storage_event(step, final, error, agreed, lost, vanished)
+            self._pending.append(event)
+        if not agreed:
+            return None
         if len(self._snapshots) == self.keep:
             oldest = self._snapshots[0].file
             if oldest is not None and oldest != final:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # a stale file costs space, not the run
                     oldest.unlink()
         return final
+
+    def _newly_lost(self) -> list[_Snapshot]:
+        """Snapshots whose file vanished (deleted behind the run's back), not yet reported."""
+        lost = [
+            s for s in self._snapshots if s.file is not None and not s.lost and not s.file.exists()
+        ]
+        for snapshot in lost:
+            snapshot.lost = True
+        return lost
+
+    def _storage_event(
+        self,
+        step: int,
+        file: Path,
+        error: BaseException | None,
+        agreed: bool,
+        lost: Sequence[_Snapshot],
+        vanished: bool,
+    ) -> Event:
+        """The ``snapshot_failed`` warning: the write that failed, the files that vanished."""
+        kept = [s.step for s in self._snapshots if not s.lost]
+        why = None
+        sentences = []
+        if vanished:
+            again = ": it was recreated" if agreed else ""
+            sentences.append(f"The snapshot directory {file.parent} had vanished{again}.")
+        if lost:
+            names = ", ".join(s.name() for s in lost)
+            sentences.append(f"Snapshot files are gone ({names}): a rollback cannot use them.")
+        if agreed:
+            sentences.append(f"The snapshot of step {step} was written ({file.name}).")
+        else:
+            why = _describe(error) if error is not None else "another rank's write failed"
+            held = ", ".join(map(str, kept)) or "none"
+            sentences.append(
+                f"The snapshot of step {step} could not be written to {file} ({why}). "
+                f"The run keeps its older snapshots (steps: {held}); the next snapshot tries "
+                "again."
+            )
+        return Event(
+            step=step,
+            kind=SNAPSHOT_FAILED,
+            value=float(step),
+            threshold=math.nan,
+            metric="snapshot_step",
+            message=" ".join(sentences),
+            severity="warning",
+            extra={
+                "file": str(file),
+                "written": agreed,
+                "error": why,
+                "lost": [str(s.file) for s in lost],
+                "kept": kept,
+                "recreated": vanished and file.parent.is_dir(),
+            },
+        )
 
     def _write_sharded(self, step: int, tree: Mapping[str, Any]) -> Path:
         """FSDP2: a ``torch.distributed.checkpoint`` directory, renamed into place by rank 0.
@@ -442,27 +584,47 @@ class Rollback:
         return final
 
     def _load(self, snapshot: _Snapshot) -> dict[str, Any]:
+        """The snapshot's payload, whole in host memory and checked against the guard's objects.
+
+        Raises :class:`_Unusable` (with the reason) for a file that cannot be read, is not
+        a snapshot, or does not fit the model and optimizer. Nothing is applied here.
+        """
+        guard = self._require_guard()
         if snapshot.payload is not None:
             for mirror in self._mirrors:
                 mirror.wait()
-            return snapshot.payload
-        assert snapshot.file is not None
-        if snapshot.file.is_dir():
-            return self._load_sharded(snapshot.file)
-        loaded: dict[str, Any] = torch.load(snapshot.file, weights_only=False)
-        return loaded
+            payload = snapshot.payload
+        else:
+            assert snapshot.file is not None
+            if _sharded(guard):  # decided alike on every rank: the load is collective
+                payload = self._load_sharded(snapshot.file)
+            else:
+                payload = _read_snapshot_file(snapshot.file)
+        _check_payload(payload, guard.model, guard.optimizer)
+        return payload
 
     def _load_sharded(self, directory: Path) -> dict[str, Any]:
-        """Load a ``torch.distributed.checkpoint`` snapshot into this rank's shards."""
+        """Load a ``torch.distributed.checkpoint`` snapshot into fresh copies of the shards.
+
+        Collective (every rank reads at the same rollback). The copies keep a torn
+        checkpoint from writing into the live model: the shards are applied only once the
+        whole snapshot is read (at the price of one more copy of the shards meanwhile).
+        """
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         guard = self._require_guard()
         model_state, optimizer_state = get_state_dict(guard.model, guard.optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=str(directory))  # type: ignore[attr-defined]
+        state = _fresh_like({"model": model_state, "optimizer": optimizer_state})
         rank = torch.distributed.get_rank()
-        extras = torch.load(directory / f"extras-rank{rank}.pt", weights_only=False)
+        try:
+            dcp.load(state, checkpoint_id=str(directory))  # type: ignore[attr-defined]
+            extras = _read_snapshot_file(directory / f"extras-rank{rank}.pt")
+        except (Exception, CheckpointException) as error:  # CheckpointException: BaseException
+            raise _Unusable(_describe(error)) from error
+        if not isinstance(extras, Mapping):
+            raise _Unusable(f"extras-rank{rank}.pt holds a {type(extras).__name__}, not a dict")
         return {"dcp": state, **extras}
 
     @property
@@ -520,18 +682,26 @@ class Rollback:
         usable = [s for s in self._snapshots if s.step < onset - 1]
         if not usable or self.rollbacks >= self.max_rollbacks:
             return self._give_up(guard, trigger, "no snapshot predates it" if not usable else "")
-        snapshot = usable[-1]
         # Drop snapshots taken after the onset: they may already hold the damage.
         for dropped in (s for s in self._snapshots if s.step >= onset - 1 and s.file):
             _remove(dropped.file)  # type: ignore[arg-type]
         self._snapshots = deque(usable, maxlen=self.keep)
         now = guard.step_count
-        self._restore(guard, self._load(snapshot))
+        snapshot, unusable = self._restore_newest(guard)
+        if snapshot is None:
+            return self._give_up(guard, trigger, "no snapshot could be restored", unusable)
         self.rollbacks += 1
         self._rolled_back_now = True
         self._streak = 0
         self._cooldown_left = self.cooldown
         guard.lr_factor = self.lr_factor if self.cooldown else 1.0
+        skipped = (
+            f" Skipped {len(unusable)} unusable newer snapshot(s): "
+            + "; ".join(f"{u['name']} ({u['error']})" for u in unusable)
+            + "."
+            if unusable
+            else ""
+        )
         return Event(
             step=now,
             kind="rollback",
@@ -542,26 +712,73 @@ class Rollback:
                 f"Rolled back from step {now} to the snapshot of step {snapshot.step}, before "
                 f"the {trigger.kind} at step {onset}; learning rate x{self.lr_factor} for "
                 f"{self.cooldown} steps. The batches in between are skipped "
-                f"(rollback {self.rollbacks} of at most {self.max_rollbacks})."
+                f"(rollback {self.rollbacks} of at most {self.max_rollbacks}).{skipped}"
             ),
             extra={
                 "trigger": trigger.kind,
                 "trigger_step": trigger.step,
                 "undone": [snapshot.step + 1, now],
                 "cooldown": self.cooldown,
+                **({"unreadable": unusable} if unusable else {}),
             },
             severity="warning",
         )
 
-    def _give_up(self, guard: _GuardLike, trigger: Event, why: str) -> Event:
+    def _restore_newest(self, guard: _GuardLike) -> tuple[_Snapshot | None, list[dict[str, Any]]]:
+        """Restore the newest snapshot that loads and fits, dropping the ones that do not.
+
+        Returns the snapshot restored (None when none could be) and, for each one skipped,
+        ``{"file", "name", "step", "error"}``. An unusable snapshot is forgotten (a rollback
+        will not try it again) but its file stays on disk for inspection: the same step's
+        next snapshot replaces it. Under DDP or FSDP2 the ranks agree on each snapshot, so
+        all of them restore the same step even when one rank's file is the bad one.
+        """
+        unusable: list[dict[str, Any]] = []
+        while self._snapshots:
+            snapshot = self._snapshots[-1]
+            error = None
+            try:
+                self._restore(guard, self._load(snapshot))
+            except _Unusable as found:
+                error = str(found)
+            if _agree(error is None, guard.device):
+                return snapshot, unusable
+            self._snapshots.pop()
+            unusable.append(
+                {
+                    "file": None if snapshot.file is None else str(snapshot.file),
+                    "name": snapshot.name(),
+                    "step": snapshot.step,
+                    "error": error or "unusable on another rank",
+                }
+            )
+        return None, unusable
+
+    def _give_up(
+        self,
+        guard: _GuardLike,
+        trigger: Event,
+        why: str,
+        unusable: Sequence[Mapping[str, Any]] = (),
+    ) -> Event:
+        """No rollback: when exhausted, raise or ask the loop to stop; else go on as it is.
+
+        Exhausted means ``max_rollbacks`` used up (``why`` empty), or snapshots that
+        predate the onset exist but none could be restored (``unusable`` lists them): the
+        run relied on a rollback that cannot happen. When no snapshot predates the onset
+        at all, training goes on unrestored, as before.
+        """
+        exhausted = not why or bool(unusable)
         reason = why or f"{self.max_rollbacks} rollbacks used up"
+        if unusable:
+            reason += "; tried " + "; ".join(f"{u['name']} ({u['error']})" for u in unusable)
         message = (
             f"Cannot roll back after the {trigger.kind} at step {trigger.step}: {reason}. "
             "Lower the learning rate or clip harder, then restart from a checkpoint."
         )
-        if self.on_exhausted == "raise" and not why:
+        if self.on_exhausted == "raise" and exhausted:
             raise GradGuardError(message)
-        guard.should_stop = guard.should_stop or not why
+        guard.should_stop = guard.should_stop or exhausted
         return Event(
             step=guard.step_count,
             kind="rollback",
@@ -570,29 +787,41 @@ class Rollback:
             metric="restored_step",
             message=message,
             severity="error",
-            extra={"trigger": trigger.kind, "trigger_step": trigger.step},
+            extra={
+                "trigger": trigger.kind,
+                "trigger_step": trigger.step,
+                **({"unreadable": [dict(u) for u in unusable]} if unusable else {}),
+            },
         )
 
     def _restore(self, guard: _GuardLike, payload: Mapping[str, Any]) -> None:
-        if "dcp" in payload:
-            from torch.distributed.checkpoint.state_dict import set_state_dict
+        """Apply a checked payload, all of it or nothing.
 
-            set_state_dict(
-                guard.model,
-                guard.optimizer,
-                model_state_dict=payload["dcp"]["model"],
-                optim_state_dict=payload["dcp"]["optimizer"],
-            )
+        The model's keys and shapes were checked beforehand, so its ``load_state_dict``
+        comes last: what may still fail (the optimizer's, the scheduler's, the guard's own
+        state) is put back as it was before :class:`_Unusable` is raised.
+        """
+        undo = _Undo.capture(guard)
+        try:
+            if "dcp" in payload:
+                from torch.distributed.checkpoint.state_dict import set_state_dict
+
+                self._restore_rest(guard, payload)
+                set_state_dict(
+                    guard.model,
+                    guard.optimizer,
+                    model_state_dict=payload["dcp"]["model"],
+                    optim_state_dict=payload["dcp"]["optimizer"],
+                )
+                return
+            model_state = _materialize(payload["model"], guard.device)
+            optimizer_state = _materialize(payload["optimizer"], guard.device)
             self._restore_rest(guard, payload)
-            return
-        payload = {
-            "model": _materialize(payload["model"], guard.device),
-            "optimizer": _materialize(payload["optimizer"], guard.device),
-            **{k: v for k, v in payload.items() if k not in ("model", "optimizer")},
-        }
-        guard.model.load_state_dict(payload["model"])
-        guard.optimizer.load_state_dict(payload["optimizer"])
-        self._restore_rest(guard, payload)
+            guard.optimizer.load_state_dict(optimizer_state)
+            guard.model.load_state_dict(model_state)
+        except Exception as error:  # a checked payload that still fails: put it all back
+            undo.apply(guard)
+            raise _Unusable(f"could not be applied: {_describe(error)}") from error
 
     def _restore_rest(self, guard: _GuardLike, payload: Mapping[str, Any]) -> None:
         """Scheduler, scaler, the guard's own state and the RNG streams."""
@@ -657,3 +886,313 @@ def _positive_int(name: str, value: object, minimum: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}.")
     return value
+
+
+# --- storage: atomic writes, checked reads, crash leftovers --------------------------------
+
+
+def load_latest_snapshot(
+    path: str | os.PathLike[str], *, rank: int | None = None, model: nn.Module | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """The newest intact snapshot in a ``Rollback(storage="disk")`` directory: resume after a crash.
+
+    Snapshots are written to a temporary file and renamed into place, so a crash leaves
+    the finished ones whole; a file can still be torn or damaged by something else (a
+    copy cut short, a failing disk). This reads the ``snapshot-<step>.pt`` files newest
+    step first and returns the first that loads whole and holds a complete snapshot
+    (model, optimizer, scheduler, scaler, guard and RNG state). Each skipped file is
+    named in one :class:`UserWarning`, with the reason. FSDP2 snapshots (directories
+    written by ``torch.distributed.checkpoint``) are not read here: load them with
+    ``torch.distributed.checkpoint.load`` on every rank.
+
+    Args:
+        path: the Rollback's ``path``.
+        rank: under DDP, whose files to read (``snapshot-<step>-rank<rank>.pt``); None
+            reads the files of a single-process run.
+        model: when given, a snapshot whose model state does not fit it (missing or
+            unexpected keys, other shapes) is skipped too, so the one returned loads.
+
+    Returns:
+        The file and its payload, loaded on the CPU: ``payload["model"]`` and
+        ``payload["optimizer"]`` are state dicts, ``payload["guard"]`` is the guard's
+        recovery state (``guard.load_recovery_state``), ``payload["rng"]`` the RNG states.
+
+    Raises:
+        GradGuardError: the directory cannot be listed, holds no snapshot file, or none
+            loads (the message names every file tried and why).
+    """
+    directory = Path(path)
+    files = _snapshot_files(directory, rank)
+    failures: list[str] = []
+    for file in files:
+        try:
+            payload = _read_snapshot_file(file)
+            _check_structure(payload)
+            if model is not None:
+                _check_model(payload["model"], model)
+        except _Unusable as error:
+            failures.append(f"{file.name} ({error})")
+            continue
+        if failures:
+            warnings.warn(
+                f"load_latest_snapshot: skipped unusable snapshot(s) in {directory}: "
+                + "; ".join(failures),
+                stacklevel=2,
+            )
+        return file, payload
+    raise GradGuardError(f"No usable snapshot in {directory}: tried " + "; ".join(failures) + ".")
+
+
+def _snapshot_files(directory: Path, rank: int | None) -> list[Path]:
+    """The finished snapshot files of one rank (or of a single process), newest step first."""
+    try:
+        names = os.listdir(directory)
+    except OSError as error:
+        raise GradGuardError(f"Cannot list snapshots in {directory}: {_describe(error)}") from error
+    found = []
+    for name in names:
+        match = _SNAPSHOT_FILE.match(name)
+        if match is None or (None if match[2] is None else int(match[2])) != rank:
+            continue
+        found.append((int(match[1]), directory / name))
+    if not found:
+        which = "" if rank is None else f" of rank {rank}"
+        raise GradGuardError(f"No snapshot file{which} in {directory} (snapshot-<step>.pt).")
+    return [file for _, file in sorted(found, reverse=True)]
+
+
+def _describe(error: BaseException) -> str:
+    """An error in one line for an event or a message: its type and text, shortened."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _read_snapshot_file(file: Path) -> Any:
+    """Load a file whole into host memory; any failure becomes the reason it is unusable.
+
+    A torn or foreign file can fail in every way unpickling can (``EOFError``,
+    ``UnpicklingError``, torch's ``RuntimeError`` for a broken zip, ``OSError`` when it
+    is missing or unreadable), so every exception counts; ``KeyboardInterrupt`` does not.
+    ``weights_only=False``: snapshots hold Python and NumPy RNG states; the files are the
+    run's own.
+    """
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise _Unusable(_describe(error)) from error
+
+
+def _check_structure(payload: Any) -> None:
+    """A snapshot's dict: every part present, state dicts where state dicts belong."""
+    if not isinstance(payload, Mapping):
+        raise _Unusable(f"holds a {type(payload).__name__}, not a snapshot's dict")
+    expected = ("dcp", *PAYLOAD_KEYS[2:]) if "dcp" in payload else PAYLOAD_KEYS
+    missing = [key for key in expected if key not in payload]
+    if missing:
+        raise _Unusable(f"not a complete snapshot: {', '.join(missing)} missing")
+    if "dcp" not in payload:
+        if not isinstance(payload["model"], Mapping):
+            raise _Unusable("its model state is not a state dict")
+        optimizer = payload["optimizer"]
+        if not isinstance(optimizer, Mapping) or not {"state", "param_groups"} <= set(optimizer):
+            raise _Unusable("its optimizer state is not an optimizer's state dict")
+    for key in ("guard", "rng"):
+        if not isinstance(payload[key], Mapping):
+            raise _Unusable(f"its {key} state is not a dict")
+
+
+def _check_payload(payload: Any, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Whether a payload can be applied to this model and optimizer without a partial load.
+
+    ``model.load_state_dict`` copies tensor after tensor and reports a mismatch only at
+    the end, and ``optimizer.load_state_dict`` accepts moments of any shape: both are
+    checked here, before anything is applied.
+    """
+    _check_structure(payload)
+    if "dcp" not in payload:  # torch.distributed.checkpoint checked the shards as it loaded
+        _check_model(payload["model"], model)
+        _check_optimizer(payload["optimizer"], optimizer)
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    """The (global) shape of a tensor or of a snapshot's shard; None for anything else."""
+    if isinstance(value, Tensor | _Shard):
+        return tuple(value.shape)
+    return None
+
+
+def _check_model(state: Mapping[str, Any], model: nn.Module) -> None:
+    """Same keys as the model's state dict, and a tensor of the same shape for each tensor."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise _Unusable(
+            "its model state does not match the model: "
+            f"missing {_few(missing)}, unexpected {_few(unexpected)}"
+        )
+    for key, reference in expected.items():
+        want, got = _shape(reference), _shape(state[key])
+        if want is not None and got != want:
+            held = "no tensor" if got is None else f"shape {list(got)}"
+            raise _Unusable(
+                f"its model state does not match the model: {key!r} holds {held}, "
+                f"the model's has shape {list(want)}"
+            )
+
+
+def _check_optimizer(state: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Same groups and group sizes; each state tensor shaped like the optimizer's own.
+
+    Only tensors the optimizer already holds under the same key are compared: optimizers
+    keep state of many shapes (factored moments, preconditioners), and the live state is
+    the one reference that fits them all.
+    """
+    groups, saved = state["param_groups"], state["state"]
+    if not isinstance(groups, list | tuple) or not isinstance(saved, Mapping):
+        raise _Unusable("its optimizer state is not an optimizer's state dict")
+    if len(groups) != len(optimizer.param_groups):
+        raise _Unusable(
+            f"its optimizer has {len(groups)} parameter groups, this one "
+            f"{len(optimizer.param_groups)}"
+        )
+    for i, (group, live) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        ids = group.get("params") if isinstance(group, Mapping) else None
+        if not isinstance(ids, list | tuple) or len(ids) != len(live["params"]):
+            raise _Unusable(f"its optimizer's group {i} does not hold this one's parameters")
+        for pid, param in zip(ids, live["params"], strict=True):
+            _check_optimizer_entry(saved.get(pid), optimizer.state.get(param), pid)
+
+
+def _check_optimizer_entry(saved: Any, live: Any, pid: Any) -> None:
+    if saved is None or not isinstance(live, Mapping):
+        return
+    if not isinstance(saved, Mapping):
+        raise _Unusable(f"its optimizer state of parameter {pid} is not a dict")
+    for key, value in saved.items():
+        want, got = _shape(live.get(key)), _shape(value)
+        if want is not None and got is not None and want != got:
+            raise _Unusable(
+                f"its optimizer state does not match: {key!r} of parameter {pid} has shape "
+                f"{list(got)}, this optimizer's {list(want)}"
+            )
+
+
+def _few(keys: Sequence[str]) -> str:
+    """Up to three keys, then how many more: enough to recognise a foreign model."""
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+    return ", ".join(repr(k) for k in keys[:3]) + more
+
+
+@dataclass
+class _Undo:
+    """What a restore that fails half-way puts back: every part but the model's weights.
+
+    Cheap: the optimizer's state dict holds references to its current tensors (loading
+    another state installs new tensors and leaves these alone); the rest is small.
+    """
+
+    optimizer: dict[str, Any]
+    scheduler: Any
+    scaler: Any
+    guard: dict[str, Any]
+    rng: dict[str, Any]
+
+    @classmethod
+    def capture(cls, guard: _GuardLike) -> _Undo:
+        """The current optimizer, scheduler, scaler, guard and RNG state."""
+        scheduler = None if guard.scheduler is None else guard.scheduler.state_dict()
+        return cls(
+            optimizer=guard.optimizer.state_dict(),
+            scheduler=copy.deepcopy(scheduler),
+            scaler=_materialize(_scaler_state(guard.scaler), guard.device),
+            guard=copy.deepcopy(guard.recovery_state()),
+            rng=_rng_state(),
+        )
+
+    def apply(self, guard: _GuardLike) -> None:
+        """Put it all back."""
+        guard.optimizer.load_state_dict(self.optimizer)
+        if guard.scheduler is not None:
+            guard.scheduler.load_state_dict(self.scheduler)
+        _load_scaler_state(guard.scaler, self.scaler)
+        guard.load_recovery_state(self.guard)
+        _set_rng_state(self.rng)
+
+
+def _agree(ok: bool, device: torch.device) -> bool:
+    """Whether every rank succeeded (one all-reduce when several ranks run), else ``ok``.
+
+    Under DDP each rank writes and reads its own files: a fault on one rank must change
+    the decision of all of them, or the ranks would hold different snapshots and restore
+    different steps.
+    """
+    if not (_distributed.available() and torch.distributed.get_world_size() > 1):
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    _distributed.ALL_REDUCE_CALLS[0] += 1
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _save_atomically(tree: Mapping[str, Any], final: Path) -> BaseException | None:
+    """``torch.save`` to a temporary file, fsync, rename over ``final``: whole or absent.
+
+    Returns None, or the error of a failed write after removing its temporary file:
+    ``OSError``, or ``RuntimeError``, the way torch's zip writer reports I/O failures
+    (a missing directory, a full disk). The directory is created if it vanished.
+    """
+    tmp = final.with_suffix(".pt.tmp")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(tree), tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return error
+    _fsync_directory(final.parent)
+    return None
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable (best effort: some filesystems cannot fsync a directory)."""
+    with contextlib.suppress(OSError):
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Delete the temporary files and directories of writes a crash interrupted.
+
+    ``*.pt.tmp`` files (this rank's only, under DDP: the others may be writing theirs)
+    and, on rank 0 or in a single process, ``snapshot-*.tmp`` directories (FSDP2).
+    """
+    distributed = _distributed.available() and torch.distributed.get_world_size() > 1
+    pattern = f"*{_rank_suffix()}.pt.tmp" if distributed else "*.pt.tmp"
+    for file in directory.glob(pattern):
+        if not file.is_dir():
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+    if not distributed or torch.distributed.get_rank() == 0:
+        for tmp_dir in directory.glob("snapshot-*.tmp"):
+            if tmp_dir.is_dir():
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _fresh_like(tree: Any) -> Any:
+    """The same structure with new, uninitialised tensors (DTensors keep their layout)."""
+    if isinstance(tree, Tensor):
+        return torch.empty_like(tree)
+    if isinstance(tree, Mapping):
+        return {k: _fresh_like(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_fresh_like(v) for v in tree)
+    return copy.deepcopy(tree)
