@@ -1,16 +1,21 @@
-"""The console script: version, help, lab and bench wiring."""
+"""The console script: version, help, lab, bench and report wiring; exit statuses, errors."""
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NoReturn
 
+import pytest
+from click.testing import Result
 from typer.testing import CliRunner
 
 import gradguard
-from gradguard.cli import app
+from gradguard.cli import EXIT_CODE_MEANINGS, ExitCode, app
 
 runner = CliRunner()
 
@@ -168,3 +173,202 @@ def test_report_prints_the_verdict_and_strict_fails_on_a_warning(tmp_path: Path)
     assert "1 step skipped for non-finite gradients" in nan.output
     strict = runner.invoke(app, ["report", "--strict", str(tmp_path / "nan")])
     assert strict.exit_code == 1
+
+
+# --- exit statuses and errors: one line on stderr, never a traceback -------------------------
+
+
+def error_line(result: Result, command: str) -> str:
+    """The one line a failed command printed on stderr (and no traceback anywhere)."""
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"gradguard {command}: error: "), lines[0]
+    return lines[0]
+
+
+def small_run(run_dir: Path) -> Path:
+    """A three-step run directory in the documented format, written directly."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "meta.json").write_text(json.dumps({"layer_names": ["0"], "config": {}}))
+    rows = [{"step": s, "loss": 1.0 / s, "grad_norm": 1.0, "lr": 0.1} for s in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    layers = "".join(json.dumps({"step": s, "norms": [1.0]}) + "\n" for s in (1, 2, 3))
+    (run_dir / "layers.jsonl").write_text(layers)
+    return run_dir
+
+
+def test_exit_codes_are_distinct_and_listed_in_the_help() -> None:
+    assert {code.name: int(code) for code in ExitCode} == {
+        "OK": 0,
+        "PATHOLOGY": 1,
+        "USAGE": 2,
+        "CLAIMS_FAILED": 3,
+        "INTERRUPTED": 130,
+    }
+    text = " ".join(runner.invoke(app, ["--help"]).output.split())
+    for code in ExitCode:
+        assert f"{int(code)} {EXIT_CODE_MEANINGS[code]}" in text
+    for words in ("0 ok", "1 a pathology found", "2 usage or input error", "3 a lab claim",
+                  "130 interrupted (Ctrl-C)"):  # fmt: skip
+        assert words in text
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "is not a run directory: it does not exist"),
+        ("file", "is not a run directory: it is a file"),
+        ("empty", "is not a run directory: it has neither meta.json nor metrics.jsonl"),
+        ("lab-not-object", "results.json cannot be used: it holds no JSON object"),
+        ("lab-not-json", "results.json cannot be used: it is not valid JSON"),
+    ],
+)
+def test_report_on_no_run_directory_exits_two_with_one_line(
+    tmp_path: Path, setup: str, message: str
+) -> None:
+    target = tmp_path / "target"
+    if setup == "file":
+        target.write_text("x")
+    elif setup != "missing":
+        target.mkdir()
+    if setup.startswith("lab"):
+        (target / "results.json").write_text("[1, 2]" if setup == "lab-not-object" else "{")
+    result = runner.invoke(app, ["report", str(target)])
+    assert result.exit_code == ExitCode.USAGE == 2
+    line = error_line(result, "report")
+    assert str(target) in line
+    assert message in line
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "fix"),
+    [
+        (errno.EACCES, "Permission denied", "check its permissions or choose another path"),
+        (errno.ENOSPC, "No space left on device", "free some disk space and run again"),
+        (errno.EROFS, "Read-only file system", "the file system is read-only"),
+    ],
+)
+def test_report_that_cannot_be_written_exits_two_naming_the_file_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, reason: str, fix: str
+) -> None:
+    run_dir = small_run(tmp_path / "run")
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> int:
+        raise OSError(code, reason, str(self))
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    result = runner.invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 2
+    line = error_line(result, "report")
+    assert f"{run_dir / 'report.html.tmp'}: {reason}; {fix}" in line
+    assert not (run_dir / "report.html.tmp").exists()
+
+
+def test_console_script_reports_a_damaged_run_with_reading_notes(tmp_path: Path) -> None:
+    run_dir = small_run(tmp_path / "run")
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": "abc", "grad_norm": [1, 2]}\n[1, 2]\n42\n}{\n')
+        f.write('{"step": null}\n{"step": 5, "loss": NaN, "skipped": "yes"}\n')
+    with (run_dir / "events.jsonl").open("w") as f:
+        f.write('{"step": 2, "kind": "spike", "layers": 5, "advice": "text", "severity": 3}\n')
+    (run_dir / "layers.jsonl").write_text('{"step": 1, "norms": "x"}\n{"step": 2')
+    completed = subprocess.run(
+        [str(Path(sys.executable).with_name("gradguard")), "report", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert f"Wrote {run_dir / 'report.html'}" in completed.stdout
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "Reading notes" in page
+    notes = [
+        "metrics.jsonl line 4",
+        "metrics.jsonl line 5",
+        "metrics.jsonl line 7",
+        "events.jsonl line 1",
+        "layers.jsonl line 1",
+        "layers.jsonl: the torn last",
+    ]
+    for text in notes:
+        assert text in page
+
+
+@pytest.mark.parametrize("command", ["report", "lab", "bench", "diagnose"])
+def test_ctrl_c_exits_130_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    def interrupt(*args: Any, **kwargs: Any) -> NoReturn:
+        raise KeyboardInterrupt
+
+    import gradguard.bench
+    import gradguard.lab
+    import gradguard.report
+
+    args = {
+        "report": ["report", str(small_run(tmp_path / "run"))],
+        "lab": ["lab", "--quick", "--out", str(tmp_path / "lab")],
+        "bench": ["bench", "--quick"],
+        "diagnose": ["diagnose", f"{tmp_path / 'net.py'}:make", "--input-shape", "4,4"],
+    }[command]
+    monkeypatch.setattr(gradguard.report, "write_report", interrupt)
+    monkeypatch.setattr(gradguard.lab, "run", interrupt)
+    monkeypatch.setattr(gradguard.bench, "run_overhead", interrupt)
+    (tmp_path / "net.py").write_text("def make():\n    raise KeyboardInterrupt\n")
+    result = runner.invoke(app, args)
+    assert result.exit_code == ExitCode.INTERRUPTED == 130
+    assert error_line(result, command).endswith("error: interrupted.")
+
+
+def test_lab_strict_exits_three_when_a_claim_does_not_reproduce(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gradguard.lab
+
+    failed = SimpleNamespace(all_passed=False, run_dir=tmp_path)
+    monkeypatch.setattr(gradguard.lab, "run", lambda **kwargs: failed)
+    monkeypatch.setattr(gradguard.lab, "print_summary", lambda result, console: None)
+    assert runner.invoke(app, ["lab", "--quick"]).exit_code == 0
+    strict = runner.invoke(app, ["lab", "--quick", "--strict"])
+    assert strict.exit_code == ExitCode.CLAIMS_FAILED == 3
+    assert f"Results: {tmp_path}" in strict.stdout
+    failed.all_passed = True
+    assert runner.invoke(app, ["lab", "--quick", "--strict"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "command", "message"),
+    [
+        (["bench", "--rounds", "0"], "bench", "rounds must be an int >= 1"),
+        (["bench", "--out", "/nonexistent-dir/x.md"], "bench",
+         "--out /nonexistent-dir/x.md: the directory /nonexistent-dir does not exist"),
+        (["bench", "speed"], "bench", "unknown benchmark 'speed': overhead or detection"),
+        (["lab", "--quick", "--out", "FILE", "selu"], "lab", "File exists"),
+        (["lab", "no-such-experiment"], "lab", "no-such-experiment"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_exit_two_with_one_line(
+    tmp_path: Path, args: list[str], command: str, message: str
+) -> None:
+    (tmp_path / "FILE").write_text("x")
+    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == ExitCode.USAGE
+    assert message in error_line(result, command)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["lab", "--quick", "--seed", "-1"],
+        ["lab", "--quick", "--seed", "99999999999999999999"],
+        ["diagnose", "x.py:f", "--input-shape", "4,4", "--seed", "-1"],
+    ],
+)
+def test_seeds_out_of_range_are_usage_errors(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == ExitCode.USAGE
+    assert "--seed" in result.output
+    assert "Traceback" not in result.output

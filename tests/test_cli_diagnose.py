@@ -94,6 +94,7 @@ def test_module_targets_are_imported(tmp_path: Path, monkeypatch: pytest.MonkeyP
         (f"{EXAMPLES}:nope", "4,4", "has no factory 'nope'; callables there: "),
         (f"{EXAMPLES}:he_relu", "64,abc", "--input-shape must be positive integers"),
         (f"{EXAMPLES}:he_relu", "64,0", "--input-shape must be positive integers"),
+        (f"{EXAMPLES}:he_relu", "10000000000,10000000000", "cannot make a batch of that shape"),
         (f"{EXAMPLES}:he_relu", "64,10", "the model failed on the inputs given"),
         ("torch.nn:Identity", "4,4", "has no parameters"),
         ("torch.nn:Linear", "4,4", "torch.nn:Linear() failed: TypeError"),
@@ -144,3 +145,50 @@ def test_console_script_exit_codes_without_traceback() -> None:
     )
     assert missing.returncode == 2  # click's own usage error: --input-shape is required
     assert "--input-shape" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("html", "message"),
+    [
+        ("missing/diag.html", "the directory {tmp}/missing does not exist; create it first"),
+        (".", "--html {tmp} is a directory: give a file path"),
+        ("/dev/full", "/dev/full: No space left on device; free some disk space and run again."),
+    ],
+)
+def test_html_that_cannot_be_written_exits_two_with_one_line(
+    tmp_path: Path, html: str, message: str
+) -> None:
+    page = tmp_path / html if not html.startswith("/") else Path(html)
+    if html.startswith("/") and not page.exists():
+        pytest.skip(f"{html} is not on this system")
+    code, _, err = run(f"{EXAMPLES}:he_relu", "--input-shape", "8,784", "--html", str(page))
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gradguard diagnose: error: ")
+    assert message.format(tmp=tmp_path) in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("source", "code", "message"),
+    [
+        ("import sys\nsys.exit(3)\n", 2, "importing {file} called sys.exit(3); a factory module"),
+        ("def make(:\n", 2, "importing {file} failed: SyntaxError"),
+        ("def make():\n    raise SystemExit('no')\n", 2, "{file}:make() called sys.exit('no')"),
+        ("import json\ndef make():\n    return json.loads('{{')\n", 2,
+         "{file}:make() failed: JSONDecodeError"),
+        ("def make():\n    raise KeyboardInterrupt\n", 130, "interrupted."),
+    ],
+)  # fmt: skip
+def test_a_target_that_exits_fails_or_is_interrupted(
+    tmp_path: Path, source: str, code: int, message: str
+) -> None:
+    target = tmp_path / "net.py"
+    target.write_text(source)
+    status, out, err = run(f"{target}:make", "--input-shape", "4,4")
+    assert status == code
+    assert out == ""
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert message.format(file=target) in err

@@ -27,7 +27,7 @@ from torch import nn
 import gradguard as gg
 from gradguard import lab
 from gradguard.errors import ConfigError
-from gradguard.report import write_lab_report, write_report
+from gradguard.report import run_verdict, write_lab_report, write_report
 from gradguard.report._data import load_run, merge_streaks
 from gradguard.report._figures import draw_heatmap
 from gradguard.report._verdict import verdict
@@ -320,6 +320,254 @@ def test_bad_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         write_report(run_dir)
 
 
+# --- damaged run directories: a report with reading notes, never an error ---------------------
+
+
+def reading_notes(page: str) -> list[str]:
+    """The page's reading notes as plain text (empty when it has none)."""
+    found = re.search(r'<section id="notes"><h2>Reading notes</h2><ul>(.*?)</ul>', page, re.S)
+    return (
+        [html.unescape(n) for n in re.findall(r"<li>(.*?)</li>", found.group(1))] if found else []
+    )
+
+
+def set_line(path: Path, line: int, content: dict[str, Any] | str) -> None:
+    """Replace line ``line`` (1-based): a dict is merged into the row, text replaces it."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if isinstance(content, dict):
+        lines[line - 1] = json.dumps({**json.loads(lines[line - 1]), **content})
+    else:
+        lines[line - 1] = content
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def set_meta(run_dir: Path, content: dict[str, Any] | str) -> None:
+    """Merge ``content`` into meta.json, or replace the file with the text given."""
+    path = run_dir / "meta.json"
+    if isinstance(content, dict):
+        content = json.dumps({**json.loads(path.read_text()), **content})
+    path.write_text(content, encoding="utf-8")
+
+
+NO_STEP = '"step" is not a whole number from 0 to 2^53'
+
+
+def damaged_run(tmp_path: Path) -> Path:
+    """A 12-step, 2-layer run with a warning (line 1) and an info event (line 2)."""
+    events = [
+        event(4, "spike", metric="loss", value=9.0, severity="warning", cause="bad_batch",
+              advice=[{"text": "Lower the learning rate."}], extra={"onset": 4}),
+        event(6, "spike", metric="grad_norm", value=5.0, severity="info"),
+    ]  # fmt: skip
+    return write_run(tmp_path / "run", [[1.0, 2.0]] * 12, events=events)
+
+
+@pytest.mark.parametrize(
+    ("file", "line", "content", "note"),
+    [
+        ("metrics", 3, {"loss": "abc"},
+         'metrics.jsonl line 3: "loss" is not a number (got "abc"); read as missing'),
+        ("metrics", 3, {"grad_norm": [1, 2]},
+         'metrics.jsonl line 3: "grad_norm" is not a number (got [1,2]); read as missing'),
+        ("metrics", 3, {"lr": {"value": 0.1}}, 'metrics.jsonl line 3: "lr" is not a number'),
+        ("metrics", 3, {"step": None}, f"metrics.jsonl line 3: {NO_STEP} (got null); row ignored"),
+        ("metrics", 3, {"step": "3"}, f'metrics.jsonl line 3: {NO_STEP} (got "3"); row ignored'),
+        ("metrics", 3, {"step": 2.5}, f"metrics.jsonl line 3: {NO_STEP} (got 2.5); row ignored"),
+        ("metrics", 3, {"step": -1}, f"metrics.jsonl line 3: {NO_STEP} (got -1); row ignored"),
+        ("metrics", 3, {"skipped": "yes"},
+         'metrics.jsonl line 3: "skipped" is not true or false (got "yes"); ignored'),
+        ("metrics", 3, "[1, 2]", "metrics.jsonl line 3: a list, not a JSON object"),
+        ("metrics", 3, "42", "metrics.jsonl line 3: a number, not a JSON object (got 42)"),
+        ("metrics", 3, '{"step": 3, "loss": 0.', "metrics.jsonl line 3: not valid JSON"),
+        ("metrics", 3, '{"step": NaN, "loss": Infinity}',
+         f"metrics.jsonl line 3: {NO_STEP} (got NaN); row ignored"),
+        ("layers", 3, {"norms": "x"},
+         'layers.jsonl line 3: "norms" is not a list of numbers (got "x"); left out of the '
+         "heatmap"),
+        ("layers", 3, {"norms": [1.0, [2.0]]}, 'layers.jsonl line 3: "norms" is not a list of'),
+        ("layers", 3, {"norms": [1.0]},
+         'layers.jsonl line 3: "norms" has a value count other than the 2 layers of meta.json '
+         "(got 1 values)"),
+        ("layers", 3, {"update_ratio": "x"}, 'layers.jsonl line 3: "update_ratio" is not a list'),
+        ("events", 1, {"layers": 5},
+         'events.jsonl line 1: "layers" is not a list of strings (got 5); ignored'),
+        ("events", 1, {"advice": "text"}, 'events.jsonl line 1: "advice" is not a list'),
+        ("events", 1, {"severity": 3},
+         'events.jsonl line 1: "severity" is not info, warning or error (got 3); read as a '
+         "warning"),
+        ("events", 1, {"kind": None},
+         'events.jsonl line 1: "kind" is not a non-empty string (got null); row ignored'),
+        ("events", 1, {"step": None}, f"events.jsonl line 1: {NO_STEP} (got null); row ignored"),
+        ("events", 1, {"extra": [1]}, 'events.jsonl line 1: "extra" is not an object'),
+        ("events", 1, {"value": "abc"}, 'events.jsonl line 1: "value" is not a number'),
+        ("events", 2, {"metric": [1]}, 'events.jsonl line 2: "metric" is not a string'),
+        ("events", 2, "[]", "events.jsonl line 2: a list, not a JSON object"),
+        ("meta", None, {"layer_names": 5},
+         'meta.json: "layer_names" is not a list of strings (got 5); the per-layer figures are '
+         "skipped"),
+        ("meta", None, {"layer_names": ["0", 2]}, 'meta.json: "layer_names" is not a list of'),
+        ("meta", None, {"config": "x"}, 'meta.json: "config" is not an object (got "x")'),
+        ("meta", None, {"tensor_names": 3}, 'meta.json: "tensor_names" is not a list'),
+        ("meta", None, "[1, 2]", "meta.json: a list, not a JSON object; ignored"),
+        ("meta", None, "{not json", "meta.json could not be parsed"),
+    ],
+)  # fmt: skip
+def test_a_malformed_value_is_left_out_with_a_reading_note(
+    tmp_path: Path, file: str, line: int | None, content: dict[str, Any] | str, note: str
+) -> None:
+    run_dir = damaged_run(tmp_path)
+    if line is None:
+        set_meta(run_dir, content)
+    else:
+        set_line(run_dir / f"{file}.jsonl", line, content)
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    notes = reading_notes(page)
+    assert any(n.startswith(note) for n in notes), notes
+    assert len(notes) == 1, notes  # one problem, one note
+    level, sentence = verdict_of(page)
+    assert (level, sentence) == run_verdict(run_dir)
+    assert "steps logged" in sentence or "healthy" in sentence
+
+
+@pytest.mark.parametrize(
+    ("damage", "name", "note"),
+    [
+        ("remove", "events.jsonl", None),  # normal: a run without events
+        ("remove", "layers.jsonl", "layers.jsonl is missing"),
+        ("remove", "meta.json", "meta.json is missing"),
+        ("empty", "metrics.jsonl", "metrics.jsonl has no readable rows"),
+        ("empty", "layers.jsonl", "layers.jsonl has no readable rows"),
+        ("directory", "metrics.jsonl", "metrics.jsonl is not a regular file; ignored"),
+    ],
+)
+def test_missing_or_empty_files_give_a_report(
+    tmp_path: Path, damage: str, name: str, note: str | None
+) -> None:
+    run_dir = damaged_run(tmp_path)
+    path = run_dir / name
+    if damage == "empty":
+        path.write_text("")
+    else:
+        path.unlink()
+        if damage == "directory":
+            path.mkdir()
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    assert reading_notes(page) == ([note] if note else [])
+    if name == "metrics.jsonl":
+        assert verdict_of(page) == ("warn", "no steps logged: metrics.jsonl is empty or missing.")
+
+
+def test_many_bad_values_make_one_note_with_a_count(tmp_path: Path) -> None:
+    run_dir = damaged_run(tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    for line in range(2, 12):
+        set_line(metrics, line, {"loss": "abc" if line % 2 else [line]})
+    notes = reading_notes(write_report(run_dir).read_text(encoding="utf-8"))
+    assert notes == [
+        'metrics.jsonl, 10 lines (2, 3, 4, …): "loss" is not a number (first: [2]); read as missing'
+    ]
+
+
+def test_steps_going_back_are_noted_unless_a_rollback_or_resume_explains_them(
+    tmp_path: Path,
+) -> None:
+    run_dir = damaged_run(tmp_path)
+    for path in (run_dir / "metrics.jsonl", run_dir / "layers.jsonl"):
+        set_line(path, 8, {"step": 5})  # ..., 6, 7, 5, 9, ...: out of order
+    notes = reading_notes(write_report(run_dir).read_text(encoding="utf-8"))
+    assert notes == [
+        f"{name}.jsonl line 8: the step goes back with no rollback or resumed session (got "
+        "step 5 after step 7); the rows before it are drawn as undone"
+        for name in ("metrics", "layers")
+    ]
+    set_meta(run_dir, {"sessions": [{"start_step": 0}, {"start_step": 4}]})  # resumed at 4
+    assert reading_notes(write_report(run_dir).read_text(encoding="utf-8")) == []
+    set_meta(run_dir, {"sessions": [{"start_step": 0}]})
+    with (run_dir / "events.jsonl").open("a") as f:  # a rollback that restored step 4
+        f.write(json.dumps(event(7, "rollback", value=4.0, threshold=6.0)) + "\n")
+    assert reading_notes(write_report(run_dir).read_text(encoding="utf-8")) == []
+
+
+def test_non_finite_literals_read_as_values(tmp_path: Path) -> None:
+    run_dir = damaged_run(tmp_path)
+    set_line(run_dir / "metrics.jsonl", 3, '{"step": 3, "loss": NaN, "grad_norm": Infinity}')
+    set_line(run_dir / "layers.jsonl", 3, '{"step": 3, "norms": [-Infinity, NaN]}')
+    set_line(run_dir / "metrics.jsonl", 4, {"lr": 10**400, "loss": -1e308})  # beyond float
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    assert reading_notes(page) == []
+    run = load_run(run_dir)
+    assert np.isnan(run.column("loss")[2])
+    assert np.isposinf(run.column("grad_norm")[2])
+    assert np.isposinf(run.column("lr")[3])
+    assert "img-heatmap" in images_of(page)
+
+
+def test_a_rollback_without_its_onset_still_gets_a_verdict(tmp_path: Path) -> None:
+    rollback = event(9, "rollback", value=5.0, threshold="nan", extra={"trigger": "exploding"})
+    run_dir = write_run(tmp_path, [[1.0, 1.0]] * 20, events=[rollback])
+    assert verdict(load_run(run_dir)) == (
+        "warn",
+        "1 rollback after a gradient explosion (20 steps logged).",
+    )
+
+
+def test_write_report_names_a_path_that_is_no_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not a run directory: it does not exist"):
+        write_report(tmp_path / "typo")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is not a run directory: it is a file"):
+        write_report(tmp_path / "file")
+
+
+def test_a_failed_write_keeps_the_previous_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = damaged_run(tmp_path)
+    previous = write_report(run_dir).read_text(encoding="utf-8")
+
+    def full_disk(self: Path, *args: Any, **kwargs: Any) -> int:
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(run_dir)
+    monkeypatch.undo()
+    assert (run_dir / "report.html").read_text(encoding="utf-8") == previous
+    assert not (run_dir / "report.html.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    ("results", "note"),
+    [
+        ({"experiments": 5}, 'results.json: "experiments" is not a list (got 5); left out'),
+        ({"experiments": [7]}, 'results.json: "experiments" holds items that are not objects'),
+        ({"experiments": [{"name": "x", "claims": 5}]},
+         'results.json: "experiments[0].claims" is not a list (got 5); left out'),
+        ({"experiments": [{"name": "x", "claims": [{"id": "c", "values": 3}]}]},
+         'results.json: "experiments[0].claims[0].values" is not a list'),
+        ({"experiments": [{"name": "x", "tables": [{"rows": [1, [2]]}]}]},
+         'results.json: "experiments[0].tables[0].rows" holds rows that are not lists'),
+        ({"experiments": [], "versions": ["1.0"]}, 'results.json: "versions" is not an object'),
+    ],
+)  # fmt: skip
+def test_lab_report_leaves_out_malformed_fields_with_a_note(
+    tmp_path: Path, results: dict[str, Any], note: str
+) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    page = write_lab_report(tmp_path).read_text(encoding="utf-8")
+    notes = reading_notes(page)
+    assert any(n.startswith(note) for n in notes), notes
+
+
+def test_lab_results_that_are_no_object_are_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="results.json cannot be used: it holds no JSON object"):
+        write_lab_report(tmp_path)
+    (tmp_path / "results.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="results.json cannot be used: it is not valid JSON"):
+        write_lab_report(tmp_path)
+
+
 # --- never imports torch ---------------------------------------------------------------------
 
 
@@ -365,7 +613,7 @@ def test_report_runs_without_torch_loaded(tmp_path: Path) -> None:
         package = types.ModuleType("gradguard")
         package.__path__ = [{str(SRC)!r}]
         sys.modules["gradguard"] = package  # gradguard/__init__.py (which imports torch) not run
-        from gradguard.report import write_lab_report, write_report
+        from gradguard.report import run_verdict, write_lab_report, write_report
         written = write_report({str(run_dir)!r}), write_lab_report({str(lab_dir)!r})
         print(all(path.is_file() for path in written))
         print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))

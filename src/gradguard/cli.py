@@ -1,13 +1,24 @@
-"""The ``gradguard`` command line: ``lab``, ``diagnose``, ``report`` and ``bench``."""
+"""The ``gradguard`` command line: ``lab``, ``diagnose``, ``report`` and ``bench``.
+
+Every command ends with one of the exit statuses of :class:`ExitCode`. An error the user
+can cause (a bad argument, a missing, unreadable or malformed file, a target that cannot
+be imported, a file that cannot be written, Ctrl-C) is printed as one line on stderr,
+``gradguard COMMAND: error: ...`` naming what is wrong and the fix, never a traceback.
+"""
 
 # typer reads the annotations at run time: no ``from __future__ import annotations`` here.
 
+import errno
 import importlib
 import importlib.util
+import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import IntEnum
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -15,14 +26,122 @@ from rich.console import Console
 import gradguard
 from gradguard.errors import GradGuardError
 
+
+class ExitCode(IntEnum):
+    """The exit statuses of every ``gradguard`` command; ``EXIT_CODE_MEANINGS`` says each.
+
+    1 is kept for a finding about the model or the run, so a script can tell "the
+    network is unhealthy" from "the command could not run" (2) and from "a lab claim did
+    not reproduce" (3).
+    """
+
+    OK = 0
+    PATHOLOGY = 1
+    USAGE = 2
+    CLAIMS_FAILED = 3
+    INTERRUPTED = 130
+
+
+#: What each exit status means, as ``gradguard --help`` and docs/diagnose.md list them.
+EXIT_CODE_MEANINGS = {
+    ExitCode.OK: "ok",
+    ExitCode.PATHOLOGY: "a pathology found (diagnose: vanishing or exploding gradients; "
+    "report --strict: the run logged a warning or error event)",
+    ExitCode.USAGE: "usage or input error (a bad argument; a file or directory that is "
+    "missing, unreadable, malformed or cannot be written; a diagnose target that cannot "
+    "be imported or built)",
+    ExitCode.CLAIMS_FAILED: "a lab claim did not reproduce (lab --strict)",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
+}
+EXIT_CODES_HELP = "Exit status: " + "; ".join(
+    f"{int(code)} {meaning}" for code, meaning in EXIT_CODE_MEANINGS.items()
+)
+
+MAX_SEED = 2**31 - 1  # every seeded generator (torch, numpy, offsets added) takes it
+
 app = typer.Typer(
     name="gradguard",
     help="Keep deep-network training stable: measure, clip, diagnose, and see the classics.",
+    epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console()
+
+#: What to do about an OSError, by errno; the line printed names the file and the reason.
+_OS_ERROR_FIXES = {
+    errno.ENOENT: "check the path",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.ENOSPC: "free some disk space and run again",
+    errno.EROFS: "the file system is read-only: choose a writable path",
+    errno.EISDIR: "give a file, not a directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EEXIST: "it exists already: choose another path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+if hasattr(errno, "EDQUOT"):  # a full disk quota; not defined on every platform
+    _OS_ERROR_FIXES[errno.EDQUOT] = "free some disk space (a quota is full) and run again"
+
+
+class _UsageError(Exception):
+    """A bad command line or input: printed as one line, exit status 2."""
+
+
+def _fail(command: str, message: str, code: ExitCode) -> NoReturn:
+    """Print ``gradguard COMMAND: error: MESSAGE`` on stderr, one line, and exit with ``code``."""
+    label = typer.style("error:", fg="red", bold=True)
+    typer.echo(f"gradguard {command}: {label} {' '.join(message.split())}", err=True)
+    raise typer.Exit(code)
+
+
+def _os_error_text(error: OSError, output: Path | None = None) -> str:
+    """An OSError as one line: the file, the reason and what to do about it.
+
+    An error raised while writing an open file (a full disk) names no file: ``output``,
+    the file the command writes, is named instead.
+    """
+    reason = error.strerror or str(error) or type(error).__name__
+    fix = _OS_ERROR_FIXES.get(error.errno or 0, "check the path and its permissions")
+    path = error.filename if error.filename is not None else output
+    where = f"{path}: " if path is not None else ""
+    return f"{where}{reason}; {fix}."
+
+
+@contextmanager
+def _user_errors(command: str, output: Path | None = None) -> Iterator[None]:
+    """Turn the errors a user can cause into one line on stderr and a documented status.
+
+    gradguard's own errors (``GradGuardError``, ``ConfigError``), bad arguments, files
+    that cannot be read or written (``OSError``: missing, permission denied, disk full;
+    ``output`` is the file named when the error names none) and malformed JSON exit
+    with 2; Ctrl-C exits with 130. Anything else is a bug in gradguard and keeps its
+    traceback.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        _fail(command, "interrupted.", ExitCode.INTERRUPTED)
+    except (_UsageError, GradGuardError) as error:
+        _fail(command, str(error), ExitCode.USAGE)
+    except OSError as error:
+        _fail(command, _os_error_text(error, output), ExitCode.USAGE)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        _fail(command, f"malformed input: {error}.", ExitCode.USAGE)
+
+
+def _check_output_file(option: str, path: Path | None) -> None:
+    """Refuse an output path whose directory is missing, before any work is done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise _UsageError(f"{option} {path} is a directory: give a file path.")
+    parent = path.parent
+    if not parent.is_dir():
+        raise _UsageError(
+            f"{option} {path}: the directory {parent} does not exist; create it first."
+        )
 
 
 def _print_version(value: bool) -> None:
@@ -56,7 +175,7 @@ def lab(
     quick: Annotated[
         bool, typer.Option("--quick", help="Small, single-seed variants (seconds).")
     ] = False,
-    seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Base seed.", min=0, max=MAX_SEED)] = 0,
     seeds: Annotated[
         int | None,
         typer.Option(
@@ -69,26 +188,27 @@ def lab(
     ] = None,
     list_: Annotated[bool, typer.Option("--list", help="List the experiments and exit.")] = False,
     strict: Annotated[
-        bool, typer.Option("--strict", help="Exit with status 1 if a claim does not reproduce.")
+        bool, typer.Option("--strict", help="Exit with status 3 if a claim does not reproduce.")
     ] = False,
 ) -> None:
-    """Reproduce classic results about vanishing and exploding gradients on this CPU."""
-    from gradguard import lab as lab_module
+    """Reproduce classic results about vanishing and exploding gradients on this CPU.
 
-    if list_:
-        for name, description in lab_module.list_experiments():
-            console.print(f"[bold]{name}[/bold]  {description}")
-        return
-    try:
+    Exit status: 0, or 3 with --strict when a claim does not reproduce; 2 for a bad
+    argument or an output directory that cannot be written; 130 interrupted.
+    """
+    with _user_errors("lab", out):
+        from gradguard import lab as lab_module
+
+        if list_:
+            for name, description in lab_module.list_experiments():
+                console.print(f"[bold]{name}[/bold]  {description}")
+            return
         chosen = [*(names or ()), *(only or ())]
         result = lab_module.run(names=chosen or None, quick=quick, seed=seed, out=out, seeds=seeds)
-    except GradGuardError as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
-        raise typer.Exit(2) from error
-    lab_module.print_summary(result, console)
-    console.print(f"Results: {result.run_dir}")
+        lab_module.print_summary(result, console)
+        typer.echo(f"Results: {result.run_dir}")
     if strict and not result.all_passed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.CLAIMS_FAILED)
 
 
 @app.command()
@@ -110,31 +230,34 @@ def bench(
 
     ``detection`` trains the labelled corpus of healthy and pathological runs and prints
     each run's events against its label; it runs from a checkout (benchmarks/ beside src/).
-    """
-    if which == "detection":
-        _bench_detection(quick=quick, only=only or [], seeds=seeds, out=out)
-        return
-    if which != "overhead":
-        console.print(f"[red]error:[/red] unknown benchmark {which!r}: overhead or detection.")
-        raise typer.Exit(2)
-    from gradguard import bench as bench_module
 
-    result = bench_module.run_overhead(rounds=rounds, quick=quick)
-    bench_module.print_result(result)
-    if out is not None:
-        out.write_text(result.to_markdown())
-        console.print(f"Wrote {out}")
+    Exit status: 0; 2 for a bad argument or an output file that cannot be written; 130
+    interrupted.
+    """
+    with _user_errors("bench", out):
+        if which not in ("overhead", "detection"):
+            raise _UsageError(f"unknown benchmark {which!r}: overhead or detection.")
+        _check_output_file("--out", out)
+        if which == "detection":
+            _bench_detection(quick=quick, only=only or [], seeds=seeds, out=out)
+            return
+        from gradguard import bench as bench_module
+
+        result = bench_module.run_overhead(rounds=rounds, quick=quick)
+        bench_module.print_result(result)
+        if out is not None:
+            out.write_text(result.to_markdown())
+            typer.echo(f"Wrote {out}")
 
 
 def _bench_detection(*, quick: bool, only: list[str], seeds: int, out: Path | None) -> None:
     """Run ``benchmarks/detection.py`` of the checkout this package was installed from."""
     benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
     if not (benchmarks / "detection.py").is_file():
-        console.print(
-            "[red]error:[/red] the detection benchmark runs from a checkout of gradguard "
+        raise _UsageError(
+            "the detection benchmark runs from a checkout of gradguard "
             f"(installed editable): {benchmarks / 'detection.py'} does not exist."
         )
-        raise typer.Exit(2)
     sys.path.insert(0, str(benchmarks))
     detection = importlib.import_module("detection")
     argv = ["--seeds", str(seeds)] + (["--quick"] if quick else [])
@@ -143,12 +266,7 @@ def _bench_detection(*, quick: bool, only: list[str], seeds: int, out: Path | No
     try:
         detection.main(argv)
     except ValueError as error:  # an unknown scenario name
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from error
-
-
-class _UsageError(Exception):
-    """A bad command line: printed as one line, exit status 2."""
+        raise _UsageError(str(error)) from error
 
 
 def _import_target(spec: str) -> ModuleType:
@@ -171,6 +289,16 @@ def _import_target(spec: str) -> ModuleType:
         raise _UsageError(f"cannot import module {spec!r}: {error}") from error
 
 
+def _user_code_error(what: str, error: BaseException) -> _UsageError:
+    """A usage error for an exception raised by the user's module or factory."""
+    if isinstance(error, SystemExit):  # sys.exit() or argparse in the target's code
+        return _UsageError(
+            f"{what} called sys.exit({error.code!r}); a factory module must not exit "
+            "when it is imported or called"
+        )
+    return _UsageError(f"{what} failed: {type(error).__name__}: {error}")
+
+
 def _load_model(target: str, seed: int) -> Any:
     """Resolve ``module:factory`` / ``file.py:factory`` and call the factory once."""
     import torch
@@ -184,8 +312,8 @@ def _load_model(target: str, seed: int) -> Any:
         module = _import_target(spec)
     except _UsageError:
         raise
-    except Exception as error:
-        raise _UsageError(f"importing {spec} failed: {type(error).__name__}: {error}") from error
+    except (Exception, SystemExit) as error:
+        raise _user_code_error(f"importing {spec}", error) from error
     factory = getattr(module, name, None)
     if not callable(factory):
         public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
@@ -195,14 +323,15 @@ def _load_model(target: str, seed: int) -> Any:
     torch.manual_seed(seed)
     try:
         model = factory()
-    except Exception as error:
-        raise _UsageError(f"{target}() failed: {type(error).__name__}: {error}") from error
+    except (Exception, SystemExit) as error:
+        raise _user_code_error(f"{target}()", error) from error
     if not isinstance(model, torch.nn.Module):
         raise _UsageError(f"{target}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
+    """``64,784`` as ``(64, 784)``; anything but positive integers is a usage error."""
     try:
         shape = tuple(int(part) for part in text.replace(" ", "").split(","))
     except ValueError:
@@ -218,6 +347,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def _run_diagnosis(
     target: str, shape_text: str, classes: int | None, seed: int
 ) -> "gradguard.Diagnosis":
+    """Build the target's model, a random batch of ``shape_text`` and diagnose it."""
     import torch
 
     shape = _parse_shape(shape_text)
@@ -225,7 +355,13 @@ def _run_diagnosis(
         raise _UsageError(f"--classes must be at least 2, got {classes}")
     model = _load_model(target, seed)
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(shape, generator=generator)
+    try:
+        inputs = torch.randn(shape, generator=generator)
+    except (RuntimeError, MemoryError) as error:  # too large to allocate
+        raise _UsageError(
+            f"--input-shape {shape_text}: cannot make a batch of that shape "
+            f"({type(error).__name__}: {error}); give a smaller shape"
+        ) from None
     targets = None
     if classes is not None:
         targets = torch.randint(0, classes, (shape[0],), generator=generator)
@@ -258,26 +394,29 @@ def diagnose_command(
     html_out: Annotated[
         Path | None, typer.Option("--html", help="Also write a self-contained HTML page here.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the factory, the inputs and targets.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(help="Seed of the factory, the inputs and targets.", min=0, max=MAX_SEED),
+    ] = 0,
 ) -> None:
     """Diagnose vanishing/exploding gradients of a model before training.
 
-    Exit status: 0 healthy, 1 vanishing or exploding, 2 usage error.
+    Exit status: 0 healthy, 1 vanishing or exploding, 2 usage error (bad target, shape
+    or --html path), 130 interrupted.
     """
     errors = Console(stderr=True)
-    try:
+    with _user_errors("diagnose", html_out):
+        _check_output_file("--html", html_out)
         diag = _run_diagnosis(target, input_shape, classes, seed)
-    except (_UsageError, GradGuardError) as error:
-        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from error
-    if json_:
-        typer.echo(diag.to_json())
-    else:
-        console.print(diag)
-    if html_out is not None:
-        diag.save_html(html_out)
-        errors.print(f"Wrote {html_out}", highlight=False)
-    raise typer.Exit(0 if diag.verdict == "healthy" else 1)
+        if json_:
+            typer.echo(diag.to_json())
+        else:
+            console.print(diag)
+        if html_out is not None:
+            diag.save_html(html_out)
+            errors.print(f"Wrote {html_out}", highlight=False, markup=False)
+    healthy = diag.verdict == "healthy"
+    raise typer.Exit(ExitCode.OK if healthy else ExitCode.PATHOLOGY)
 
 
 @app.command()
@@ -294,25 +433,24 @@ def report(
 ) -> None:
     """Write RUN_DIR/report.html: timelines, the per-layer heatmap, events and verdict.
 
-    Exit status: 0, or 1 with --strict when the run needs attention (an event of warning or
-    error severity), 2 for a bad argument.
+    Damaged files do not stop the report: what could not be read is listed under
+    Reading notes. Exit status: 0, or 1 with --strict when the run needs attention (an
+    event of warning or error severity); 2 when RUN_DIR is not a run directory or the
+    report cannot be written; 130 interrupted.
     """
-    from gradguard.report import run_verdict, write_lab_report, write_report
+    with _user_errors("report", run_dir / "report.html"):
+        from gradguard.report import run_verdict, write_lab_report, write_report
 
-    try:
         lab_run = (run_dir / "results.json").is_file()
         path = write_lab_report(run_dir) if lab_run else write_report(run_dir)
-    except GradGuardError as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
-        raise typer.Exit(2) from error
-    console.print(f"Wrote {path}")
-    if lab_run:
-        return
-    level, sentence = run_verdict(run_dir)
-    colour = {"ok": "green", "warn": "yellow", "bad": "red"}[level]
-    console.print(f"[{colour}]{sentence}[/{colour}]", soft_wrap=True)
+        typer.echo(f"Wrote {path}")
+        if lab_run:
+            return
+        level, sentence = run_verdict(run_dir)
+        colour = {"ok": "green", "warn": "yellow", "bad": "red"}[level]
+        console.print(sentence, style=colour, soft_wrap=True, markup=False, highlight=False)
     if strict and level != "ok":
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.PATHOLOGY)
 
 
 def main() -> None:

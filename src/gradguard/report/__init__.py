@@ -45,7 +45,10 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     norms and, when logged, update ratios over steps (log colour, layers in depth order,
     event onsets marked), per-layer bars at the start and the end, the event table (one
     row per streak) and the configuration. A figure whose fields the run lacks (e.g. no
-    loss was given) is replaced by a note.
+    loss was given) is replaced by a note. Damage never stops the report: a missing, empty
+    or torn file, a line that is not a JSON object, a field of the wrong type or steps
+    out of order is listed under *Reading notes* (file, line, what was done) and the
+    values that could be read are shown.
 
     Args:
         run_dir: a directory written by ``Guard(run_dir=...)``.
@@ -55,16 +58,20 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
 
     Raises:
         ConfigError: ``run_dir`` is not a run directory, or matplotlib is missing.
+        OSError: ``report.html`` cannot be written (permissions, a full disk).
     """
     path = Path(run_dir)
-    if not (path / META_FILE).is_file() and not (path / METRICS_FILE).is_file():
-        raise ConfigError(
-            f"{path} is not a run directory: it has neither {META_FILE} nor {METRICS_FILE}. "
-            "Pass the run_dir given to gradguard.Guard (or a lab run directory, which has "
-            f"{RESULTS_FILE}, to write_lab_report)."
-        )
-    _require_matplotlib()
-    return write_run_report(path)
+    if not path.is_dir():
+        why = "it does not exist" if not path.exists() else "it is a file"
+    elif not (path / META_FILE).is_file() and not (path / METRICS_FILE).is_file():
+        why = f"it has neither {META_FILE} nor {METRICS_FILE}"
+    else:
+        _require_matplotlib()
+        return write_run_report(path)
+    raise ConfigError(
+        f"{path} is not a run directory: {why}. Pass the run_dir given to gradguard.Guard "
+        f"(or a lab run directory, which has {RESULTS_FILE}, to write_lab_report)."
+    )
 
 
 def run_verdict(run_dir: str | os.PathLike[str]) -> tuple[str, str]:
@@ -91,17 +98,27 @@ def write_lab_report(lab_run_dir: str | os.PathLike[str]) -> Path:
     Returns:
         The path of the report.
 
+    Fields of the wrong type in ``results.json`` are left out and listed under *Reading
+    notes*; guarded runs inside are read as ``write_report`` reads them.
+
     Raises:
-        ConfigError: there is no readable ``results.json`` in ``lab_run_dir``.
+        ConfigError: there is no readable ``results.json`` (a JSON object) in
+            ``lab_run_dir``.
+        OSError: ``report.html`` cannot be written (permissions, a full disk).
     """
     path = Path(lab_run_dir)
     results_path = path / RESULTS_FILE
     try:
         results = json.loads(results_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        why = "" if isinstance(results, dict) else "it holds no JSON object"
+    except OSError as err:
+        why = f"it is missing or unreadable ({err.strerror or err})"
+    except (ValueError, RecursionError) as err:  # not JSON, or not UTF-8 text
+        why = f"it is not valid JSON ({err})"
+    if why:
         raise ConfigError(
-            f"{path} is not a lab run directory: {RESULTS_FILE} is missing or unreadable "
-            f"({err}). Pass a directory written by gradguard.lab.run, or a guard's run_dir "
-            "to write_report."
-        ) from None
+            f"{path} is not a lab run directory: {RESULTS_FILE} cannot be used: {why}. "
+            "Pass a directory written by gradguard.lab.run, or a guard's run_dir to "
+            "write_report."
+        )
     return write_page(path / REPORT_FILE, build_lab_report(path, results))

@@ -214,6 +214,7 @@ def _log_if_wide(ax: Axes, values: FloatArray, ratio: float = 100.0) -> None:
 # --- y-range from the healthy steps, off-scale values on the edge ------------------------
 
 MIN_HEALTHY = 5  # fewer healthy values than this: robust quantiles of all values instead
+MAX_LOG10 = 300.0  # y-ranges stop at 1e300 (a logged value of 1e308 is drawn on the edge)
 
 
 @dataclass(frozen=True)
@@ -262,8 +263,9 @@ def y_range(values: FloatArray, healthy: BoolArray, log_ratio: float) -> YRange 
     lo = min(t(float(shown.min())), t(ref_lo))
     hi = min(t(float(shown.max())), t(ref_hi) + 0.5 * span)
     hi = max(hi, t(ref_hi))
-    margin = 0.05 * (hi - lo) if hi > lo else 0.05 * span
-    lo, hi = lo - margin, hi + margin
+    margin = 0.05 * hi - 0.05 * lo if hi > lo else 0.05 * span  # no overflow near 1e308
+    limit = MAX_LOG10 if log else 10.0**MAX_LOG10  # a range matplotlib can draw
+    lo, hi = max(lo - margin, -limit), min(hi + margin, limit)
     return YRange(10.0**lo, 10.0**hi, True) if log else YRange(lo, hi, False)
 
 
@@ -352,7 +354,10 @@ def clip_threshold(config: dict[str, Any]) -> float | None:
         1.0
     """
     found = re.match(r"NormClip\(max_norm=([-+0-9.eE]+|inf)", str(config.get("clip", "")))
-    return float(found.group(1)) if found else None
+    try:
+        return float(found.group(1)) if found else None
+    except ValueError:  # e.g. "max_norm=e" in a hand-edited meta.json
+        return None
 
 
 def draw_grad_norm(run: RunData) -> Figure:

@@ -7,6 +7,7 @@ The page carries a Content-Security-Policy that allows nothing but inline styles
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
@@ -80,10 +81,19 @@ def page(title: str, body: str) -> str:
 
 
 def write_page(path: Path, text: str) -> Path:
-    """Write via a temporary file and a rename: a reader never sees half a page."""
+    """Write via a temporary file and a rename: a reader never sees half a page.
+
+    When the write fails (a full disk, no permission) the temporary file is removed and
+    the error raised: the previous page, if any, stays as it was.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -7,16 +7,45 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradguard.report._data import META_FILE, METRICS_FILE, number
+from gradguard.report._data import META_FILE, METRICS_FILE, ReadingNotes, number, shown
 from gradguard.report._html import definitions, esc, fmt, image, page, table
 
 RESULTS_FILE = "results.json"
 _CLAIM_COLUMNS = ("claim", "source", "statement", "paper", "measured", "criterion", "passed")
 
 
-def _measured(claim: Mapping[str, Any]) -> str:
+def _list(value: Any, where: str, notes: ReadingNotes) -> list[Any]:
+    """A list field of ``results.json``; absent or null is empty, another type is noted."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return value
+    notes.add(RESULTS_FILE, None, f'"{where}" is not a list', "left out", shown(value))
+    return []
+
+
+def _objects(value: Any, where: str, notes: ReadingNotes) -> list[Mapping[str, Any]]:
+    """A list of objects of ``results.json``; items of another type are left out, noted."""
+    items = _list(value, where, notes)
+    kept: list[Mapping[str, Any]] = [item for item in items if isinstance(item, dict)]
+    if len(kept) < len(items):
+        bad = next(item for item in items if not isinstance(item, dict))
+        problem = f'"{where}" holds items that are not objects'
+        notes.add(RESULTS_FILE, None, problem, "those items left out", shown(bad))
+    return kept
+
+
+def _object(value: Any, where: str, notes: ReadingNotes) -> Mapping[str, Any]:
+    """An object field of ``results.json``; absent or null is empty, another type noted."""
+    if value is None or isinstance(value, dict):
+        return value or {}
+    notes.add(RESULTS_FILE, None, f'"{where}" is not an object', "left out", shown(value))
+    return {}
+
+
+def _measured(claim: Mapping[str, Any], where: str, notes: ReadingNotes) -> str:
     """The measurement: the value, or the mean and range over seeds and configurations."""
-    values = [number(v) for v in claim.get("values", ())]
+    values = [number(v) for v in _list(claim.get("values"), f"{where}.values", notes)]
     note = str(claim.get("note", "") or "")
     if len(values) == 1:
         text = fmt(values[0])
@@ -30,7 +59,8 @@ def _measured(claim: Mapping[str, Any]) -> str:
     return f"{text}; {note}" if note else text
 
 
-def _claims(claims: Sequence[Mapping[str, Any]]) -> str:
+def _claims(claims: Sequence[Mapping[str, Any]], where: str, notes: ReadingNotes) -> str:
+    """The claims table: paper against measurement, pass or fail."""
     if not claims:
         return '<p class="note">No claims.</p>'
     rows, classes = [], {}
@@ -43,7 +73,7 @@ def _claims(claims: Sequence[Mapping[str, Any]]) -> str:
                 claim.get("source", ""),
                 claim.get("statement", ""),
                 claim.get("paper", ""),
-                _measured(claim),
+                _measured(claim, f"{where}[{i}]", notes),
                 claim.get("criterion", ""),
                 f"yes ({claim.get('n_passed', '?')}/{claim.get('n', '?')})"
                 if passed
@@ -53,17 +83,20 @@ def _claims(claims: Sequence[Mapping[str, Any]]) -> str:
     return table(_CLAIM_COLUMNS, rows, cell_class=classes)
 
 
-def _tables(tables: Sequence[Mapping[str, Any]]) -> str:
+def _tables(tables: Sequence[Mapping[str, Any]], where: str, notes: ReadingNotes) -> str:
     """The experiment's result tables, folded: the claims and figures come first."""
     if not tables:
         return ""
     out = []
-    for t in tables:
+    for i, t in enumerate(tables):
         note = f'<p class="note">{esc(t["note"])}</p>' if t.get("note") else ""
-        out.append(
-            f"<h4>{esc(t.get('title', ''))}</h4>"
-            f"{table(t.get('columns', ()), t.get('rows', ()))}{note}"
-        )
+        columns = [str(c) for c in _list(t.get("columns"), f"{where}[{i}].columns", notes)]
+        rows = _list(t.get("rows"), f"{where}[{i}].rows", notes)
+        kept = [row for row in rows if isinstance(row, list)]
+        if len(kept) < len(rows):
+            problem = f'"{where}[{i}].rows" holds rows that are not lists'
+            notes.add(RESULTS_FILE, None, problem, "those rows left out")
+        out.append(f"<h4>{esc(t.get('title', ''))}</h4>{table(columns, kept)}{note}")
     return f"<details><summary>Result tables ({len(tables)})</summary>{''.join(out)}</details>"
 
 
@@ -83,9 +116,15 @@ def _figure_html(path: Path) -> str:
     )
 
 
-def _experiment(experiment: Mapping[str, Any], figures: Sequence[Path]) -> str:
+def _experiment(
+    experiment: Mapping[str, Any], where: str, figures: Sequence[Path], notes: ReadingNotes
+) -> str:
+    """One experiment's section: status, setting, claims, figures, tables, references."""
     name = str(experiment.get("name", ""))
-    refs = "".join(f"<li>{esc(r)}</li>" for r in experiment.get("references", ()))
+    references = _list(experiment.get("references"), f"{where}.references", notes)
+    refs = "".join(f"<li>{esc(r)}</li>" for r in references)
+    claims = _objects(experiment.get("claims"), f"{where}.claims", notes)
+    tables = _objects(experiment.get("tables"), f"{where}.tables", notes)
     status = "all claims reproduced" if experiment.get("all_passed") else "NOT all reproduced"
     duration = number(experiment.get("duration_s"))
     config = json.dumps(experiment.get("config", {}), indent=1, ensure_ascii=False)
@@ -95,9 +134,9 @@ def _experiment(experiment: Mapping[str, Any], figures: Sequence[Path]) -> str:
         f'<p class="note"><code>{esc(name)}</code> · {esc(status)} · seeds '
         f"{esc(experiment.get('seeds', []))} · {fmt(duration)} s</p>"
         f"<p>{esc(experiment.get('setting', ''))}</p>"
-        f"<h3>Claims</h3>{_claims(experiment.get('claims', ()))}"
+        f"<h3>Claims</h3>{_claims(claims, f'{where}.claims', notes)}"
         f"{''.join(_figure_html(p) for p in figures)}"
-        f"{_tables(experiment.get('tables', ()))}"
+        f"{_tables(tables, f'{where}.tables', notes)}"
         f"<details><summary>References</summary><ul>{refs}</ul></details>"
         f"<details><summary>Configuration</summary><pre>{esc(config)}</pre></details>"
         "</section>"
@@ -122,8 +161,10 @@ def _guard_runs(lab_dir: Path) -> str:
 
 def build_lab_report(lab_dir: Path, results: Mapping[str, Any]) -> str:
     """The whole page for a lab run."""
-    experiments = list(results.get("experiments", ()))
-    claims = [c for e in experiments for c in e.get("claims", ())]
+    notes = ReadingNotes()
+    experiments = _objects(results.get("experiments"), "experiments", notes)
+    quiet = ReadingNotes()  # for the verdict; each experiment's section notes its problems
+    claims = [c for e in experiments for c in _objects(e.get("claims"), "claims", quiet)]
     failed = [str(c.get("id")) for c in claims if not c.get("passed")]
     if not claims:
         level, sentence = "warn", "No claims checked in this run."
@@ -138,18 +179,25 @@ def build_lab_report(lab_dir: Path, results: Mapping[str, Any]) -> str:
     names = [str(e.get("name", "")) for e in experiments]
     figures = _figures_by_experiment(lab_dir, names)
     about = {k: results.get(k) for k in ("seed", "quick", "started_at", "duration_s")}
-    about.update({f"{k} version": v for k, v in dict(results.get("versions", {})).items()})
+    versions = _object(results.get("versions"), "versions", notes)
+    about.update({f"{k} version": v for k, v in versions.items()})
     nav = "".join(f'<a href="#exp-{esc(n)}">{esc(n)}</a>' for n in names)
     body = [
         "<header><h1>gradguard lab report</h1>",
         f'<p class="path">{esc(lab_dir.resolve())}</p>',
         f'<p class="verdict {level}" id="verdict">{esc(sentence)}</p></header>',
         f"<nav>{nav}</nav>",
-        *(_experiment(e, figures[n]) for e, n in zip(experiments, names, strict=True)),
+        *(
+            _experiment(e, f"experiments[{i}]", figures[n], notes)
+            for i, (e, n) in enumerate(zip(experiments, names, strict=True))
+        ),
     ]
     if figures[""]:
         others = "".join(_figure_html(p) for p in figures[""])
         body.append(f'<section id="other-figures"><h2>Other figures</h2>{others}</section>')
     body.append(_guard_runs(lab_dir))
     body.append(f'<section id="config"><h2>Run</h2>{definitions(about)}</section>')
+    if notes:
+        items = "".join(f"<li>{esc(n)}</li>" for n in notes.lines())
+        body.append(f'<section id="notes"><h2>Reading notes</h2><ul>{items}</ul></section>')
     return page(f"gradguard lab report: {lab_dir.name}", "\n".join(body))

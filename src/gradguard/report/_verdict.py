@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gradguard.report._data import RunData, number
+from gradguard.report._data import RunData, as_step, number
 from gradguard.report._triage import stop_request
 
 Level = Literal["ok", "warn", "bad"]
@@ -44,22 +44,32 @@ def _layers_text(events: Sequence[dict[str, Any]]) -> str:
     return f" in {', '.join(names[:2])}{more}"
 
 
+def _metric(event: dict[str, Any]) -> str:
+    """The metric an event measured, as text (empty when the row has none)."""
+    return str(event.get("metric") or "")
+
+
+def _onset(rollback: dict[str, Any]) -> int | None:
+    """The step of the fault a rollback answered (its ``threshold``), None if not logged."""
+    return as_step(rollback.get("threshold"))
+
+
 def _describe_trigger(run: RunData, rollback: dict[str, Any]) -> str:
     """``a loss spike at step 701``: what a rollback undid, from its onset's event."""
-    onset = int(number(rollback.get("threshold")))
+    onset = _onset(rollback)
     trigger = str(rollback.get("extra", {}).get("trigger", "fault"))
     if trigger == "spike":
         metrics = [
-            e.get("metric")
+            _metric(e)
             for e in run.events_of("spike", attention=True)
             if e.get("first_step") == onset
         ]
-        metric = "loss" if "loss" in metrics else str(metrics[0]) if metrics else ""
+        metric = "loss" if "loss" in metrics else metrics[0] if metrics else ""
         words = _SPIKE_WORDS.get(metric, "spike")
     else:
-        words = _TRIGGER_WORDS.get(trigger, trigger)
+        words = _TRIGGER_WORDS.get(trigger, trigger) or "fault"
     article = "an" if words[0] in "aeiou" else "a"
-    return f"{article} {words} at step {onset}"
+    return f"{article} {words}" + ("" if onset is None else f" at step {onset}")
 
 
 def _rollback_part(run: RunData) -> tuple[str | None, bool]:
@@ -75,8 +85,9 @@ def _rollback_part(run: RunData) -> tuple[str | None, bool]:
         else:
             clauses.append(f"{len(done)} rollbacks, the first after {first}")
     if failed:
-        onset = int(number(failed[0].get("threshold")))
-        clauses.append(f"no rollback possible after the fault at step {onset}")
+        onset = _onset(failed[0])
+        at = "" if onset is None else f" at step {onset}"
+        clauses.append(f"no rollback possible after the fault{at}")
     return ("; ".join(clauses) or None), bool(failed)
 
 
@@ -95,9 +106,9 @@ def _event_parts(run: RunData) -> list[str]:
     if overflow:
         parts.append(f"the fp32 gradient norm overflowed at {_plural(_steps(overflow), 'step')}")
     spike_events = run.events_of("spike", attention=True)
-    spikes = Counter(str(e.get("metric", "")) for e in spike_events)
+    spikes = Counter(_metric(e) for e in spike_events)
     for metric, count in sorted(spikes.items()):
-        first = _first_step([e for e in spike_events if e.get("metric") == metric])
+        first = _first_step([e for e in spike_events if _metric(e) == metric])
         word = _SPIKE_WORDS.get(metric, "spike")
         parts.append(f"{_plural(count, word)} (first at step {first})")
     for kind in ("vanishing", "exploding"):
