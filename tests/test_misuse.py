@@ -639,3 +639,79 @@ def test_a_rollback_whose_cadence_misses_the_drains_is_refused() -> None:
             recovery=gg.Rollback(every=15),
             log_every=10,
         )
+
+
+# --- the command line: one line, a documented exit code, never a traceback --------------------
+
+
+def _finished_run(run_dir: Path) -> Path:
+    guard = _guard_on(run_dir)
+    _train(guard, 10)
+    guard.close()
+    return run_dir
+
+
+def _cli_cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
+    (tmp / "not-a-run").mkdir()
+    (tmp / "file.txt").write_text("x")
+    bad_meta = _finished_run(tmp / "bad-meta")
+    (bad_meta / "meta.json").write_text("{oops")
+    torn = _finished_run(tmp / "torn")
+    with (torn / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 11, "lo')
+    return {
+        "report of a missing directory": (["report", str(tmp / "nope")], 2, "nope"),
+        "report of a file": (["report", str(tmp / "file.txt")], 2, "file.txt"),
+        "report of an empty directory": (
+            ["report", str(tmp / "not-a-run")],
+            2,
+            "not a run directory",
+        ),
+        "report of a run with a damaged meta.json": (["report", str(bad_meta)], 0, "report"),
+        "report of a run with a torn metrics line": (["report", str(torn)], 0, "report"),
+        "diagnose of a target that does not exist": (
+            ["diagnose", "no_such_module:build", "--input-shape", "4,3"],
+            2,
+            "no_such_module",
+        ),
+        "diagnose with a malformed shape": (
+            ["diagnose", "torch.nn:Identity", "--input-shape", "4,x"],
+            2,
+            "input-shape",
+        ),
+        "lab with an unknown experiment": (["lab", "--only", "no-such-lab"], 2, "no-such-lab"),
+        "lab with a negative seed": (["lab", "--seed", "-1"], 2, "seed"),
+        "an unknown command": (["train"], 2, "train"),
+    }
+
+
+CLI_CASES = (
+    "report of a missing directory",
+    "report of a file",
+    "report of an empty directory",
+    "report of a run with a damaged meta.json",
+    "report of a run with a torn metrics line",
+    "diagnose of a target that does not exist",
+    "diagnose with a malformed shape",
+    "lab with an unknown experiment",
+    "lab with a negative seed",
+    "an unknown command",
+)
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_misuse_ends_with_one_line_and_a_documented_exit_code(
+    case: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from gradguard.cli import EXIT_CODE_MEANINGS, app
+
+    args, code, named = _cli_cases(tmp_path)[case]
+    result = CliRunner().invoke(app, args)
+    output = result.output
+    assert result.exit_code == code, output
+    assert code in EXIT_CODE_MEANINGS
+    assert "Traceback" not in output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    assert named in output

@@ -465,7 +465,9 @@ def test_failed_writes_reach_the_run_directory_and_the_report(
     rows = (run_dir / "events.jsonl").read_text().splitlines()
     assert any('"snapshot_failed"' in row and "snapshot-000000020.pt" in row for row in rows)
     assert write_report(run_dir).exists()
-    run_verdict(run_dir)
+    level, sentence = run_verdict(run_dir)
+    assert level == "warn"
+    assert "1 snapshot write failed (first at step 20" in sentence
 
 
 # --- DDP: a fault on one rank changes the decision of every rank -----------------------------

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gradguard.report._data import RunData, as_step, number
+from gradguard.report._data import RunData, as_step, number, severity
 from gradguard.report._triage import stop_request
 
 Level = Literal["ok", "warn", "bad"]
@@ -116,6 +116,20 @@ def _event_parts(run: RunData) -> list[str]:
         if found:
             where = _layers_text(found)
             parts.append(f"{kind} gradients from step {_first_step(found)}{where}")
+    failed_writes = run.events_of("snapshot_failed", attention=True)
+    if failed_writes:
+        error = str(failed_writes[0].get("extra", {}).get("error") or "").split(":")[0]
+        why = f" ({error})" if error else ""
+        parts.append(
+            f"{_plural(len(failed_writes), 'snapshot write')} failed (first at step "
+            f"{_first_step(failed_writes)}{why}): a rollback falls back to older snapshots"
+        )
+    known = {"nonfinite", "overflow", "spike", "vanishing", "exploding", "snapshot_failed"}
+    known |= {"rollback", "cooldown", "divergence"}
+    others = [e for e in run.events if e.get("kind") not in known and severity(e) != "info"]
+    if others:
+        kinds = ", ".join(sorted({str(e.get("kind")) for e in others}))
+        parts.append(f"{_plural(len(others), 'other warning')} ({kinds})")
     return parts
 
 
@@ -149,6 +163,8 @@ def verdict(run: RunData) -> tuple[Level, str]:
     level: Level = "bad" if divergence or failed or stop is not None else "warn"
     sentence = "; ".join(parts)
     undone = len(run.metrics) - int(run.final.sum())
-    more = f", {undone} more undone by rollbacks" if undone else ""
+    restarted = len(run.meta.get("sessions", ())) > 1
+    by = "rollbacks or restarts" if restarted else "rollbacks"
+    more = f", {undone} more undone by {by}" if undone else ""
     count = f"{_plural(final_steps, 'step')} logged{more}"
     return level, f"{sentence[0].upper()}{sentence[1:]} ({count})."
