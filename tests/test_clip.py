@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -114,6 +114,148 @@ def test_normclip_rescales_an_fp32_gradient_whose_norm_overflows() -> None:
     gg.clip_(model, gg.NormClip(1.0))
     assert model.weight.grad is not None
     assert float(model.weight.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+# --- fp64 gradients: measured and scaled in fp64, as torch does ---------------------------
+
+
+def fp64_model(magnitude: float, seed: int = 0) -> nn.Module:
+    model = make_model(torch.float64, seed=seed)
+    for p in model.parameters():
+        assert p.grad is not None
+        p.grad.mul_(magnitude)
+    return model
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0])
+@pytest.mark.parametrize("magnitude", [1.0, 1e30, 1e38, 1e100])
+def test_normclip_equals_torch_on_fp64_gradients_beyond_the_fp32_range(
+    magnitude: float, norm_type: float
+) -> None:
+    """1e38 and up: the fp64 norm exceeds fp32's 3.4e38, which once left them unclipped."""
+    ours = fp64_model(magnitude)
+    ref = twin(ours)
+    stats = gg.grad_stats(ours)
+    scale = gg.clip_(ours, gg.NormClip(0.5, norm_type=norm_type), stats)
+    total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5, norm_type, foreach=True)
+    assert torch.isfinite(total)
+    coefficient = min(1.0, 0.5 / (float(total) + 1e-6))
+    assert float(scale) == pytest.approx(coefficient, rel=1e-6)  # fp32: 0 below 1.4e-45
+    for a, b in zip(grads(ours), grads(ref), strict=True):
+        assert a is not None
+        assert b is not None
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    if norm_type == 2.0:
+        assert float(stats.total_fp64) == pytest.approx(float(total), rel=1e-12)  # type: ignore[arg-type]
+        clipped = math.sqrt(sum(float(g.norm()) ** 2 for g in grads(ours) if g is not None))
+        assert clipped == pytest.approx(float(total) * coefficient, rel=1e-9)
+
+
+def test_normclip_on_unresolved_fp64_stats_and_through_the_policy() -> None:
+    ours = fp64_model(1e38)
+    ref = twin(ours)
+    gg.NormClip(1.0).clip_(gg.grad_stats(ours, resolve=False))
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0, foreach=True)
+    for a, b in zip(grads(ours), grads(ref), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_fp64_gradients_whose_squares_overflow_fp64_are_clipped_where_torch_zeroes_them() -> None:
+    """1e160: the sum of squares leaves even fp64. torch's norm is inf and its coefficient
+    0; ours is measured robustly (max-abs scaling) and the gradient keeps its direction."""
+    ours = fp64_model(1e160)
+    ref = twin(ours)
+    before = [g for g in grads(ours) if g is not None]
+    gg.clip_(ours, gg.NormClip(1.0))
+    total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0, foreach=True)
+    assert math.isinf(float(total))
+    assert all(float(g.abs().max()) == 0.0 for g in grads(ref) if g is not None)
+    clipped = [g for g in grads(ours) if g is not None]
+    assert math.sqrt(sum(float(g.norm()) ** 2 for g in clipped)) == pytest.approx(1.0, rel=1e-9)
+    factors = torch.cat([(g / b).flatten() for g, b in zip(clipped, before, strict=True)])
+    torch.testing.assert_close(
+        factors, torch.full_like(factors, float(factors[0])), rtol=1e-12, atol=0
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    exponent=st.floats(min_value=-100.0, max_value=150.0),
+    max_norm=st.floats(min_value=1e-3, max_value=1e3),
+    seed=st.integers(0, 1000),
+)
+def test_property_normclip_equals_torch_on_fp64_gradients_of_any_magnitude(
+    exponent: float, max_norm: float, seed: int
+) -> None:
+    """Wherever torch's fp64 norm is finite (elements up to 1e150 here), the same gradients."""
+    ours = fp64_model(10.0**exponent, seed=seed)
+    ref = twin(ours)
+    gg.clip_(ours, gg.NormClip(max_norm))
+    total = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm, foreach=True)
+    assert math.isfinite(float(total))
+    for a, b in zip(grads(ours), grads(ref), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_normclip_fp64_beyond_the_fp32_range_on_cuda_without_sync(norm_type: float) -> None:
+    """The accelerator path: scale computed and applied in fp64 on the device."""
+    ours = fp64_model(1e100).cuda()
+    ref = twin(ours)
+    policy = gg.NormClip(1.0, norm_type=norm_type)
+    gg.grad_stats(ours)  # builds and caches the layout (host-to-device copies of indices)
+    policy.clip_(gg.grad_stats(twin(ours)))  # builds the policy's device constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = gg.grad_stats(ours)
+        scale = policy.clip_(stats)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(stats.finite)
+    assert bool(stats.overflow)
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0, norm_type, foreach=True)
+    for a, b in zip(grads(ours), grads(ref), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    assert scale.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["AutoClip", "ZClip", "ZClip-tensor-math", "ValueClip"])
+def test_fp64_gradients_beyond_the_fp32_range_reach_every_policy(name: str) -> None:
+    policy = POLICIES[name]()
+    warm_up(policy)
+    model = fp64_model(1e38, seed=3)
+    before = gg.grad_stats(model)
+    scale = gg.clip_(model, policy, before)
+    # One factor for every gradient: kept in fp64, where it can be below fp32's range.
+    assert scale.dtype == (torch.float32 if name == "ValueClip" else torch.float64)
+    assert 0.0 <= float(scale) <= 1.0
+    after = gg.grad_stats(model)
+    assert after.total_fp64 is not None
+    assert before.total_fp64 is not None
+    assert float(after.total_fp64) <= float(before.total_fp64)
+    assert all(torch.isfinite(v).all() for v in policy.state_dict().values())
+    if name != "ValueClip":  # a norm far above the history: clipped into it
+        assert float(after.total_fp64) < 1e3
+        clipped = float(before.total_fp64) * float(scale)
+        assert clipped == pytest.approx(float(after.total_fp64), rel=1e-9)
+
+
+def test_guard_clips_fp64_gradients_beyond_the_fp32_range_like_torch() -> None:
+    ours = fp64_model(1e38)
+    ref = twin(ours)
+    guard = gg.Guard(
+        ours, torch.optim.SGD(ours.parameters(), lr=0.1), clip=gg.NormClip(1.0), detectors=None
+    )
+    report = guard.step()
+    assert not bool(report.skipped)
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0, foreach=True)
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    guard.close()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -305,6 +447,248 @@ def test_agc_exclude_patterns_and_unitwise_norm() -> None:
     torch.testing.assert_close(unitwise_norm(w).flatten(), w.flatten(1).norm(dim=1))
     with pytest.raises(ConfigError, match=r"exclude=\('head',\)"):
         gg.AGC(exclude="head")
+
+
+def half_ulp(reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` at each value of the fp64 ``reference``: the rounding bound.
+
+    In the subnormal range the spacing is fixed (2^-24 for fp16), so the bound is absolute.
+    """
+    info = torch.finfo(dtype)
+    exponent = torch.floor(torch.log2(reference.abs().clamp(min=info.tiny)))
+    return torch.exp2(exponent) * info.eps / 2
+
+
+def agc_units(dtype: torch.dtype, factors: torch.Tensor, seed: int) -> nn.Module:
+    """One weight whose row i, clipped by AGC(clipping=1), takes the factor ``factors[i]``."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = factors.numel()
+    grad = ((torch.rand(rows, 16, generator=generator, dtype=torch.float64) * 2 - 1) * 3e4).to(
+        dtype
+    )
+    direction = torch.rand(rows, 16, generator=generator, dtype=torch.float64) + 0.5
+    row_norms = grad.double().norm(dim=1, keepdim=True) * factors.unsqueeze(1)
+    weight = direction / direction.norm(dim=1, keepdim=True) * row_norms
+    model = nn.Module()
+    model.weight = nn.Parameter(weight.to(dtype))
+    model.bias = nn.Parameter(torch.full((3,), 1e-3, dtype=torch.float64).to(dtype))
+    model.weight.grad = grad
+    model.bias.grad = torch.tensor([2e4, -3e4, 1.5e4], dtype=dtype)  # a 0-d factor, 4.4e-8
+    return model
+
+
+ON_CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(3))
+def test_agc_low_precision_product_is_rounded_once_from_the_exact_one(
+    dtype: torch.dtype, seed: int, device: str
+) -> None:
+    """Factors across 1e-7..1: each clipped element is the fp64 product rounded to the dtype.
+
+    A factor cast to fp16 before multiplying loses up to a third of itself below fp16's
+    normal range (a 4.4e-8 factor reads 5.96e-8); formed in fp32, the error stays within
+    half a unit in the last place (plus 2^-10 of it for the fp32 factor's own rounding).
+    """
+    factors = torch.logspace(-7, 0, 57, dtype=torch.float64)
+    model = agc_units(dtype, factors, seed)
+    expected = {}
+    for name, p in model.named_parameters():
+        assert p.grad is not None
+        weight_norm = unitwise_norm(p.detach().double()).clamp(min=1e-9)
+        grad_norm = unitwise_norm(p.grad.double())
+        factor = torch.where(grad_norm > weight_norm, weight_norm / grad_norm, 1.0)
+        expected[name] = p.grad.double() * factor  # fp64 product of the same values
+    model.to(device)
+    gg.clip_(model, gg.AGC(clipping=1.0, eps=1e-9, exclude=()))
+    model.cpu()
+    for name, p in model.named_parameters():
+        assert p.grad is not None
+        error = (p.grad.double() - expected[name]).abs()
+        bound = half_ulp(expected[name], dtype) * (1 + 2**-10)
+        assert bool((error <= bound).all()), f"{name}: {float((error / bound).max()):.3f} bounds"
+    bias = model.get_parameter("bias")  # its 0-d factor, 4e-8, is far below fp16's normal range
+    assert bias.grad is not None
+    assert float(bias.grad.double().norm()) == pytest.approx(
+        float(bias.detach().double().norm()), rel=2**-8
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    log_factor=st.floats(min_value=-7.0, max_value=0.0),
+    log_scale=st.floats(min_value=-3.0, max_value=4.5),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_agc_rounds_each_low_precision_product_once(
+    log_factor: float, log_scale: float, dtype: torch.dtype, seed: int
+) -> None:
+    """One unit clipped by ``10**log_factor``; gradient elements up to ``10**log_scale``,
+    so products fall anywhere from fp16's subnormals to its normal range."""
+    generator = torch.Generator().manual_seed(seed)
+    grad = (torch.rand(1, 32, generator=generator, dtype=torch.float64) * 2 - 1) * 10**log_scale
+    grad = grad.to(dtype)
+    grad_norm = float(grad.double().norm())
+    assume(grad_norm > 1e-5)  # AGC floors the gradient norm at 1e-6 before dividing
+    model = nn.Linear(32, 1, bias=False).to(dtype)
+    with torch.no_grad():  # a weight whose norm makes the factor 10**log_factor
+        model.weight.fill_(grad_norm * 10**log_factor / math.sqrt(32))
+    weight_norm = max(float(model.weight.detach().double().norm()), 1e-30)
+    model.weight.grad = grad.clone()
+    gg.clip_(model, gg.AGC(clipping=1.0, eps=1e-30, exclude=()))
+    factor = min(1.0, weight_norm / grad_norm)
+    expected = grad.double() * factor
+    assert model.weight.grad is not None
+    error = (model.weight.grad.double() - expected).abs()
+    assert bool((error <= half_ulp(expected, dtype) * (1 + 2**-10)).all())
+
+
+def test_agc_fp64_is_computed_in_fp64_beyond_the_fp32_range() -> None:
+    model = ConvNet().double()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e100
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    scale = gg.clip_(model, gg.AGC(clipping=0.01, exclude=()))
+    for name, p in model.named_parameters():
+        expected = agc_reference(p.detach(), before[name], 0.01, 1e-3)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=0)
+    assert 0.0 <= float(scale) < 1e-90
+
+
+# --- NaN and Inf gradients: what each policy does to them (docs/clipping.md) -------------
+
+
+def test_valueclip_clamps_inf_to_the_bound_and_keeps_nan_as_torch_does() -> None:
+    model = nn.Linear(5, 1, bias=False)
+    values = [math.nan, math.inf, -math.inf, 5.0, -0.2]
+    model.weight.grad = torch.tensor([values])
+    ref = twin(model)
+    scale = gg.clip_(model, gg.ValueClip(1.0))
+    torch.nn.utils.clip_grad_value_(ref.parameters(), 1.0)
+    expected = torch.tensor([[math.nan, 1.0, -1.0, 1.0, -0.2]])
+    torch.testing.assert_close(model.weight.grad, expected, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(ref.weight.grad, expected, equal_nan=True, rtol=0, atol=0)
+    assert float(scale) == 1.0  # the norm before clipping was not finite: no ratio
+
+
+def test_agc_leaves_a_nan_unit_and_zeroes_an_inf_unit_with_nan_where_the_inf_was() -> None:
+    model = nn.Linear(3, 4, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    grad = torch.full((4, 3), 0.1)
+    grad[0, 1] = math.nan  # NaN norm: never above the bound, factor 1
+    grad[1, 2] = math.inf  # inf norm: factor 0, so 0 * inf = NaN and the rest 0
+    grad[2] = 100.0  # a finite unit above the bound: clipped as usual
+    model.weight.grad = grad.clone()
+    scale = gg.clip_(model, gg.AGC(clipping=0.5, exclude=()))
+    out = model.weight.grad
+    assert out is not None
+    torch.testing.assert_close(out[0], grad[0], equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(out[1, 2])
+    assert torch.equal(out[1, :2], torch.zeros(2))
+    assert float(out[2].norm()) == pytest.approx(0.5 * math.sqrt(3), rel=1e-6)
+    assert torch.equal(out[3], grad[3])  # ratio 0.1, under the bound
+    assert float(scale) == 1.0  # the global norm was not finite: no ratio
+
+
+def test_agc_zeroes_a_finite_unit_whose_fp32_norm_overflows() -> None:
+    model = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    model.weight.grad = torch.tensor([[1e20, 1e20, 1e20], [1e-3, 0.0, 0.0]])
+    gg.clip_(model, gg.AGC(clipping=0.01, exclude=()))
+    assert torch.equal(model.weight.grad[0], torch.zeros(3))
+    assert float(model.weight.grad[1, 0]) == pytest.approx(1e-3, rel=1e-6)  # ratio under 0.01
+
+
+@pytest.mark.parametrize("name", ["NormClip", "NormClip-inf", "AutoClip", "ZClip", "ZClip-max"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_global_policies_leave_nonfinite_gradients_untouched(name: str, bad: float) -> None:
+    policy = POLICIES[name]()
+    warm_up(policy)
+    model = make_model(seed=7)
+    model[2].weight.grad[0, 0] = bad  # type: ignore[index]
+    before = grads(model)
+    scale = gg.clip_(model, policy)
+    assert float(scale) == 1.0
+    for a, b in zip(grads(model), before, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+
+
+# --- statistics know their source -----------------------------------------------------------
+
+
+def trained(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(16, 4)
+    model(x).square().sum().backward()
+    return model, x
+
+
+def test_clip_refuses_statistics_of_another_model() -> None:
+    a, _ = trained(0)
+    b, _ = trained(1)
+    with pytest.raises(ConfigError, match="measured on other parameters.*grad_stats\\(model\\)"):
+        gg.clip_(b, gg.NormClip(1.0), gg.grad_stats(a))
+    with pytest.raises(ConfigError, match="other parameters"):
+        gg.clip_(b.named_parameters(), gg.NormClip(1.0), gg.grad_stats(a.named_parameters()))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_clip_refuses_statistics_measured_before_zero_grad_and_backward(
+    set_to_none: bool,
+) -> None:
+    model, x = trained()
+    stats = gg.grad_stats(model)
+    model.zero_grad(set_to_none=set_to_none)
+    model(x * 2).square().sum().backward()
+    message = "new .grad tensor" if set_to_none else "written in place"
+    with pytest.raises(ConfigError, match=f"stale GradStats.*{message}.*grad_stats"):
+        gg.clip_(model, gg.NormClip(1.0), stats)
+
+
+def test_clip_refuses_statistics_after_another_backward_or_a_clip() -> None:
+    model, x = trained()
+    stats = gg.grad_stats(model)
+    model(x).square().sum().backward()  # accumulates into the same tensors
+    with pytest.raises(ConfigError, match="written in place"):
+        gg.clip_(model, gg.NormClip(1.0), stats)
+    stats = gg.grad_stats(model)
+    gg.clip_(model, gg.NormClip(1e-3), stats)
+    with pytest.raises(ConfigError, match="or a clip"):
+        gg.clip_(model, gg.ValueClip(1.0), stats)
+
+
+def test_fresh_statistics_clip_like_torch() -> None:
+    model, x = trained()
+    ref = copy.deepcopy(model)
+    model.zero_grad(set_to_none=False)
+    ref.zero_grad(set_to_none=False)
+    model(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    stats = gg.grad_stats(model)
+    scale = gg.clip_(model, gg.NormClip(0.5), stats)  # same model, untouched since: accepted
+    total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5, foreach=True)
+    assert float(scale) == pytest.approx(0.5 / (float(total) + 1e-6), rel=1e-6)
+    for a, b in zip(grads(model), grads(ref), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_named_parameters_and_a_ddp_style_wrapper_share_the_statistics() -> None:
+    model, _ = trained()
+    wrapper = nn.Sequential(model)  # other names, the same parameters
+    gg.clip_(wrapper, gg.NormClip(1.0), gg.grad_stats(model))
+    gg.clip_(model.named_parameters(), gg.NormClip(1.0), gg.grad_stats(model))
 
 
 # --- contract suite over every policy ----------------------------------------------------

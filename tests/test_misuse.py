@@ -715,3 +715,51 @@ def test_cli_misuse_ends_with_one_line_and_a_documented_exit_code(
     assert "Traceback" not in output
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
     assert named in output
+
+
+# --- statistics know their source; numbers beyond fp32 ------------------------------------------
+
+
+def test_clip_refuses_statistics_of_another_model() -> None:
+    model, other = _model(), _model(1)
+    _backward(model)
+    _backward(other)
+    stats = gg.grad_stats(other)
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with pytest.raises(ConfigError):
+        gg.clip_(model, gg.NormClip(0.01), stats)
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_clip_refuses_statistics_of_gradients_since_replaced(set_to_none: bool) -> None:
+    model = _model()
+    _backward(model)
+    stale = gg.grad_stats(model)
+    model.zero_grad(set_to_none=set_to_none)
+    _backward(model)
+    fresh = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with pytest.raises(ConfigError):
+        gg.clip_(model, gg.NormClip(0.01), stale)
+    assert all(torch.equal(p.grad, fresh[n]) for n, p in model.named_parameters())
+    gg.clip_(model, gg.NormClip(0.01), gg.grad_stats(model))  # measured anew: clipped
+    reference = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert float(reference) == pytest.approx(0.01, rel=1e-5)
+
+
+def test_fp64_gradients_beyond_fp32_are_clipped_by_the_guard_as_torch_clips_them() -> None:
+    model = _model().double()
+    twin = _model().double()
+    twin.load_state_dict(model.state_dict())
+    for net in (model, twin):
+        net(torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+        for p in net.parameters():
+            p.grad = torch.full_like(p, 1e40)  # the norm overflows fp32, not fp64
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), clip=gg.NormClip(1.0))
+    report = guard.step()
+    torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
+    torch.optim.SGD(twin.parameters(), lr=0.1).step()
+    assert not bool(report.skipped)
+    for mine, theirs in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    assert float(report.clipped_norm) == pytest.approx(1.0, rel=1e-6)

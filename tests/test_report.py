@@ -579,7 +579,7 @@ def test_report_modules_import_no_torch() -> None:
     reads the imports of every module in ``report/``; the next one runs the package in a
     process where ``gradguard`` is a bare namespace (its ``__init__`` not run).
     """
-    allowed_gradguard = {"gradguard.errors", "gradguard.causes"}
+    allowed_gradguard = {"gradguard.errors", "gradguard.causes", "gradguard._files"}
     for path in sorted((SRC / "report").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -600,6 +600,12 @@ def test_report_modules_import_no_torch() -> None:
         tree = ast.parse((SRC / name).read_text())
         imports = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
         assert all(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in imports)
+    tree = ast.parse((SRC / "_files.py").read_text())  # the standard library only
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert all(a.name in sys.stdlib_module_names for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.module == "__future__" or node.module in sys.stdlib_module_names
 
 
 def test_report_runs_without_torch_loaded(tmp_path: Path) -> None:

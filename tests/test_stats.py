@@ -12,7 +12,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard import stats as stats_module
-from gradguard.errors import UnsupportedModelError
+from gradguard.errors import ConfigError, UnsupportedModelError
 
 
 def loop_norms(model: nn.Module) -> dict[str, float]:
@@ -239,6 +239,180 @@ def test_fp16_gradient_whose_fp16_norm_overflows_is_measured_in_fp32() -> None:
     assert bool(stats.finite)
     assert not bool(stats.overflow)
     assert float(stats.total) == pytest.approx(1e4 * math.sqrt(1000), rel=1e-6)
+
+
+# --- what finite and overflow mean (docs/statistics.md) ------------------------------------
+
+
+def test_finite_means_every_element_finite_once_resolved_and_the_fp32_norm_before() -> None:
+    """Resolved: NaN/Inf elements only. Unresolved: the fp32 global norm, so overflow too."""
+    model = nn.Linear(10, 1, bias=False)
+    model.weight.grad = torch.full((1, 10), 3e38)  # the largest fp32 values: all finite
+    unresolved = gg.grad_stats(model, resolve=False)
+    assert not unresolved.resolved
+    assert not bool(unresolved.finite)
+    assert not bool(unresolved.overflow)  # not told apart yet
+    stats = unresolved.resolve()
+    assert bool(stats.finite)
+    assert bool(stats.overflow)
+    assert math.isinf(float(stats.total))  # the true norm, 9.5e38, has no fp32 value
+    assert stats.total_fp64 is None  # an fp32 model
+    model.weight.grad[0, 3] = math.inf
+    stats = gg.grad_stats(model)
+    assert not bool(stats.finite)
+    assert not bool(stats.overflow)
+
+
+def test_missing_gradients_are_finite_with_norm_zero() -> None:
+    model = nn.Linear(3, 2)
+    model.weight.grad = torch.ones(2, 3)
+    stats = gg.grad_stats(model)
+    assert bool(stats.finite)
+    assert float(stats.per_tensor[1]) == 0.0
+
+
+# --- fp64 gradients: fp64 norms beside the fp32 ones ----------------------------------------
+
+
+def fp64_linear(magnitude: float) -> nn.Module:
+    model = nn.Linear(10, 3).double()
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * magnitude
+    return model
+
+
+@pytest.mark.parametrize("resolve", [None, False])
+@pytest.mark.parametrize("magnitude", [1e38, 1e100])
+def test_fp64_norm_beyond_the_fp32_range_is_finite_and_flagged_overflow(
+    magnitude: float, resolve: bool | None
+) -> None:
+    model = fp64_linear(magnitude)
+    stats = gg.grad_stats(model, resolve=resolve)
+    oracle = math.sqrt(sum(v**2 for v in loop_norms(model).values()))
+    assert stats.total_fp64 is not None
+    assert stats.total_fp64.dtype == torch.float64
+    assert float(stats.total_fp64) == pytest.approx(oracle, rel=1e-12)
+    assert math.isinf(float(stats.total))  # fp32, as logged
+    assert stats.per_tensor.dtype == torch.float32
+    assert bool(stats.finite)  # told by the fp64 norm, without resolving
+    assert bool(stats.overflow)
+    assert stats.resolved
+
+
+def test_fp64_squares_overflowing_fp64_are_measured_robustly_once_resolved() -> None:
+    model = fp64_linear(1e160)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert math.isinf(float(torch.linalg.vector_norm(grads[0])))  # torch's own norm
+    oracle = 1e160 * math.sqrt(sum(float((g / 1e160).norm()) ** 2 for g in grads))
+    fast = gg.grad_stats(model, resolve=False)
+    assert not bool(fast.finite)  # an inf fp64 norm: unresolved, it looks like an Inf
+    for stats in (fast.resolve(), gg.grad_stats(model)):
+        assert bool(stats.finite)
+        assert bool(stats.overflow)
+        assert stats.total_fp64 is not None
+        assert float(stats.total_fp64) == pytest.approx(oracle, rel=1e-12)
+
+
+def test_fp64_model_with_ordinary_gradients_keeps_its_fp64_norm() -> None:
+    model = fp64_linear(1.0)
+    stats = gg.grad_stats(model)
+    oracle = math.sqrt(sum(v**2 for v in loop_norms(model).values()))
+    assert stats.total_fp64 is not None
+    assert float(stats.total_fp64) == pytest.approx(oracle, rel=1e-15)
+    assert not bool(stats.overflow)
+    assert gg.grad_stats(Encoder()).total_fp64 is None  # fp32: no fp64 pass, nothing kept
+
+
+def test_model_converted_to_fp64_after_a_measurement_gets_fp64_norms() -> None:
+    model = nn.Linear(10, 3)
+    model.weight.grad = torch.ones(3, 10)
+    assert gg.grad_stats(model).total_fp64 is None
+    model.double()
+    model.weight.grad = torch.full((3, 10), 1e100, dtype=torch.float64)
+    stats = gg.grad_stats(model)
+    assert stats.total_fp64 is not None
+    assert float(stats.total_fp64) == pytest.approx(1e100 * math.sqrt(30), rel=1e-12)
+
+
+def test_mixed_fp32_overflow_and_fp64_gradients() -> None:
+    model = nn.Sequential(nn.Linear(4, 1, bias=False), nn.Linear(4, 1, bias=False).double())
+    model[0].weight.grad = torch.full((1, 4), 1e25)  # its fp32 norm overflows
+    model[1].weight.grad = torch.full((1, 4), 1e40, dtype=torch.float64)
+    stats = gg.grad_stats(model)
+    assert bool(stats.finite)
+    assert bool(stats.overflow)
+    assert stats.total_fp64 is not None
+    assert float(stats.total_fp64) == pytest.approx(2e40, rel=1e-12)
+    model[0].weight.grad[0, 0] = math.nan
+    stats = gg.grad_stats(model)
+    assert not bool(stats.finite)
+    assert not bool(stats.overflow)
+
+
+# --- the source fingerprint -----------------------------------------------------------------
+
+
+def test_check_source_accepts_fresh_statistics_and_names_the_stale_tensor() -> None:
+    model = Encoder()
+    backward(model)
+    stats = gg.grad_stats(model)
+    stats.check_source(model)
+    stats.check_source()
+    assert stats.versions is not None
+    assert len(stats.versions) == len(stats.names)
+    assert model.head.bias.grad is not None
+    model.head.bias.grad.mul_(2)  # one tensor written in place
+    with pytest.raises(ConfigError, match=r"'head.bias' was written in place"):
+        stats.check_source(model)
+
+
+def test_check_source_tells_a_gradient_set_to_none_or_appearing() -> None:
+    model = Encoder()
+    backward(model)
+    model.head.weight.grad = None
+    stats = gg.grad_stats(model)
+    model.head.weight.grad = torch.zeros_like(model.head.weight)
+    with pytest.raises(ConfigError, match="'head.weight' had no gradient when measured"):
+        stats.check_source()
+    stats = gg.grad_stats(model)
+    model.embed.weight.grad = None
+    with pytest.raises(ConfigError, match="'embed.weight' has had its .grad set to None"):
+        stats.check_source()
+
+
+def test_check_source_compares_the_parameters_themselves() -> None:
+    model = Encoder()
+    backward(model)
+    stats = gg.grad_stats(model)
+    stats.check_source(model.named_parameters())  # the same tensors, another layout object
+    n = len(stats.names)
+    with pytest.raises(ConfigError, match=f"measured on other parameters: {n} tensors"):
+        stats.check_source(list(model.named_parameters())[:-1])
+    with pytest.raises(ConfigError, match=f"not this model's {n} trainable ones"):
+        gg.grad_stats(model.layers).check_source(model)
+
+
+def test_fingerprint_false_records_no_versions_but_still_sees_replacement() -> None:
+    model = Encoder()
+    backward(model)
+    stats = gg.grad_stats(model, fingerprint=False)
+    assert stats.versions is None
+    assert model.head.bias.grad is not None
+    model.head.bias.grad.mul_(2)
+    stats.check_source(model)  # in-place writes go unseen without the versions
+    model.zero_grad(set_to_none=True)
+    backward(model)
+    with pytest.raises(ConfigError, match="new .grad tensor"):
+        stats.check_source(model)
+
+
+def test_fingerprint_survives_resolve() -> None:
+    model = nn.Linear(10, 1, bias=False)
+    model.weight.grad = torch.full((1, 10), 1e25)
+    stats = gg.grad_stats(model, resolve=False).resolve()
+    assert stats.versions is not None
+    stats.check_source(model)
 
 
 def test_layout_is_cached_and_rebuilt_when_trainability_changes() -> None:

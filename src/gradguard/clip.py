@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from gradguard import _foreach
 from gradguard.errors import ConfigError
-from gradguard.stats import GradStats, NamedParameters, grad_stats
+from gradguard.stats import GradStats, NamedParameters, grad_stats, group_norms
 
 #: Added to the norm before dividing, as torch's ``clip_grad_norm_`` does.
 NORM_EPS = 1e-6
@@ -79,6 +79,28 @@ def _scale_for(threshold: Tensor, total: Tensor) -> Tensor:
     return torch.where(torch.isfinite(total), scale, torch.ones_like(scale))
 
 
+def _norm(stats: GradStats) -> Tensor:
+    """The global norm policies clip by: fp64 when some gradient is fp64, else fp32."""
+    return stats.total if stats.total_fp64 is None else stats.total_fp64
+
+
+def _scale_grads_(stats: GradStats, scale: Tensor) -> None:
+    """Multiply every gradient by the 0-d ``scale`` in place.
+
+    fp64 gradients take it in fp64 (``scale`` is then fp64): the factor of a norm beyond
+    the fp32 range can be below fp32's smallest number. Every other dtype takes it in fp32.
+    """
+    if stats.total_fp64 is None:
+        _foreach.scale_(stats.grad_groups, scale)
+        return
+    if scale.device.type == "cpu" and scale.item() == 1.0:
+        return
+    for group in stats.grad_groups:
+        if group:
+            dtype = torch.float64 if group[0].dtype == torch.float64 else torch.float32
+            torch._foreach_mul_(group, scale.to(group[0].device, dtype, non_blocking=True))
+
+
 class _GlobalNormPolicy:
     """Shared shape of the policies that scale every gradient by one factor."""
 
@@ -91,7 +113,7 @@ class _GlobalNormPolicy:
         raise NotImplementedError
 
     def _total(self, stats: GradStats) -> Tensor:
-        return stats.total
+        return _norm(stats)
 
     def clip_(self, stats: GradStats) -> Tensor:
         """Scale every gradient by ``min(1, threshold / (norm + 1e-6))``; return that scale."""
@@ -102,14 +124,17 @@ class _GlobalNormPolicy:
             # skip the multiply when it would be by exactly 1.
             norm = total.item()
             ratio = float(threshold) / (norm + NORM_EPS) if math.isfinite(norm) else 1.0
-            scale = torch.tensor(min(1.0, ratio), dtype=torch.float32)
+            # fp64 gradients keep an fp64 scale: the factor of a norm beyond fp32's range
+            # can be below fp32's smallest normal number.
+            wide = total.dtype == torch.float64
+            scale = torch.tensor(min(1.0, ratio), dtype=torch.float64 if wide else torch.float32)
             if ratio < 1.0:
-                _foreach.scale_(stats.grad_groups, scale)
+                _scale_grads_(stats, scale)
             return scale
         assert isinstance(threshold, Tensor)  # accelerator paths keep thresholds on the device
-        scale = _scale_for(threshold, total)
-        _foreach.scale_(stats.grad_groups, scale)
-        return scale
+        scale = _scale_for(threshold, total)  # fp64 when the norm is (fp64 gradients)
+        _scale_grads_(stats, scale)
+        return scale if scale.dtype == torch.float64 else scale.float()
 
     def state_dict(self) -> dict[str, Any]:
         """Return the policy's state: empty for a stateless policy."""
@@ -128,7 +153,9 @@ class NormClip(_GlobalNormPolicy):
     (||g|| + 1e-6))``, the same rule and epsilon as ``torch.nn.utils.clip_grad_norm_``.
     Choose it when you know a sensible bound (e.g. 1.0 for transformers). Unlike torch's,
     the norm accumulates in fp32: fp16 gradients whose fp16 norm overflows (1,000
-    elements of 1e4) are scaled correctly instead of being zeroed.
+    elements of 1e4) are scaled correctly instead of being zeroed. fp64 gradients are
+    measured and scaled in fp64, as torch does, so a norm beyond the fp32 range (above
+    3.4e38) is clipped too.
 
     Args:
         max_norm: the largest global norm allowed.
@@ -146,18 +173,21 @@ class NormClip(_GlobalNormPolicy):
 
     def _total(self, stats: GradStats) -> Tensor:
         if self.norm_type == 2.0:
-            return stats.total
+            return _norm(stats)
+        wide = stats.total_fp64 is not None
+        dtype = torch.float64 if wide else torch.float32
+        device = stats.total.device
         norms = [
-            _foreach.stacked_norms(group, self.norm_type).to(stats.total.device)
+            group_norms(group, self.norm_type, wide).to(device, dtype)
             for group in stats.grad_groups
             if group
         ]
-        local = torch.cat(norms) if norms else torch.zeros(1, device=stats.total.device)
+        local = torch.cat(norms) if norms else torch.zeros(1, dtype=dtype, device=device)
         if math.isinf(self.norm_type):
             return stats.all_reduce_(local.max(), op="max")
         # sum |g|^p over local shards, across ranks, then the p-th root
         powered = local.double().pow(self.norm_type).sum()
-        return stats.all_reduce_(powered).pow(1.0 / self.norm_type).float()
+        return stats.all_reduce_(powered).pow(1.0 / self.norm_type).to(dtype)
 
     def _threshold(self, total: Tensor) -> Tensor | float:
         if total.device.type == "cpu":
@@ -196,9 +226,10 @@ class ValueClip:
             torch.cat(norms).double().square().sum() if norms else torch.zeros((), device=device)
         )
         clipped = stats.all_reduce_(local).sqrt().float()
-        ratio = torch.clamp(clipped / stats.total, 0.0, 1.0)
-        good = torch.isfinite(stats.total) & (stats.total > 0)
-        return torch.where(good, ratio, torch.ones_like(ratio))
+        total = _norm(stats)
+        ratio = torch.clamp(clipped / total, 0.0, 1.0)
+        good = torch.isfinite(total) & (total > 0)
+        return torch.where(good, ratio, torch.ones_like(ratio)).float()
 
     def state_dict(self) -> dict[str, Any]:
         """Return the policy's state: value clipping keeps none."""
@@ -482,10 +513,10 @@ class ZClip(_GlobalNormPolicy):
             return float(threshold)
         state = self._tensor_state(total.device)
         finite_t = torch.isfinite(total)
-        g_t = torch.where(finite_t, total, torch.zeros_like(total)).float()
+        g_t = torch.where(finite_t, total, torch.zeros_like(total))  # fp64 for fp64 grads
         new_t, threshold_t = self._rule(g_t, finite_t, state, _TENSOR_OPS)
         self._state.set(new_t)
-        result: Tensor = threshold_t.float()
+        result: Tensor = threshold_t.to(total.dtype)
         return result
 
     def _tensor_state(self, device: torch.device) -> dict[str, Tensor]:
@@ -526,11 +557,13 @@ def unitwise_norm(t: Tensor) -> Tensor:
     """Norm per unit: per output row/channel (dim 0) for ndim > 1, whole tensor otherwise.
 
     Assumes the output dimension comes first, as in ``nn.Linear`` and ``nn.ConvNd``.
+    Accumulated and returned in fp32, or fp64 for an fp64 tensor.
     """
+    dtype = None if t.dtype == torch.float64 else torch.float32
     if t.ndim <= 1:
-        return _foreach.vector_norm(t, dtype=torch.float32)
+        return _foreach.vector_norm(t, dtype=dtype)
     dims = tuple(range(1, t.ndim))
-    return _foreach.vector_norm(t, dim=dims, keepdim=True, dtype=torch.float32)
+    return _foreach.vector_norm(t, dim=dims, keepdim=True, dtype=dtype)
 
 
 class AGC:
@@ -609,6 +642,7 @@ class AGC:
         """Clip unit by unit in place; return the clipped global norm over the original."""
         excluded = self._excluded(stats)
         device = stats.total.device
+        after_dtype = torch.float32 if stats.per_tensor_fp64 is None else torch.float64
         positions: list[int] = []
         new_squares: list[Tensor] = []
         for i, (param, grad) in enumerate(zip(stats.params, stats.grads, strict=True)):
@@ -619,17 +653,26 @@ class AGC:
             factor = torch.where(
                 grad_norm > max_norm, max_norm / grad_norm.clamp(min=NORM_EPS), 1.0
             )
-            grad.mul_(factor.to(grad.dtype))
+            # The factor stays fp32 (fp64 for fp64 gradients), so fp16/bf16 products are
+            # formed in fp32 and rounded once. Cast to fp16 first, a factor below fp16's
+            # normal range (6.1e-5) would become a subnormal and lose up to a third of its
+            # value; a 0-d factor beside a dimensioned gradient would take the gradient's
+            # dtype by type promotion, so it is given the gradient's number of dimensions.
+            if factor.ndim < grad.ndim and factor.dtype != grad.dtype:
+                factor = factor.reshape((1,) * grad.ndim)
+            grad.mul_(factor)
             positions.append(i)
-            new_squares.append((grad_norm * factor).square().sum().to(device))
+            new_squares.append((grad_norm * factor).square().sum().to(device, after_dtype))
         if not positions:
             return torch.ones((), device=device)
-        after = stats.per_tensor.clone()
+        before = stats.per_tensor if stats.per_tensor_fp64 is None else stats.per_tensor_fp64
+        after = before.clone()
         index = self._index(tuple(positions), device)
         after.index_copy_(0, index, torch.stack(new_squares).sqrt())
-        ratio = torch.clamp(_foreach.vector_norm(after) / stats.total, 0.0, 1.0)
-        good = torch.isfinite(stats.total) & (stats.total > 0)
-        return torch.where(good, ratio, torch.ones_like(ratio))
+        total = _norm(stats)
+        ratio = torch.clamp(_foreach.vector_norm(after) / total, 0.0, 1.0)
+        good = torch.isfinite(total) & (total > 0)
+        return torch.where(good, ratio, torch.ones_like(ratio)).float()
 
     def state_dict(self) -> dict[str, Any]:
         """Return the policy's state: AGC keeps none."""
@@ -648,8 +691,17 @@ def clip_(
 ) -> Tensor:
     """Measure the gradients (unless ``stats`` is given) and apply ``policy`` in place.
 
+    Given ``stats``, checks on the host that they describe ``model``'s gradients as they
+    are now (:meth:`GradStats.check_source`): statistics of another model, or measured
+    before a ``zero_grad()`` and ``backward()`` or any in-place write to a gradient, are
+    refused, since clipping by them would scale by the wrong norm.
+
     Returns:
         The scale, a 0-d tensor in [0, 1] on the model's device.
+
+    Raises:
+        ConfigError: ``policy`` is not a clipping policy, or ``stats`` are stale or of
+            another model.
 
     Example:
         >>> import torch
@@ -666,4 +718,7 @@ def clip_(
                 f"{type(policy).__name__}."
             )
         _CHECKED_POLICY_TYPES.add(type(policy))
-    return policy.clip_(stats if stats is not None else grad_stats(model))
+    if stats is None:
+        return policy.clip_(grad_stats(model, fingerprint=False))
+    stats.check_source(model)
+    return policy.clip_(stats)

@@ -68,6 +68,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional name
 from torch import Tensor, nn
 
 from gradguard import _jacobian, init
+from gradguard._files import write_text_atomic
 from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError
 from gradguard.stats import ROOT_LAYER, grad_stats
 
@@ -347,10 +348,12 @@ class Diagnosis:
         return _html_page(self)
 
     def save_html(self, path: str | Path) -> Path:
-        """Write :meth:`to_html` to ``path`` (UTF-8) and return the path."""
-        target = Path(path)
-        target.write_text(self.to_html(), encoding="utf-8")
-        return target
+        """Write :meth:`to_html` to ``path`` (UTF-8) and return the path.
+
+        Written to a temporary file and renamed: a failed write (a full disk) leaves any
+        previous page whole and no partial file behind.
+        """
+        return write_text_atomic(Path(path), self.to_html())
 
     def __str__(self) -> str:
         return _plain_text(self)

@@ -323,7 +323,11 @@ class Guard:
             assert self._probe is not None
             self._probe.before_step()
         stats = grad_stats(
-            self.model, resolve=False, loss=loss_tensor, process_group=self.process_group
+            self.model,
+            resolve=False,
+            loss=loss_tensor,
+            process_group=self.process_group,
+            fingerprint=False,  # the guard clips what it just measured
         )
         no_sync = self.fused and self.nonfinite == "skip" and self._fused_state_ready()
         self._window_on_device.append(no_sync)
@@ -337,7 +341,12 @@ class Guard:
         report = StepReport(
             step=self.step_count,
             grad_norm=stats.total,
-            clipped_norm=stats.total * scale,
+            # fp64 gradients: clipped from their fp64 norm, which may exceed fp32's range.
+            clipped_norm=(
+                stats.total * scale
+                if stats.total_fp64 is None
+                else (stats.total_fp64 * scale).float()
+            ),
             scale=scale,
             skipped=skipped,
             finite=stats.finite,
@@ -583,7 +592,11 @@ class Guard:
             if grad is not None and name in names:
                 grad.zero_()
         return grad_stats(
-            self.model, resolve=True, loss=stats.loss, process_group=self.process_group
+            self.model,
+            resolve=True,
+            loss=stats.loss,
+            process_group=self.process_group,
+            fingerprint=False,
         )
 
     # --- AMP -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from gradguard._files import write_text_atomic
 from gradguard.causes import CAUSES
 from gradguard.errors import ConfigError
 from gradguard.records import Event, Window, _json_float
@@ -50,13 +51,6 @@ class Sink(Protocol):
     def close(self) -> None:
         """Flush and release resources; safe to call twice."""
         ...
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 LOCK_FILE = ".lock"
@@ -215,7 +209,7 @@ class JsonlSink:
         else:
             body["sessions"] = [session]
         try:
-            _atomic_write_text(self.run_dir / META_FILE, json.dumps(body, indent=1) + "\n")
+            write_text_atomic(self.run_dir / META_FILE, json.dumps(body, indent=1) + "\n")
             for name in ROW_FILES:
                 self._files[name] = (self.run_dir / name).open("a", encoding="utf-8")
         except OSError as error:

@@ -1,7 +1,7 @@
 """Gradient statistics in one fused pass: per-tensor, per-layer and global norms, finiteness.
 
 Everything downstream (clipping, detection, logging) reads these numbers, so they are
-computed once per step, on the device, with fp32 accumulation whatever the gradient dtype
+computed once per step, on the device, with fp32 accumulation (fp64 for fp64 gradients)
 and without a host sync: ``torch._foreach_norm`` once per (device, dtype) group, then a
 handful of small kernels over the per-tensor norms.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import operator
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias
 
@@ -19,13 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import _distributed, _foreach
-from gradguard.errors import UnsupportedModelError
+from gradguard.errors import ConfigError, UnsupportedModelError
 
 NamedParameters: TypeAlias = Iterable[tuple[str, Tensor]]
 ROOT_LAYER = "(root)"
 
 _get_grad = operator.attrgetter("grad")
 _get_requires_grad = operator.attrgetter("requires_grad")
+_get_version = operator.attrgetter("_version")
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +56,8 @@ class Layout:
     sharding: _distributed.Sharding | None = None
     false: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
     true: Tensor = field(default_factory=lambda: torch.ones((), dtype=torch.bool))
+    wide: bool = False  # some gradient is fp64: its norms are kept in fp64 (not on MPS)
+    first_dtype: torch.dtype = torch.float32  # of params[0], to notice model.to(dtype)
 
     @property
     def accumulate_dtype(self) -> torch.dtype:
@@ -129,6 +132,9 @@ def _build_layout(
             layer_names.append(layer)
         layer_of_tensor.append(layer_pos[layer])
     locals_ = [_distributed.local(p) for p in params]
+    wide = _accumulate_dtype(device) == torch.float64 and any(
+        p.dtype == torch.float64 for p in locals_
+    )
     groups = tuple(
         _Group(tuple(pos), torch.tensor(pos, dtype=torch.long, device=device))
         for pos in _foreach.group_indices(locals_).values()
@@ -145,6 +151,8 @@ def _build_layout(
         sharding=_distributed.detect(model, params, device, group),
         false=torch.zeros((), dtype=torch.bool, device=device),
         true=torch.ones((), dtype=torch.bool, device=device),
+        wide=wide,
+        first_dtype=locals_[0].dtype,
     )
 
 
@@ -155,7 +163,8 @@ def layout_for(source: nn.Module | NamedParameters, process_group: Any = None) -
     layout = _LAYOUTS.get(source)
     if layout is not None and (
         tuple(map(_get_requires_grad, layout.all_params)) == layout.trainable_mask
-        and _distributed.local(layout.params[0]).device == layout.device
+        and (first := _distributed.local(layout.params[0])).device == layout.device
+        and first.dtype == layout.first_dtype  # model.double() after a first measurement
         and (process_group is None or _reduces_over(layout, process_group))
     ):
         return layout
@@ -176,7 +185,8 @@ def forget(model: nn.Module) -> None:
     """Drop the cached parameter layout of ``model``.
 
     The layout is rebuilt by itself when a parameter is frozen or unfrozen, or the model
-    moves device; call this after registering new parameters on a model already measured.
+    moves device or changes dtype; call this after registering new parameters on a model
+    already measured.
     """
     _LAYOUTS.pop(model, None)
 
@@ -193,9 +203,21 @@ class GradStats:
         per_layer: fp32 L2 norm over each layer's parameters, in ``layer_names`` order; a
             layer is the module owning the parameters, ordered by registration (depth).
         total: fp32 global L2 norm over every gradient.
-        finite: bool, every gradient element is finite.
-        overflow: bool, every element is finite but a norm overflowed fp32 accumulation;
-            the norms were then recomputed robustly (scaled by the max-abs).
+        finite: bool. Once resolved: every element of every gradient is finite (no NaN, no
+            Inf). Unresolved: the global norm is finite, so a finite gradient whose fp32
+            norm overflowed reads False until :meth:`resolve`.
+        overflow: bool, every element is finite but a norm overflowed fp32: the fused fp32
+            sum of squares (elements from about 1.8e19), or the fp32 range itself (a true
+            norm above 3.4e38, which reads inf in the fp32 fields). Resolving recomputes
+            overflowed norms robustly, scaled by the max-abs. False until resolved, except
+            with fp64 gradients, whose fp64 norm tells it without a read.
+        total_fp64: the global norm in fp64 when some gradient is fp64, else None. ``total``
+            is this norm rounded to fp32 (inf above 3.4e38); policies clip by this one, so
+            fp64 gradients whose norm exceeds the fp32 range are clipped like torch's
+            ``clip_grad_norm_`` clips them.
+        per_tensor_fp64: the per-tensor norms in fp64 when ``total_fp64`` is set, else None.
+        versions: each measured gradient's version counter (-1 where None), or None when
+            measured with ``fingerprint=False``; see :meth:`check_source`.
         names: parameter names.
         layer_names: layer names, e.g. ``encoder.layers.3.attn``.
         resolved: whether non-finite norms have been told apart into ``finite=False``
@@ -219,6 +241,9 @@ class GradStats:
     sharding: _distributed.Sharding | None = field(default=None, repr=False)
     squares: Tensor | None = field(default=None, repr=False)
     _per_layer: Tensor | None = field(default=None, repr=False)
+    total_fp64: Tensor | None = None
+    per_tensor_fp64: Tensor | None = field(default=None, repr=False)
+    versions: tuple[int, ...] | None = field(default=None, repr=False)
 
     @property
     def per_layer(self) -> Tensor:
@@ -240,8 +265,11 @@ class GradStats:
         vanishing layer's 1e-25 norm must not read 0, a 1e20 norm must not read inf.
         """
         if self.squares is None:
-            dtype = _accumulate_dtype(self.per_tensor.device)
-            object.__setattr__(self, "squares", self.per_tensor.to(dtype).square())
+            if self.per_tensor_fp64 is not None:
+                squares = self.per_tensor_fp64.square()
+            else:
+                squares = self.per_tensor.to(_accumulate_dtype(self.per_tensor.device)).square()
+            object.__setattr__(self, "squares", squares)
         assert self.squares is not None
         return self.squares
 
@@ -270,13 +298,99 @@ class GradStats:
             return replace(self, resolved=True, finite_on_host=True)
         return _resolve_nonfinite(self)
 
+    def check_source(self, model: nn.Module | NamedParameters | None = None) -> None:
+        """Raise unless these statistics describe ``model``'s gradients as they are now.
+
+        Host-only (no device sync): compares the trainable parameters with those measured
+        (skipped when ``model`` is None), each parameter's ``.grad`` with the tensor
+        measured (a ``zero_grad()`` then ``backward()`` replaces it), and, unless measured
+        with ``grad_stats(..., fingerprint=False)``, each gradient's version counter with
+        the one recorded (``zero_grad(set_to_none=False)``, a backward accumulating into it
+        or a clip writes it in place). :func:`gradguard.clip_` calls it on the statistics
+        it is given.
+
+        Raises:
+            ConfigError: naming the mismatch and the fix (measure again).
+        """
+        if model is not None:
+            self._check_parameters(model)
+        fix = (
+            "Statistics describe the gradients at the moment grad_stats measured them: "
+            "measure again after the last backward (stats = gradguard.grad_stats(model)), "
+            "or call gradguard.clip_(model, policy) without stats to measure and clip at once."
+        )
+        current = list(map(_get_grad, self.params))
+        if self.sharding is not None and self.sharding.sharded:
+            current = [None if g is None else _distributed.local(g) for g in current]
+        if not all(map(operator.is_, current, self.grads)):
+            pairs = enumerate(zip(current, self.grads, strict=True))
+            i = next(i for i, (a, b) in pairs if a is not b)
+            if self.grads[i] is None:
+                change = "had no gradient when measured and has one now"
+            elif current[i] is None:
+                change = "has had its .grad set to None since"
+            else:
+                change = "holds a new .grad tensor (zero_grad() and another backward() replaced it)"
+            raise ConfigError(f"stale GradStats: {self.names[i]!r} {change}. {fix}")
+        if self.versions is not None and _versions(self.grads) != self.versions:
+            now = _versions(self.grads)
+            i = next(i for i, (a, b) in enumerate(zip(now, self.versions, strict=True)) if a != b)
+            raise ConfigError(
+                f"stale GradStats: the .grad of {self.names[i]!r} was written in place since "
+                "it was measured (zero_grad(set_to_none=False), another backward() "
+                f"accumulating into it, or a clip). {fix}"
+            )
+
+    def _check_parameters(self, model: nn.Module | NamedParameters) -> None:
+        if isinstance(model, nn.Module):
+            layout = _LAYOUTS.get(model)
+            if layout is not None and layout.params is self.params:
+                return  # the cached layout these statistics were measured with
+        trainable = [p for _, p in _named_parameters(model) if p.requires_grad]
+        if len(trainable) == len(self.params) and all(map(operator.is_, trainable, self.params)):
+            return
+        raise ConfigError(
+            f"these GradStats were measured on other parameters: {len(self.params)} tensors "
+            f"({', '.join(self.names[:3])}{', ...' if len(self.names) > 3 else ''}), not "
+            f"this model's {len(trainable)} trainable ones (another model, or parameters "
+            "frozen, unfrozen or replaced since). Pass the statistics of this model "
+            "(stats = gradguard.grad_stats(model) after its backward), or call "
+            "gradguard.clip_(model, policy) without stats to measure it."
+        )
+
+
+def _versions(grads: Sequence[Tensor | None]) -> tuple[int, ...]:
+    """Each gradient's version counter (-1 for a missing one): attribute reads, no sync."""
+    try:
+        return tuple(map(_get_version, grads))
+    except AttributeError:  # a None among them
+        return tuple(-1 if g is None else g._version for g in grads)
+
+
+def _scaled_norm(norms: Tensor) -> Tensor:
+    """The L2 norm of non-negative ``norms`` without overflow: ``max * ||norms / max||``.
+
+    NaN if one is NaN, inf if one is inf; a host read (the rare, resolving path only).
+    """
+    peak = float(norms.max()) if norms.numel() else 0.0  # sync: rare path
+    if not 0.0 < peak < math.inf:
+        return torch.full((), peak, dtype=norms.dtype, device=norms.device)
+    return _foreach.vector_norm(norms / peak) * peak
+
 
 def _resolve_nonfinite(stats: GradStats) -> GradStats:
     """Recompute non-finite norms robustly; collective (same calls on every rank) if sharded."""
-    local = (
-        stats.local_squares if stats.local_squares is not None else stats.global_squares()
-    ).clone()
-    for i in torch.nonzero(~torch.isfinite(stats.per_tensor)).flatten().tolist():
+    wide = stats.per_tensor_fp64 is not None
+    norms_before = stats.per_tensor_fp64 if stats.per_tensor_fp64 is not None else stats.per_tensor
+    reduce = stats.sharding is not None
+    if reduce:  # per-rank squared norms, to be summed across ranks
+        local = (
+            stats.local_squares if stats.local_squares is not None else stats.global_squares()
+        ).clone()
+    else:  # norms, kept as norms: an fp64 norm above 1e154 has no fp64 square
+        dtype = _accumulate_dtype(stats.per_tensor.device)
+        local = norms_before.to(dtype, copy=True)
+    for i in torch.nonzero(~torch.isfinite(norms_before)).flatten().tolist():
         grad = stats.grads[i]
         if grad is None:  # a missing grad has norm 0: never here, kept for the type checker
             continue
@@ -288,21 +402,34 @@ def _resolve_nonfinite(stats: GradStats) -> GradStats:
             continue
         max_abs = values.abs().max().double().clamp(min=torch.finfo(torch.float64).tiny)
         robust = _foreach.vector_norm(values.double() / max_abs) * max_abs
+        if not reduce:
+            local[i] = robust.to(local.device)
+            continue
         divisor = (
             1.0
             if stats.sharding is None or stats.sharding.replicas is None
             else float(stats.sharding.replicas[i])
         )
         local[i] = robust.square().to(local.device) / divisor
-    squares = stats.all_reduce_(local)
-    all_finite = bool(torch.isfinite(squares).all())  # sync: the rare path only
+    if reduce:
+        # fp64 norms above 1e154 leave the fp64 range when squared: under FSDP2 such a
+        # norm reads inf (a NaN still marks a NaN/Inf element).
+        squares = stats.all_reduce_(local)
+        norms = squares.sqrt()
+        total = squares.sum().sqrt()
+    else:
+        norms, total = local, _scaled_norm(local)
+        squares = local.square()
+    all_finite = not bool(torch.isnan(total))  # sync: the rare path only; NaN marks a bad element
     device = stats.total.device
     return replace(
         stats,
-        per_tensor=squares.sqrt().float(),
+        per_tensor=norms.float(),
+        per_tensor_fp64=norms if wide else None,
         squares=squares,
         _per_layer=None,
-        total=squares.sum().sqrt().float(),
+        total=total.float(),
+        total_fp64=total if wide else None,
         finite=torch.tensor(all_finite, device=device),
         overflow=torch.tensor(all_finite, device=device),
         resolved=True,
@@ -320,15 +447,37 @@ def layer_norms(squares: Tensor, layer_index: Tensor, n_layers: int) -> Tensor:
     )
 
 
+def group_norms(tensors: list[Tensor], ord: float = 2.0, wide: bool = False) -> Tensor:
+    """Per-tensor ``ord``-norms of one (device, dtype) group, fused.
+
+    fp32 (accumulated in fp32, see :func:`gradguard._foreach.stacked_norms`), except for an
+    fp64 group when ``wide``: fp64, so a norm beyond the fp32 range stays finite.
+    """
+    if not (wide and tensors[0].dtype == torch.float64):
+        return _foreach.stacked_norms(tensors, ord)
+    try:
+        norms = list(torch._foreach_norm(tensors, ord))
+    except (RuntimeError, NotImplementedError):  # sparse: the norm of the coalesced values
+        norms = [
+            _foreach.vector_norm(t.coalesce()._values() if t.is_sparse else t, ord) for t in tensors
+        ]
+    return torch.stack(norms)
+
+
 def _per_tensor_norms(
     layout: Layout, grads: list[Tensor | None]
 ) -> tuple[Tensor, tuple[list[Tensor], ...]]:
-    """Fused per-tensor fp32 norms in parameter order, and the present grads per group."""
+    """Fused per-tensor norms in parameter order, and the present grads per group.
+
+    fp32, or fp64 when the layout is wide (some gradient is fp64).
+    """
+    wide = layout.wide
     if layout.in_order:
         present = [g for g in grads if g is not None]
         if len(present) == len(grads):
-            return _foreach.stacked_norms(present), (present,)
-    per_tensor = torch.zeros(len(grads), dtype=torch.float32, device=layout.device)
+            return group_norms(present, wide=wide), (present,)
+    dtype = torch.float64 if wide else torch.float32
+    per_tensor = torch.zeros(len(grads), dtype=dtype, device=layout.device)
     grad_groups: list[list[Tensor]] = []
     for group in layout.groups:
         present_pairs = [(i, g) for i in group.positions if (g := grads[i]) is not None]
@@ -337,7 +486,7 @@ def _per_tensor_norms(
         grad_groups.append(group_grads)
         if not group_grads:
             continue
-        norms = _foreach.stacked_norms(group_grads).to(layout.device)
+        norms = group_norms(group_grads, wide=wide).to(layout.device, dtype)
         index = (
             group.index
             if len(positions) == len(group.positions)
@@ -353,6 +502,7 @@ def grad_stats(
     resolve: bool | None = None,
     loss: Tensor | None = None,
     process_group: Any = None,
+    fingerprint: bool = True,
 ) -> GradStats:
     """Measure the gradients of a model in one fused pass, without a host sync.
 
@@ -370,6 +520,11 @@ def grad_stats(
         loss: this step's loss, carried in the same reduction and averaged across ranks
             when the model is distributed (``stats.loss``).
         process_group: the group (or 1-D device mesh) to reduce over; detected otherwise.
+        fingerprint: record each gradient's version counter (one attribute read per
+            tensor, on the host), so that :func:`gradguard.clip_` can refuse these
+            statistics once a gradient was written in place. ``False`` saves those reads
+            for a caller that clips at once; a replaced gradient or another model is still
+            refused.
 
     Returns:
         The statistics, as tensors on the device of the first trainable parameter. Under
@@ -392,12 +547,14 @@ def grad_stats(
     if sharding is not None and sharding.sharded:
         grads = [None if g is None else _distributed.local(g) for g in grads]
     per_tensor, grad_groups = _per_tensor_norms(layout, grads)
+    # fp64 gradients keep fp64 norms beside the fp32 ones: a 1e31 norm is finite in fp64.
+    per_tensor_fp64 = per_tensor if layout.wide else None
     # Norms are summed in fp64 (GradStats.global_squares says why). One process: the global
     # norm in one kernel; squared norms only if per-layer norms or a resolve want them.
     local_squares: Tensor | None = None
     squares: Tensor | None = None
     if sharding is None:
-        total = _foreach.vector_norm(per_tensor, dtype=layout.accumulate_dtype).float()
+        norm = _foreach.vector_norm(per_tensor, dtype=layout.accumulate_dtype)
         loss = None if loss is None else loss.detach().reshape(()).float()
     else:
         local_squares = per_tensor.to(layout.accumulate_dtype).square()
@@ -405,14 +562,26 @@ def grad_stats(
             local_squares = local_squares / sharding.replicas
         squares, loss = _distributed.reduce_squares_and_loss(local_squares, loss, sharding)
         if sharding.sharded:
-            per_tensor = squares.sqrt().float()
+            per_tensor = squares.sqrt()
+            per_tensor_fp64 = per_tensor if layout.wide else None
         loss = None if loss is None else loss.reshape(())
-        total = squares.sum().sqrt_().float()
+        norm = squares.sum().sqrt_()
+    total = norm.float()
+    per_tensor = per_tensor.float()  # no kernel when already fp32
+    # Which norm decides ``finite``: the fp32 one, or the fp64 one for fp64 gradients (then
+    # ``overflow`` is known without a read: finite in fp64, beyond the fp32 range).
+    total_fp64 = norm if layout.wide else None
     on_cpu = layout.device.type == "cpu"
+    overflow = layout.false
     if on_cpu:
         # Reading a CPU tensor is no device sync: one float read instead of isfinite kernels.
-        clean_norm = math.isfinite(total.item())
+        clean_norm = math.isfinite((norm if layout.wide else total).item())
         finite = layout.true if clean_norm else layout.false
+        if layout.wide and clean_norm and not math.isfinite(total.item()):
+            overflow = layout.true
+    elif layout.wide:
+        finite = torch.isfinite(norm)
+        overflow = finite & torch.isinf(total)
     else:
         finite = torch.isfinite(total)
     resolving = resolve or (resolve is None and on_cpu)
@@ -423,7 +592,7 @@ def grad_stats(
         per_tensor=per_tensor,
         total=total,
         finite=finite,
-        overflow=layout.false,
+        overflow=overflow,
         names=layout.names,
         layer_names=layout.layer_names,
         resolved=clean,
@@ -436,6 +605,9 @@ def grad_stats(
         local_squares=local_squares,
         sharding=sharding,
         squares=squares,
+        total_fp64=total_fp64,
+        per_tensor_fp64=per_tensor_fp64,
+        versions=_versions(grads) if fingerprint else None,
     )
     return _resolve_nonfinite(stats) if resolving and not clean else stats
 

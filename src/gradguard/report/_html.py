@@ -7,14 +7,14 @@ The page carries a Content-Security-Policy that allows nothing but inline styles
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from gradguard._files import write_text_atomic
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -86,15 +86,7 @@ def write_page(path: Path, text: str) -> Path:
     When the write fails (a full disk, no permission) the temporary file is removed and
     the error raised: the previous page, if any, stays as it was.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 def image(data: bytes, alt: str, key: str) -> str:
