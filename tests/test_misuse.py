@@ -514,6 +514,7 @@ def _bad_guard_args(model: nn.Module) -> dict[str, tuple[dict[str, Any], str]]:
         "optimizer": ({"optimizer": "adam"}, "torch.optim.Optimizer"),
         "tensorboard without run_dir": ({"tensorboard": True}, "pass run_dir"),
         "overwrite not a bool": ({"overwrite_run_dir": "yes"}, "True or False"),
+        "run_dir not a path": ({"run_dir": 42}, "run_dir must be a path"),
     }
 
 
@@ -621,6 +622,9 @@ def test_a_wrong_state_dict_is_refused_and_leaves_the_guard_as_it_was(case: str)
         (lambda: gg.Rollback(storage="disk"), "needs path="),
         (lambda: TensorBoardSink("tb", flush_secs=-1), "flush_secs must be a positive"),
         (lambda: JsonlSink("run", overwrite=1), "overwrite must be True or False"),
+        (lambda: JsonlSink(42), "run_dir must be a path"),
+        (lambda: gg.Rollback(spike_metrics=["los"]), "spike_metrics must be a list of"),
+        (lambda: gg.Rollback(spike_metrics="loss"), "spike_metrics must be a list of"),
     ],
 )
 def test_bad_constructor_arguments_are_refused_naming_the_argument(

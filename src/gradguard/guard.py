@@ -181,6 +181,8 @@ class Guard:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.log_every = log_every
         self.on_event = on_event
+        if run_dir is not None and not isinstance(run_dir, str | os.PathLike):
+            raise ConfigError(f"run_dir must be a path (str or os.PathLike), got {run_dir!r}.")
         self.run_dir = None if run_dir is None else os.fspath(run_dir)
         self.sinks: list[Sink] = list(sinks)
         if run_dir is not None:

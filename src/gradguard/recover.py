@@ -327,6 +327,10 @@ class Rollback:
         if on_exhausted not in ("raise", "stop"):
             raise ConfigError(f"on_exhausted must be 'raise' or 'stop', got {on_exhausted!r}.")
         self.on_exhausted = on_exhausted
+        if isinstance(spike_metrics, str) or not set(spike_metrics) <= {"loss", "grad_norm"}:
+            raise ConfigError(
+                f"spike_metrics must be a list of 'loss' and 'grad_norm', got {spike_metrics!r}."
+            )
         self.spike_metrics = tuple(spike_metrics)
         self.rollbacks = 0
         self._cooldown_left = 0

@@ -126,6 +126,8 @@ class JsonlSink:
     def __init__(self, run_dir: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         if not isinstance(overwrite, bool):
             raise ConfigError(f"overwrite must be True or False, got {overwrite!r}.")
+        if not isinstance(run_dir, str | os.PathLike):
+            raise ConfigError(f"run_dir must be a path (str or os.PathLike), got {run_dir!r}.")
         self.run_dir = Path(run_dir)
         self.overwrite = overwrite
         self._files: dict[str, IO[str]] = {}
