@@ -1,7 +1,9 @@
 """Where drained statistics and events go: the run directory (JSONL) and TensorBoard.
 
 A sink reads records only (``Window``, ``Event``) and never the guard. The guard calls
-``open`` once with the run's metadata, then ``write`` at every drain, then ``close``.
+``open`` once with the run's metadata when it is built, then ``write`` at every drain,
+then ``close``. A sink that defines ``start(step)`` is also told, before the first step,
+the step the run starts from (0, or the step count of a resumed run).
 The run-directory format is documented in ``docs/run-format.md``; the TensorBoard tags
 in ``docs/report.md``.
 """
