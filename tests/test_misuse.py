@@ -34,6 +34,10 @@ def _backward(model: nn.Module, nan_in: nn.Parameter | None = None) -> torch.Ten
     return loss
 
 
+def _sgd_guard(model: nn.Module, **kwargs: Any) -> gg.Guard:
+    return gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -128,7 +132,7 @@ def test_a_replaced_parameter_is_noticed() -> None:
 
 def test_modules_made_elsewhere_cost_nothing_but_one_check() -> None:
     model = _model()
-    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), detectors=None)
+    guard = _sgd_guard(model, detectors=None)
     _model(3)  # an unrelated model built mid-run (e.g. for evaluation)
     for _ in range(3):
         guard.optimizer.zero_grad()
@@ -143,7 +147,7 @@ def test_the_refusal_is_a_gradguard_error() -> None:
 
 def test_a_step_without_backward_is_refused_and_not_counted() -> None:
     model = _model()
-    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log_every=2)
+    guard = _sgd_guard(model, log_every=2)
     with pytest.raises(GradGuardError, match=r"no gradients: was backward\(\) called\?"):
         guard.step()
     assert guard.step_count == 0
@@ -447,7 +451,7 @@ def test_a_jsonl_sink_used_alone_still_refuses_appending_a_fresh_run(tmp_path: P
     first.close()
     sink = JsonlSink(tmp_path)
     model = _model()
-    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), sinks=[sink])
+    guard = _sgd_guard(model, sinks=[sink])
     _backward(model)
     with pytest.raises(ConfigError, match="already holds the logs"):
         guard.step()
@@ -460,7 +464,7 @@ def test_a_jsonl_sink_used_alone_still_refuses_appending_a_fresh_run(tmp_path: P
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_a_second_step_on_the_same_gradients_is_refused(set_to_none: bool) -> None:
     model = _model()
-    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), clip=gg.NormClip(1.0))
+    guard = _sgd_guard(model, clip=gg.NormClip(1.0))
     _backward(model)
     guard.step()
     after_one = _weights(model)
@@ -476,7 +480,7 @@ def test_a_second_step_on_the_same_gradients_is_refused(set_to_none: bool) -> No
 
 def test_a_step_on_a_closed_guard_is_refused() -> None:
     model = _model()
-    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    guard = _sgd_guard(model)
     guard.close()
     _backward(model)
     with pytest.raises(GradGuardError, match="closed"):
@@ -533,7 +537,7 @@ def test_bad_guard_arguments_are_refused_naming_the_argument_and_the_fix(case: s
 
 def test_a_guarded_optimizer_given_as_the_optimizer_is_refused() -> None:
     model = _model()
-    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    guard = _sgd_guard(model)
     with pytest.raises(ConfigError, match="not a guarded one"):
         gg.Guard(model, guard.wrap())
 
@@ -542,18 +546,18 @@ def test_parameters_on_the_meta_device_are_refused_with_the_fix() -> None:
     with torch.device("meta"):
         model = nn.Linear(3, 2)
     with pytest.raises(ConfigError, match=r"'meta' device.*to_empty"):
-        gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        _sgd_guard(model)
 
 
 def test_complex_parameters_are_refused_naming_the_parameter() -> None:
     model = nn.Linear(3, 2, dtype=torch.complex64)
     with pytest.raises(ConfigError, match=r"parameter weight is complex.*view_as_real"):
-        gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        _sgd_guard(model)
 
 
 def _saved_state(**kwargs: Any) -> tuple[gg.Guard, dict[str, Any]]:
     model = _model()
-    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+    guard = _sgd_guard(model, **kwargs)
     _train(guard, 3)
     return guard, guard.state_dict()
 
@@ -759,7 +763,7 @@ def test_fp64_gradients_beyond_fp32_are_clipped_by_the_guard_as_torch_clips_them
         net(torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
         for p in net.parameters():
             p.grad = torch.full_like(p, 1e40)  # the norm overflows fp32, not fp64
-    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), clip=gg.NormClip(1.0))
+    guard = _sgd_guard(model, clip=gg.NormClip(1.0))
     report = guard.step()
     torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
     torch.optim.SGD(twin.parameters(), lr=0.1).step()

@@ -250,7 +250,8 @@ class Guard:
         self._weight_norm_pending = self._weight_norms()
         self._claimed: list[object] = []
         self._sinks_started = False
-        self._last_grads: tuple[Any, ...] = ()
+        # The first and last gradients the last step used, with their in-place versions.
+        self._used_grads: list[tuple[weakref.ref[Tensor], int]] = []
         self._take_ownership()
 
     def _take_ownership(self) -> None:
@@ -304,7 +305,7 @@ class Guard:
         Returns:
             A :class:`StepReport` of device tensors.
         """
-        self._check_ready()
+        edge_grads = self._check_ready()
         if not self._sinks_started:
             self._start_sinks()
         self.step_count += 1
@@ -359,17 +360,20 @@ class Guard:
             self.flush()
         if self.recovery is not None:
             self.recovery.after_step(self)
-        self._last_grads = self._grad_marks()
+        self._used_grads = [(weakref.ref(g), g._version) for g in edge_grads]
         if self._raise_after is not None:
             error, self._raise_after = self._raise_after, None
             raise error
         return report
 
-    def _check_ready(self) -> None:
-        """Refuse a step on a closed guard, on parameters it does not measure, or on none.
+    def _check_ready(self) -> tuple[Tensor, Tensor]:
+        """Refuse a step the guard would not measure truly; return the first and last grads.
 
-        O(1) unless the parameter set may have changed; the gradient check reads each
-        parameter's ``.grad`` attribute (no tensor work).
+        Refused: a closed guard, parameters it does not measure, no gradients, or the
+        gradients the last step used. A backward replaces a gradient (``set_to_none=True``)
+        or writes it in place, which bumps its version: the same first and last gradient at
+        the same versions mean no backward since. O(1) unless the parameter set may have
+        changed or the first parameters have no gradient.
         """
         if self._closed:
             raise GradGuardError("this Guard was closed; build a new one to keep training.")
@@ -378,35 +382,25 @@ class Guard:
             or _optimizer_shape(self.optimizer) != self._optimizer_shape
         ):
             self._check_parameter_set()
-        marks = self._grad_marks()
-        if not marks:
+        params = self.tensor_params
+        first = next((g for p in params if (g := p.grad) is not None), None)
+        if first is None:
             raise GradGuardError(
                 f"step {self.step_count + 1}: no gradients: was backward() called? Every "
                 "parameter's .grad is None, so there is nothing to measure or step (call "
                 "loss.backward() before guard.step(); zero_grad(set_to_none=True) after it)."
             )
-        if _same_gradients(marks, self._last_grads):
+        last = next(g for p in reversed(params) if (g := p.grad) is not None)
+        if self._used_grads and all(
+            ref() is grad and version == grad._version
+            for (ref, version), grad in zip(self._used_grads, (first, last), strict=True)
+        ):
             raise GradGuardError(
                 f"step {self.step_count + 1}: these are the gradients step {self.step_count} "
                 "already used (no backward() since): stepping again would apply the same "
                 "update twice. Call zero_grad() and loss.backward() before each guard.step()."
             )
-
-    def _grad_marks(self) -> tuple[Any, ...]:
-        """The gradients a step would use: the first and last ``.grad`` with their versions.
-
-        Empty when no parameter has a gradient.
-
-        A backward replaces a gradient (``set_to_none=True``) or writes it in place (which
-        bumps its version), so equal marks mean no backward since the last step. O(1) when
-        the first parameter has a gradient.
-        """
-        params = self.tensor_params
-        first = next((g for p in params if (g := p.grad) is not None), None)
-        if first is None:
-            return ()
-        last = next(g for p in reversed(params) if (g := p.grad) is not None)
-        return (weakref.ref(first), first._version, weakref.ref(last), last._version)
+        return first, last
 
     def _start_sinks(self) -> None:
         """Tell the sinks the run begins (fresh, or resumed at ``step_count``)."""
@@ -1223,18 +1217,6 @@ def _layer_scale(model: nn.Module, name: str) -> LayerScale | None:
 def _optimizer_shape(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
     """How many parameters each group holds: changes when a group or parameter is added."""
     return tuple(len(group["params"]) for group in optimizer.param_groups)
-
-
-def _same_gradients(marks: tuple[Any, ...], before: tuple[Any, ...]) -> bool:
-    """Whether two :meth:`Guard._grad_marks` name the same, unwritten gradient tensors."""
-    if len(marks) != len(before) or not marks:
-        return False
-    return all(
-        ref() is old_ref() and version == old_version
-        for ref, version, old_ref, old_version in zip(
-            marks[::2], marks[1::2], before[::2], before[1::2], strict=True
-        )
-    )
 
 
 def _check_parameters(model: nn.Module) -> None:

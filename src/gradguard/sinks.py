@@ -136,7 +136,7 @@ class JsonlSink:
         self._lock = RunDirLock(self.run_dir)
         self._meta: dict[str, Any] | None = None
         self._started = False
-        self._rows_before: int | None = None  # rows another session left, None if none
+        self._holds_rows = False  # rows of an earlier session are in the directory
 
     def open(self, meta: Mapping[str, Any]) -> None:
         """Take the directory (lock), and refuse a run of another model.
@@ -174,8 +174,7 @@ class JsonlSink:
                 "give a new run_dir, or pass overwrite_run_dir=True to replace it."
             )
         paths = [self.run_dir / name for name in ROW_FILES]
-        held = any(path.exists() and path.stat().st_size for path in paths)
-        self._rows_before = _count_rows(paths[0]) if held else None
+        self._holds_rows = any(path.exists() and path.stat().st_size for path in paths)
         self._meta = {"format_version": RUN_FORMAT_VERSION, **meta}
 
     def start(self, step: int) -> None:
@@ -189,10 +188,11 @@ class JsonlSink:
             return
         if self._meta is None:
             raise ConfigError("JsonlSink.start called before open(); the guard opens sinks.")
-        if self._rows_before is not None and step == 0:
+        if self._holds_rows and step == 0:
+            rows = _count_rows(self.run_dir / METRICS_FILE)
             raise ConfigError(
                 f"run_dir {self.run_dir} already holds the logs of another run "
-                f"({self._rows_before} steps): a fresh run is not appended to them. To "
+                f"({rows} steps): a fresh run is not appended to them. To "
                 "continue that run, load its state first (guard.load_state_dict(saved) "
                 "with the state guard.state_dict() returned); to replace its logs, pass "
                 "overwrite_run_dir=True (JsonlSink(..., overwrite=True)); or give a new "
@@ -205,7 +205,7 @@ class JsonlSink:
             "versions": self._meta.get("versions", {}),
         }
         body = dict(self._meta)
-        if self._rows_before is not None:
+        if self._holds_rows:
             for name in ROW_FILES:
                 _cut_torn_line(self.run_dir / name)
             previous = _read_meta(self.run_dir / META_FILE) or {}

@@ -91,6 +91,13 @@ def _rollback_part(run: RunData) -> tuple[str | None, bool]:
     return ("; ".join(clauses) or None), bool(failed)
 
 
+#: Event kinds the verdict describes in a clause of their own; others are counted.
+_DESCRIBED = frozenset(
+    {"nonfinite", "overflow", "spike", "vanishing", "exploding", "snapshot_failed"}
+    | {"rollback", "cooldown", "divergence"}
+)
+
+
 def _event_parts(run: RunData) -> list[str]:
     parts = []
     nonfinite = [
@@ -124,9 +131,7 @@ def _event_parts(run: RunData) -> list[str]:
             f"{_plural(len(failed_writes), 'snapshot write')} failed (first at step "
             f"{_first_step(failed_writes)}{why}): a rollback falls back to older snapshots"
         )
-    known = {"nonfinite", "overflow", "spike", "vanishing", "exploding", "snapshot_failed"}
-    known |= {"rollback", "cooldown", "divergence"}
-    others = [e for e in run.events if e.get("kind") not in known and severity(e) != "info"]
+    others = [e for e in run.events if e.get("kind") not in _DESCRIBED and severity(e) != "info"]
     if others:
         kinds = ", ".join(sorted({str(e.get("kind")) for e in others}))
         parts.append(f"{_plural(len(others), 'other warning')} ({kinds})")
