@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from gradguard import _jacobian, init
 from gradguard._files import write_text_atomic
 from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError
-from gradguard.stats import ROOT_LAYER, grad_stats
+from gradguard.stats import ROOT_LAYER, grad_stats, uncompiled
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
@@ -1792,6 +1792,7 @@ def diagnose(
         >>> diag.verdict, diag.flagged("vanishing")[0]
         ('vanishing', '0')
     """
+    model = uncompiled(model)  # diagnosed eagerly, under the model's own names
     trainable = _trainable(model)
     call = _as_call(inputs)
     devices = sorted({p.device.index or 0 for _, p in trainable if p.device.type == "cuda"})

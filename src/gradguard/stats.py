@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -83,9 +84,48 @@ def layer_of(param_name: str) -> str:
     return owner if dot else ROOT_LAYER
 
 
+#: The attribute ``torch.compile`` keeps the compiled module under (``OptimizedModule``).
+_COMPILED_ATTRIBUTE = "_orig_mod"
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile(model)`` wrapped, or ``model`` itself when not compiled.
+
+    A compiled module shares its parameters with the original, so measuring either is
+    the same; the original carries the model's own names.
+    """
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # imported by any torch.compile
+    compiled_type = getattr(dynamo, "OptimizedModule", None)
+    while compiled_type is not None and isinstance(model, compiled_type):
+        model = getattr(model, _COMPILED_ATTRIBUTE)
+    return model
+
+
+def own_name(name: str) -> str:
+    """A parameter or module name without the ``_orig_mod`` segments of compiled submodules."""
+    if _COMPILED_ATTRIBUTE not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != _COMPILED_ATTRIBUTE)
+
+
+def named_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """``model.named_parameters()`` under the model's own names, compiled parts included."""
+    return [(own_name(n), p) for n, p in uncompiled(model).named_parameters()]
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` under the model's own names, without compile wrappers."""
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
+    return [
+        (own_name(n), m)
+        for n, m in uncompiled(model).named_modules()
+        if not isinstance(m, compiled)
+    ]
+
+
 def _named_parameters(source: nn.Module | NamedParameters) -> list[tuple[str, Tensor]]:
     if isinstance(source, nn.Module):
-        return list(source.named_parameters())
+        return named_parameters(source)
     if isinstance(source, Tensor) or not isinstance(source, Iterable):
         raise UnsupportedModelError(
             f"grad_stats expects an nn.Module or model.named_parameters(), got "
@@ -160,6 +200,7 @@ def layout_for(source: nn.Module | NamedParameters, process_group: Any = None) -
     """The parameter layout grad_stats uses for ``source`` (cached for modules)."""
     if not isinstance(source, nn.Module):
         return _build_layout(_named_parameters(source), None, process_group)
+    source = uncompiled(source)
     layout = _LAYOUTS.get(source)
     if layout is not None and (
         tuple(map(_get_requires_grad, layout.all_params)) == layout.trainable_mask
@@ -188,7 +229,7 @@ def forget(model: nn.Module) -> None:
     moves device or changes dtype; call this after registering new parameters on a model
     already measured.
     """
-    _LAYOUTS.pop(model, None)
+    _LAYOUTS.pop(uncompiled(model), None)
 
 
 @dataclass(frozen=True, eq=False)
