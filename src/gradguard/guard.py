@@ -10,6 +10,7 @@ file carries a ``# sync:`` comment with its reason.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import inspect
 import math
@@ -18,7 +19,7 @@ import platform
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -38,7 +39,17 @@ from gradguard.sinks import (
     TensorBoardSink,
     tensorboard_available,
 )
-from gradguard.stats import ROOT_LAYER, GradStats, grad_stats, layer_norms, layer_of, layout_for
+from gradguard.stats import (
+    ROOT_LAYER,
+    GradStats,
+    grad_stats,
+    layer_norms,
+    layer_of,
+    layout_for,
+    named_modules,
+    named_parameters,
+    uncompiled,
+)
 
 NonFiniteMode = Literal["skip", "raise", "zero"]
 _COLUMNS = ("loss", "loss_given", "grad_norm", "clipped_norm", "scale")
@@ -52,6 +63,27 @@ _SATURATING = ("Sigmoid", "Tanh", "Softsign", "Hardtanh", "Hardsigmoid", "LogSig
 #: nothing added to the objects, so they pickle as before).
 _OWNERS: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDictionary()
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _eager(method: _Method) -> _Method:
+    """Keep ``method`` out of ``torch.compile`` graphs: a compiled caller runs it eagerly.
+
+    The guard's step reads host state, numpy and the file system, none of which a graph
+    can hold, so under compilation the call is a graph break (``torch.compiler.disable``).
+    Outside compilation it costs one flag check.
+    """
+    outside_graph = torch.compiler.disable(method)  # type: ignore[no-untyped-call]
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return outside_graph(*args, **kwargs)
+        return method(*args, **kwargs)
+
+    return cast(_Method, call)
 
 
 class _Registrations:
@@ -145,6 +177,13 @@ class Guard:
             reduced over (``grad_stats``'s argument); detected from DDP or the DTensor
             gradients otherwise. Give DDP's group when ``model`` is the module inside
             the DDP wrapper, so the loss is averaged over the ranks too.
+        accumulation_steps: for gradient accumulation with ``guard.step`` called after
+            every micro-batch's backward: the number of micro-batches per optimizer step,
+            or a function called at each ``guard.step`` that returns True when this
+            micro-batch completes the gradients (``lambda: accelerator.sync_gradients``).
+            The other calls only keep the micro-batch's loss and batch id, on the device:
+            the optimizer step is measured, clipped, skipped and logged once, with the
+            mean loss of its micro-batches and their batch ids.
     """
 
     def __init__(
@@ -165,8 +204,11 @@ class Guard:
         tensorboard: bool | None = None,
         process_group: Any = None,
         overwrite_run_dir: bool = False,
+        accumulation_steps: int | Callable[[], bool] = 1,
     ) -> None:
+        model = uncompiled(model)  # torch.compile(model): the same parameters, its own names
         _validate(model, optimizer, clip, nonfinite, recovery, scheduler, log_every, on_event)
+        _check_accumulation(accumulation_steps)
         if not isinstance(overwrite_run_dir, bool):
             raise ConfigError(
                 f"overwrite_run_dir must be True or False, got {overwrite_run_dir!r}."
@@ -181,6 +223,8 @@ class Guard:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.log_every = log_every
         self.on_event = on_event
+        self.accumulation_steps = accumulation_steps
+        self._micro = _MicroBatches()
         if run_dir is not None and not isinstance(run_dir, str | os.PathLike):
             raise ConfigError(f"run_dir must be a path (str or os.PathLike), got {run_dir!r}.")
         self.run_dir = None if run_dir is None else os.fspath(run_dir)
@@ -282,6 +326,7 @@ class Guard:
 
     # --- the step ---------------------------------------------------------------------
 
+    @_eager
     def step(
         self,
         loss: Tensor | float | None = None,
@@ -303,24 +348,12 @@ class Guard:
                 Summarised on the device (median, spread, the largest four), no sync.
 
         Returns:
-            A :class:`StepReport` of device tensors.
+            A :class:`StepReport` of device tensors; with ``accumulation_steps``, a report
+            with ``accumulating=True`` for the micro-batches that only accumulate.
         """
-        edge_grads = self._check_ready()
-        if not self._sinks_started:
-            self._start_sinks()
-        self.step_count += 1
-        if self.fused and self._buffered == 0 and self.scheduler is not None:
-            self._scheduler_at_window_start = {
-                "scheduler": self.scheduler.state_dict(),
-                "groups": [
-                    {k: v for k, v in g.items() if k != "params"}
-                    for g in self.optimizer.param_groups
-                ],
-            }
-        if self.scaler is not None:
-            self._unscale()
-        loss_tensor = None if loss is None else self._loss_tensor(loss)
-        samples = self._note_data(batch, sample_losses)
+        if self._accumulates():
+            return self._keep_micro_batch(loss, batch, sample_losses)
+        edge_grads, loss_tensor, samples = self._begin_step(loss, batch, sample_losses)
         measure_update = self._probe is not None and self._buffered == self.log_every - 1
         if measure_update:
             assert self._probe is not None
@@ -365,6 +398,74 @@ class Guard:
             error, self._raise_after = self._raise_after, None
             raise error
         return report
+
+    def _begin_step(
+        self, loss: Tensor | float | None, batch: Any, sample_losses: Tensor | None
+    ) -> tuple[tuple[Tensor, Tensor], Tensor | None, Tensor | None]:
+        """Check the step may run, count it; return its edge gradients, loss and samples.
+
+        The loss, batch id and per-example losses are the step's own, or joined with the
+        micro-batches it completes.
+        """
+        edge_grads = self._check_ready()
+        if self._micro.count:
+            loss, batch, sample_losses = self._micro.merge(
+                None if loss is None else self._loss_tensor(loss), batch, sample_losses
+            )
+        if not self._sinks_started:
+            self._start_sinks()
+        self.step_count += 1
+        if self.fused and self._buffered == 0 and self.scheduler is not None:
+            self._keep_scheduler_state()
+        if self.scaler is not None:
+            self._unscale()
+        loss_tensor = None if loss is None else self._loss_tensor(loss)
+        return edge_grads, loss_tensor, self._note_data(batch, sample_losses)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: a closed guard takes no more steps."""
+        return self._closed
+
+    def _keep_scheduler_state(self) -> None:
+        """The scheduler and LRs at a window's start: a skip found at the drain rewinds them."""
+        assert self.scheduler is not None
+        self._scheduler_at_window_start = {
+            "scheduler": self.scheduler.state_dict(),
+            "groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+            ],
+        }
+
+    def _accumulates(self) -> bool:
+        """Whether this ``step`` call is a micro-batch that only accumulates gradients."""
+        if self.accumulation_steps == 1:
+            return False
+        if self._closed:
+            raise GradGuardError("this Guard was closed; build a new one to keep training.")
+        if isinstance(self.accumulation_steps, int):
+            return self._micro.count + 1 < self.accumulation_steps
+        return not self.accumulation_steps()
+
+    def _keep_micro_batch(
+        self, loss: Tensor | float | None, batch: Any, sample_losses: Tensor | None
+    ) -> StepReport:
+        """Keep a micro-batch's loss, batch id and per-example losses for the step it ends in."""
+        loss_tensor = None if loss is None else self._loss_tensor(loss).detach().float()
+        if sample_losses is not None:
+            self._sample_summary(sample_losses)  # refuses what it could not summarise later
+            sample_losses = sample_losses.detach().reshape(-1)
+        self._micro.add(loss_tensor, batch, sample_losses)
+        return StepReport(
+            step=self.step_count + 1,
+            grad_norm=self._nan,
+            clipped_norm=self._nan,
+            scale=self._one,
+            skipped=self._false,
+            finite=self._true,
+            loss=None if loss_tensor is None else loss_tensor.reshape(()),
+            accumulating=True,
+        )
 
     def _check_ready(self) -> tuple[Tensor, Tensor]:
         """Refuse a step the guard would not measure truly; return the first and last grads.
@@ -428,7 +529,7 @@ class Guard:
         measured = {id(p) for p in self.tensor_params}
         new = [
             name
-            for name, p in self.model.named_parameters()
+            for name, p in named_parameters(self.model)
             if p.requires_grad and id(p) not in measured
         ]
         if new:
@@ -709,6 +810,7 @@ class Guard:
             sample_row.copy_(samples)
         self._buffered += 1
 
+    @_eager
     def flush(self) -> list[Event]:
         """Drain the buffered steps now: detectors, recovery and sinks; return new events."""
         return self._drain(final=False)
@@ -841,7 +943,7 @@ class Guard:
         low = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(common)
         names = self.layer_names
         first_param: dict[str, Tensor] = {}
-        for name, param in model.named_parameters():
+        for name, param in named_parameters(model):
             first_param.setdefault(layer_of(name), param)
 
         def group_lr() -> list[float]:
@@ -958,6 +1060,7 @@ class Guard:
         """An optimizer whose ``step()`` runs this guard, for frameworks that step it."""
         return GuardedOptimizer(self)
 
+    @_eager
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: drains pending steps first (one sync)."""
         self.flush()
@@ -987,6 +1090,7 @@ class Guard:
         self._last_weight_norm = None if saved is None else np.asarray(saved, dtype=np.float64)
         self._weight_norm_pending = self._weight_norms() if saved is None else None
 
+    @_eager
     def recovery_state(self) -> dict[str, Any]:
         """The state a rollback restores: step counter, policy and detectors (no drain).
 
@@ -1006,6 +1110,7 @@ class Guard:
             "weight_norm": self._weight_norm_state(),
         }
 
+    @_eager
     def load_recovery_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`recovery_state`; pending buffered steps are discarded."""
         self._buffered = 0
@@ -1023,6 +1128,7 @@ class Guard:
             detector.load_state_dict(detector_state)
         self._load_weight_norm(state)
 
+    @_eager
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` (same model and configuration).
 
@@ -1050,10 +1156,12 @@ class Guard:
         if self.recovery is not None and hasattr(self.recovery, "load_state_dict"):
             self.recovery.load_state_dict(state.get("recovery", {}))
 
+    @_eager
     def close(self) -> None:
         """Drain what is buffered, close the sinks and release the objects it owned."""
         if self._closed:
             return
+        self._micro.clear()  # micro-batches of a step never taken: nothing to log
         self._drain(final=True)
         for sink in self.sinks:
             sink.close()
@@ -1106,7 +1214,12 @@ class Guard:
                 "recovery": repr(self.recovery),
                 "log_every": self.log_every,
                 "optimizer": type(self.optimizer).__name__,
-                "optimizer_defaults": {k: repr(v) for k, v in self.optimizer.defaults.items()},
+                "param_groups": [_group_settings(g) for g in self.optimizer.param_groups],
+                "accumulation_steps": (
+                    self.accumulation_steps
+                    if isinstance(self.accumulation_steps, int)
+                    else "function"
+                ),
                 "fused": self.fused,
                 "scheduler": type(self.scheduler).__name__ if self.scheduler else None,
                 "scaler": self.scaler is not None,
@@ -1197,9 +1310,8 @@ def _layer_scale(model: nn.Module, name: str) -> LayerScale | None:
 
     Read on the host: called only when an event needs it.
     """
-    try:
-        module = model if name == ROOT_LAYER else model.get_submodule(name)
-    except AttributeError:
+    module = model if name == ROOT_LAYER else dict(named_modules(model)).get(name)
+    if module is None:
         return None
     matrices = [
         (n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 2 and p.numel() > 1
@@ -1214,6 +1326,80 @@ def _layer_scale(model: nn.Module, name: str) -> LayerScale | None:
     return LayerScale(std=std, fan_in=fan_in)
 
 
+class _MicroBatches:
+    """What the micro-batches of the optimizer step being accumulated left: on the device."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the kept micro-batches (a step consumed them, or they were abandoned)."""
+        self.count = 0
+        self.loss_sum: Tensor | None = None
+        self.losses = 0
+        self.batches: list[Any] = []
+        self.sample_losses: list[Tensor] = []
+
+    def add(self, loss: Tensor | None, batch: Any, sample_losses: Tensor | None) -> None:
+        """Keep one micro-batch's loss (summed on the device), batch id and sample losses."""
+        self.count += 1
+        if loss is not None:
+            loss = loss.reshape(())
+            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+            self.losses += 1
+        self.batches.append(batch)
+        if sample_losses is not None:
+            self.sample_losses.append(sample_losses)
+
+    def merge(
+        self, loss: Tensor | None, batch: Any, sample_losses: Tensor | None
+    ) -> tuple[Tensor | None, Any, Tensor | None]:
+        """The last micro-batch's values joined with the kept ones; forget the kept ones.
+
+        The loss is the mean of the given losses (a NaN in any micro-batch makes it NaN),
+        the batch id the list of the micro-batches' ids (None when none had one), and the
+        per-example losses all the micro-batches' together.
+        """
+        self.add(None if loss is None else loss.detach().float(), batch, sample_losses)
+        mean = None if self.loss_sum is None else self.loss_sum / self.losses
+        batches = self.batches if any(b is not None for b in self.batches) else None
+        samples = torch.cat(self.sample_losses) if self.sample_losses else None
+        self.clear()
+        return mean, batches, samples
+
+
+def _group_settings(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A parameter group's hyperparameters as JSON values (its LR, weight decay, betas...).
+
+    Read once, when the guard is built: a tensor LR is read on the host here.
+    """
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.numel() == 1:
+            return float(value)  # sync: once, for the run's configuration
+        if isinstance(value, bool | int | str) or value is None:
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else repr(value)
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return repr(value)
+
+    settings: dict[str, Any] = {"params": len(group["params"])}
+    settings.update((key, plain(value)) for key, value in group.items() if key != "params")
+    return settings
+
+
+def _check_accumulation(value: object) -> None:
+    if callable(value):
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(
+            f"accumulation_steps must be an int >= 1 (micro-batches per optimizer step) or a "
+            f"function returning True on the last micro-batch, got {value!r}."
+        )
+
+
 def _optimizer_shape(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
     """How many parameters each group holds: changes when a group or parameter is added."""
     return tuple(len(group["params"]) for group in optimizer.param_groups)
@@ -1221,7 +1407,7 @@ def _optimizer_shape(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
 
 def _check_parameters(model: nn.Module) -> None:
     """Parameters the guard can measure: real (not ``meta``) floating-point tensors."""
-    for name, param in model.named_parameters():
+    for name, param in named_parameters(model):
         if not param.requires_grad:
             continue
         if param.is_meta:

@@ -50,6 +50,9 @@ class StepReport:
         skipped: bool, the optimizer step was skipped (non-finite gradients).
         finite: bool, every gradient element was finite.
         loss: the loss passed to ``guard.step``, detached, or None.
+        accumulating: True for a micro-batch of a gradient accumulation that is not its
+            last: nothing was measured or stepped (norms NaN, ``skipped`` False), ``step``
+            is the optimizer step it accumulates into.
     """
 
     step: int
@@ -59,6 +62,7 @@ class StepReport:
     skipped: Tensor
     finite: Tensor
     loss: Tensor | None
+    accumulating: bool = False
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,8 +3,10 @@
 - :mod:`gradguard.integrations.lightning`: ``GradGuardCallback`` for ``lightning.Trainer``.
 - :mod:`gradguard.integrations.transformers`: ``GradGuardCallback`` for
   ``transformers.Trainer``.
+- :mod:`gradguard.integrations.accelerate`: ``prepare_guard`` for loops written with
+  ``accelerate.Accelerator``, gradient accumulation included.
 
-Both work the same way: when training starts they build the guard for the trainer's
+The two callbacks work the same way: when training starts they build the guard for the trainer's
 model and optimizer and swap the optimizer the trainer steps for the guard's wrapped
 one, so the trainer's own ``optimizer.step()`` runs ``guard.step(loss)``. Skips are then
 the guard's exact skips. Neither adapter reads a device value on the host: the loss
@@ -31,19 +33,22 @@ from gradguard.guard import Guard, GuardedOptimizer
 _GUARD_OPTIONS = frozenset(inspect.signature(Guard).parameters) - {"model", "optimizer"}
 
 
-def check_guard_options(options: Mapping[str, Any], owned: Mapping[str, str]) -> None:
+def check_guard_options(
+    options: Mapping[str, Any], owned: Mapping[str, str], owner: str = "GradGuardCallback"
+) -> None:
     """Fail at construction on an option ``Guard`` does not take or the trainer owns.
 
     Args:
-        options: the keyword arguments a callback will pass to ``Guard``.
+        options: the keyword arguments an adapter will pass to ``Guard``.
         owned: option name -> why the trainer, not the user, supplies it.
+        owner: the adapter's name, for the messages.
     """
     for name in options:
         if name in owned:
-            raise ConfigError(f"GradGuardCallback does not take {name}=: {owned[name]}")
+            raise ConfigError(f"{owner} does not take {name}=: {owned[name]}")
         if name not in _GUARD_OPTIONS:
             raise ConfigError(
-                f"GradGuardCallback got an unknown option {name!r}; it takes the options of "
+                f"{owner} got an unknown option {name!r}; it takes the options of "
                 f"gg.Guard: {', '.join(sorted(_GUARD_OPTIONS - set(owned)))}."
             )
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from gradguard.report._data import RunData, load_run, severity
 from gradguard.report._figures import PLOTS, missing_fields, png
-from gradguard.report._html import definitions, esc, image, page, table, write_page
+from gradguard.report._html import definitions, esc, fmt, image, page, table, write_page
 from gradguard.report._triage import (
     Episode,
     batch_text,
@@ -191,12 +192,32 @@ def render_what_happened(run: RunData) -> str:
     return "".join(parts)
 
 
+def render_param_groups(groups: list[dict[str, Any]]) -> str:
+    """The optimizer's parameter groups as a table: one row per group, one column per setting."""
+    first = ("params", "lr", "weight_decay", "betas", "momentum", "eps")
+    keys = [k for k in first if any(k in g for g in groups)]
+    keys += sorted({k for g in groups for k in g} - set(keys))
+
+    def cell(value: Any) -> str:
+        return json.dumps(value) if isinstance(value, list | dict) else fmt(value)
+
+    rows = [(i, *(cell(g[k]) if k in g else "" for k in keys)) for i, g in enumerate(groups)]
+    return (
+        f"<h3>Optimizer parameter groups ({len(groups)})</h3>"
+        + table(("group", *keys), rows, numeric=(0,))
+    )
+
+
 def render_config(run: RunData) -> str:
     """The guard's configuration, the versions and the layers, from ``meta.json``."""
     meta = run.meta
     if not meta:
         return '<p class="note">No meta.json: the configuration is unknown.</p>'
-    parts = [definitions(dict(meta.get("config", {})))]
+    config = dict(meta.get("config", {}))
+    groups = config.pop("param_groups", None)
+    parts = [definitions(config)]
+    if isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups):
+        parts.append(render_param_groups(groups))
     about = {
         "format_version": meta.get("format_version", "?"),
         "layers": len(meta.get("layer_names", [])),
