@@ -110,13 +110,14 @@ def main() -> None:
     skipped = [e.step for e in guard.events if e.kind == "nonfinite"]
     with open(Path(trainer.log_dir or args.out) / "metrics.csv", newline="") as handle:
         logged = sum(float(r["gradguard/skipped"] or 0) for r in csv.DictReader(handle))
+    # the guard numbers steps as Lightning logs them: the global_step of their training_step
     print(f"skipped steps: {skipped} ({int(logged)} in Lightning's log)")
     model = trainer.lightning_module
     finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     with torch.no_grad():
         final = nn.functional.mse_loss(model.net(data.tensors[0]), data.tensors[1])
     print(f"final loss {float(final):.4f}; weights finite: {finite}")
-    print(f"host syncs by the guard: {guard.sync_count} over {guard.step_count} steps")
+    print(f"host syncs by the guard: {guard.sync_count} over {trainer.global_step} steps")
 
 
 if __name__ == "__main__":

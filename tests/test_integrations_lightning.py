@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -164,13 +166,16 @@ def assert_skipped_exactly(fit: Any, faults: Faults, callback: Any, skipped: set
     # weights and optimizer state bitwise equal across each skipped step, moved at the others
     assert {step for step, moved in faults.changed.items() if not moved} == skipped
     assert len(faults.changed) == STEPS
-    # the loggers: Lightning's step of optimizer step s is s - 1 (training_step's own)
+    # Lightning logs optimizer step s (1-based) at step s - 1, training_step's own; the
+    # guard numbers its steps, events and rows the same way
     rows = csv_rows(fit)
     flags = logged(rows, "gradguard/skipped")
     assert len(flags) == STEPS
-    assert {step + 1 for step, flag in flags.items() if flag} == skipped
-    assert {step + 1 for step in logged(rows, "gradguard/event/nonfinite")} == skipped
-    assert [e.step for e in guard.events if e.kind == "nonfinite"] == sorted(skipped)
+    lightning_steps = {s - 1 for s in skipped}
+    assert {step for step, flag in flags.items() if flag} == lightning_steps
+    assert set(logged(rows, "gradguard/event/nonfinite")) == lightning_steps
+    assert [e.step for e in guard.events if e.kind == "nonfinite"] == sorted(lightning_steps)
+    assert set(logged(rows, "train_loss")) == set(range(STEPS))  # the steps Lightning logs
     # no host sync beyond the guard's own
     assert guard.sync_count == guard_alone_sync_count(STEPS, skipped, guard.fused)
     assert not isinstance(fit.optimizers[0], gg.GuardedOptimizer)  # handed back after fit
@@ -208,7 +213,22 @@ def test_accumulation_counts_faults_in_any_micro_batch(tmp_path: Path, precision
     fit = trainer(tmp_path, [faults, callback], precision=precision, accumulate_grad_batches=4)
     fit.fit(TinyRegressor(), loader())
     assert_skipped_exactly(fit, faults, callback, {3, 6, 10})
-    assert callback.guard.step_count == STEPS
+    assert callback.guard.step_count == STEPS - 1  # numbered from 0, as Lightning logs
+
+
+def test_run_directory_steps_are_lightning_logged_steps(tmp_path: Path) -> None:
+    faults = Faults({5: "loss"})  # optimizer step 5: training_step at global_step 4
+    callback = GradGuardCallback(log_every=LOG_EVERY, run_dir=tmp_path / "gg", tensorboard=False)
+    fit = trainer(tmp_path, [faults, callback])
+    fit.fit(TinyRegressor(), loader())
+    events_file = (tmp_path / "gg" / "events.jsonl").read_text()
+    events = [json.loads(line) for line in events_file.splitlines()]
+    nonfinite = [e["step"] for e in events if e["kind"] == "nonfinite"]
+    rows = csv_rows(fit)
+    nan_loss_steps = [s for s, v in logged(rows, "train_loss").items() if math.isnan(v)]
+    assert nonfinite == nan_loss_steps == list(logged(rows, "gradguard/event/nonfinite")) == [4]
+    metrics = (tmp_path / "gg" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == list(range(STEPS))
 
 
 def test_manual_optimization_is_guarded_too(tmp_path: Path) -> None:
@@ -241,8 +261,8 @@ def test_guard_state_rides_in_lightning_checkpoints(tmp_path: Path) -> None:
     again = trainer(tmp_path, [resumed], max_steps=30)
     again.fit(TinyRegressor(), loader(80), ckpt_path=tmp_path / "last.ckpt")
     assert resumed.guard is not None
-    assert resumed.guard.step_count == 30
-    assert [(e.step, e.kind) for e in resumed.guard.events] == [(4, "nonfinite")]
+    assert resumed.guard.step_count == 29  # the last step's number: its training_step's
+    assert [(e.step, e.kind) for e in resumed.guard.events] == [(3, "nonfinite")]
     steps = logged(csv_rows(again), "gradguard/skipped")
     assert min(steps) == 20  # Lightning's count goes on; the guard's agrees with it
 
@@ -273,4 +293,5 @@ def test_example_runs_and_reports_the_skipped_steps(tmp_path: Path) -> None:
         check=False,
     )
     assert completed.returncode == 0, completed.stderr
-    assert "skipped steps: [10, 20, 30]" in completed.stdout
+    # batches 10, 20 and 30 ran their training_step at Lightning's steps 9, 19 and 29
+    assert "skipped steps: [9, 19, 29] (3 in Lightning's log)" in completed.stdout

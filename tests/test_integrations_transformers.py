@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -238,3 +239,54 @@ def test_example_runs_and_reports_the_skipped_steps(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr
     assert "skipped steps: [5, 10]" in completed.stdout
+
+
+def test_steps_match_the_trainer_log_and_a_resumed_run_continues_its_run_dir(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "gg"
+    options: dict[str, Any] = {
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 8,
+        "output_dir": str(tmp_path / "out"),
+    }
+    first = GradGuardCallback(log_every=LOG_EVERY, run_dir=run_dir, tensorboard=False)
+    train(tmp_path, tiny_bert(), [first], max_steps=8, **options)
+    # the resumed run: a NaN loss at its 4th step, the Trainer's global_step 12
+    model = tiny_bert()
+    faults = Faults([FaultInjector(model, at={4: "loss"})])
+    resumed = GradGuardCallback(log_every=LOG_EVERY, run_dir=run_dir, tensorboard=False)
+    args = transformers.TrainingArguments(
+        max_steps=15,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        max_grad_norm=0.0,
+        logging_nan_inf_filter=False,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **options,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Tokens(), callbacks=[faults, resumed]
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-8"))
+    guard = resumed.guard
+    assert guard is not None
+    assert guard.step_count == trainer.state.global_step == 15
+    nan_loss_steps = [
+        r["step"] for r in trainer.state.log_history if "loss" in r and math.isnan(r["loss"])
+    ]
+    # the Trainer's running loss stays NaN once a NaN was added (it subtracts itself)
+    assert nan_loss_steps == [12, 13, 14, 15]
+    assert [e.step for e in guard.events if e.kind == "nonfinite"] == [12]
+    assert [r["step"] for r in gradguard_rows(trainer, "gradguard/event/nonfinite")] == [12]
+    # the run directory holds both sessions, numbered as the Trainer numbers its steps
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 16))
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "nonfinite"] == [12]
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert [s["start_step"] for s in meta["sessions"]] == [0, 8]

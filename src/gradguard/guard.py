@@ -184,6 +184,11 @@ class Guard:
             The other calls only keep the micro-batch's loss and batch id, on the device:
             the optimizer step is measured, clipped, skipped and logged once, with the
             mean loss of its micro-batches and their batch ids.
+
+    Attributes:
+        step_count: the number of the last step (0 before the first). A loop that
+            numbers its steps otherwise (a trainer's ``global_step``, a resumed run) may
+            set it before the first step; the next step is numbered ``step_count + 1``.
     """
 
     def __init__(

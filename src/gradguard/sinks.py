@@ -180,15 +180,18 @@ class JsonlSink:
     def start(self, step: int) -> None:
         """Begin writing before step ``step + 1``: a fresh run, or the resumption of one.
 
+        A run that starts at step 0 (or below: a trainer numbering its first step 0) is
+        fresh; a later start resumes the directory's run.
+
         Raises:
-            ConfigError: the directory holds another run's rows and this run starts at
-                step 0 (neither resumed nor told to overwrite).
+            ConfigError: the directory holds another run's rows and this run is fresh
+                (neither resumed nor told to overwrite).
         """
         if self._started:
             return
         if self._meta is None:
             raise ConfigError("JsonlSink.start called before open(); the guard opens sinks.")
-        if self._holds_rows and step == 0:
+        if self._holds_rows and step <= 0:
             rows = _count_rows(self.run_dir / METRICS_FILE)
             raise ConfigError(
                 f"run_dir {self.run_dir} already holds the logs of another run "

@@ -100,9 +100,14 @@ class GradGuardCallback(Callback):
         trainer.strategy.optimizers = [LossFedOptimizer(self.guard, self._take_loss)]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Align the guard's step count with Lightning's (restored after ``on_fit_start``)."""
-        if self.guard is not None and self._sink is not None:
-            self._sink.step_offset = trainer.global_step - self.guard.step_count
+        """Number the guard's steps as Lightning logs them (restored after ``on_fit_start``).
+
+        Lightning logs an optimizer step at the ``global_step`` its ``training_step`` ran
+        at (0 for the first), so the guard's next step takes that number: its events,
+        rows and run directory then carry the step of Lightning's own metrics.
+        """
+        if self.guard is not None:
+            self.guard.step_count = trainer.global_step - 1
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
@@ -164,15 +169,14 @@ class GradGuardCallback(Callback):
 class _LoggerSink:
     """Writes each drain to the Trainer's loggers, and each event to the Python log.
 
-    Steps are Lightning's: the ``global_step`` at which that step's ``training_step``
-    ran (its own ``self.log`` calls use the same), whatever the guard's own count. Like
-    Lightning's own metrics, a step is logged every ``log_every_n_steps``; skipped steps
-    and events always are.
+    Steps are the guard's, which the callback numbers as Lightning does: the
+    ``global_step`` at which that step's ``training_step`` ran (its own ``self.log`` calls
+    use the same). Like Lightning's own metrics, a step is logged every
+    ``log_every_n_steps``; skipped steps and events always are.
     """
 
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer = trainer
-        self.step_offset = 0
 
     def open(self, meta: Mapping[str, Any]) -> None:
         """Nothing to open: the Trainer owns its loggers."""
@@ -183,7 +187,7 @@ class _LoggerSink:
         # Trainer(log_every_n_steps=...): an attribute its logger connector sets; 0 = never
         every: int = getattr(self.trainer, "log_every_n_steps", 1)
         for i, guard_step in enumerate(window.steps):
-            step = self._step(int(guard_step))
+            step = int(guard_step)
             if not window.skipped[i] and (every == 0 or (step + 1) % every):
                 continue
             metrics = {
@@ -200,15 +204,12 @@ class _LoggerSink:
             if self.trainer.is_global_zero:
                 _log.warning("gradguard: %s", event)
             for logger in loggers:
-                logger.log_metrics({f"gradguard/event/{event.kind}": 1.0}, self._step(event.step))
+                logger.log_metrics({f"gradguard/event/{event.kind}": 1.0}, event.step)
         for logger in loggers:
             logger.save()
 
     def close(self) -> None:
         """Nothing to close: the Trainer finalizes its loggers."""
-
-    def _step(self, guard_step: int) -> int:
-        return guard_step - 1 + self.step_offset
 
 
 def _single_optimizer(optimizers: Sequence[torch.optim.Optimizer]) -> torch.optim.Optimizer:

@@ -105,8 +105,11 @@ class GradGuardCallback(TrainerCallback):
             # the data-parallel group makes it average the loss over the ranks (gradients
             # are already averaged), so loss-based events and should_stop agree everywhere.
             options.setdefault("process_group", group)
-        sink = _HistorySink(state, step_offset=state.global_step)
+        sink = _HistorySink(state)
         self.guard = Guard(model, optimizer, sinks=[*options.pop("sinks", ()), sink], **options)
+        # The guard's steps are the Trainer's global_step after each update, also when the
+        # Trainer resumes from a checkpoint: a run_dir then continues the earlier run's logs.
+        self.guard.step_count = state.global_step
         self._loss, self._micro_batches = None, 0
         self._hook = model.register_forward_hook(self._gather_loss)
         accelerated.optimizer = LossFedOptimizer(self.guard, self._take_loss)
@@ -155,13 +158,13 @@ class _HistorySink:
     """Writes each drain to ``state.log_history`` and each event to the Python log.
 
     Rows hold numbers only, as the Trainer's own do: a summary per drain and a
-    ``gradguard/event/<kind>`` marker per event. Steps are the Trainer's ``global_step``
-    after that optimizer step (the step its own rows carry).
+    ``gradguard/event/<kind>`` marker per event. Steps are the guard's, which the callback
+    numbers as the Trainer's ``global_step`` after that optimizer step (the step its own
+    rows carry).
     """
 
-    def __init__(self, state: TrainerState, step_offset: int) -> None:
+    def __init__(self, state: TrainerState) -> None:
         self.state = state
-        self.step_offset = step_offset
 
     def open(self, meta: Mapping[str, Any]) -> None:
         """Nothing to open: the Trainer owns its state."""
@@ -176,15 +179,13 @@ class _HistorySink:
                 "gradguard/clipped": int(window.clipped.sum()),
                 "gradguard/grad_norm_max": float(finite.max()) if finite.size else math.nan,
                 "gradguard/scale_min": float(window.scale.min()),
-                "step": int(window.steps[-1]) + self.step_offset,
+                "step": int(window.steps[-1]),
             }
         )
         for event in events:
             if self.state.is_world_process_zero:
                 _log.warning("gradguard: %s", event)
-            history.append(
-                {f"gradguard/event/{event.kind}": 1.0, "step": event.step + self.step_offset}
-            )
+            history.append({f"gradguard/event/{event.kind}": 1.0, "step": event.step})
 
     def close(self) -> None:
         """Nothing to close."""

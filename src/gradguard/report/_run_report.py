@@ -202,9 +202,8 @@ def render_param_groups(groups: list[dict[str, Any]]) -> str:
         return json.dumps(value) if isinstance(value, list | dict) else fmt(value)
 
     rows = [(i, *(cell(g[k]) if k in g else "" for k in keys)) for i, g in enumerate(groups)]
-    return (
-        f"<h3>Optimizer parameter groups ({len(groups)})</h3>"
-        + table(("group", *keys), rows, numeric=(0,))
+    return f"<h3>Optimizer parameter groups ({len(groups)})</h3>" + table(
+        ("group", *keys), rows, numeric=(0,)
     )
 
 
