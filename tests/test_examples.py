@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,13 @@ def test_amp_loop_agrees_with_the_scaler() -> None:
     skipped = int(out.split(";")[1].split()[0])
     assert skipped > 0  # the large initial scale overflows fp16 at first
     assert "final loss" in out
+
+
+def test_timm_agc_trains_a_timm_model_with_gradguards_agc(tmp_path: Path) -> None:
+    try:
+        import timm  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - no torchvision, or one built for another torch
+        pytest.skip(f"timm cannot be imported here ({type(error).__name__}: {error})")
+    out = run_example("timm_agc.py", "--steps", "5", "--run-dir", str(tmp_path / "run"))
+    assert re.search(r"resnet10t: test accuracy 0\.\d{3} after 5 steps; AGC clipped at [1-5] ", out)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 5
