@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A plain `torch` requirement pulls a multi-GB CUDA build; pin the CPU wheel by default.
 TORCH_SPEC ?= torch==2.13.0
-# Peer packages compared side by side in tests and benchmarks; their own deps (lightning) are not needed.
-PEERS := zclip==1.0.0 autoclip==0.2.1
+# Peer packages compared side by side in tests and benchmarks; their own deps (lightning,
+# torchvision) are not needed: timm's AGC is read from its own file, as no torchvision wheel
+# here matches the CPU torch.
+PEERS := zclip==1.0.0 autoclip==0.2.1 timm==1.0.31
 
 .PHONY: demo test lint typecheck pytest bench clean
 

@@ -16,6 +16,7 @@ from gradguard.guard import Guard, GuardedOptimizer
 from gradguard.records import Event, StepReport, Window
 from gradguard.recover import Rollback, load_latest_snapshot
 from gradguard.stats import GradStats, grad_stats
+from gradguard.trackers import MlflowSink, WandbSink
 
 try:
     __version__ = version("gradguard")
@@ -33,11 +34,13 @@ __all__ = [
     "GradStats",
     "Guard",
     "GuardedOptimizer",
+    "MlflowSink",
     "NormClip",
     "Rollback",
     "StepReport",
     "UnsupportedModelError",
     "ValueClip",
+    "WandbSink",
     "Window",
     "ZClip",
     "__version__",
