@@ -73,14 +73,18 @@ def _eager(method: _Method) -> _Method:
 
     The guard's step reads host state, numpy and the file system, none of which a graph
     can hold, so under compilation the call is a graph break (``torch.compiler.disable``).
-    Outside compilation it costs one flag check.
+    Outside compilation it costs one flag check. The disabled function is made at the
+    first compiled call: making it imports the compiler, which a loop that never
+    compiles should not pay for (a second at import).
     """
-    outside_graph = torch.compiler.disable(method)  # type: ignore[no-untyped-call]
+    outside_graph: list[Callable[..., Any]] = []
 
     @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
-            return outside_graph(*args, **kwargs)
+            if not outside_graph:
+                outside_graph.append(torch.compiler.disable(method))  # type: ignore[no-untyped-call]
+            return outside_graph[0](*args, **kwargs)
         return method(*args, **kwargs)
 
     return cast(_Method, call)
