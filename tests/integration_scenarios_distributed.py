@@ -310,8 +310,10 @@ def lightning_run(rank: int, sharded: bool) -> dict[str, Any]:
     return {
         "strategy": type(trainer.strategy).__name__,
         "wrapper": moves.wrapper,
-        "steps": recorder.rows,
-        "events": [(e.step, e.kind) for e in callback.guard.events],
+        # the guard numbers optimizer step s as Lightning logs it, s - 1: held to the
+        # optimizer steps of the other scenarios, as logged_by_lightning does
+        "steps": {step + 1: row for step, row in recorder.rows.items()},
+        "events": [(e.step + 1, e.kind) for e in callback.guard.events],
         "moved": moves.moved,
         "batches": module.batches,
         "handed_back": not isinstance(trainer.optimizers[0], gg.GuardedOptimizer),

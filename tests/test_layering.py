@@ -21,6 +21,7 @@ FORBIDDEN = {
     "records": {"stats", "clip", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "detect": {"stats", "clip", "sinks", "_foreach"} | UPSTREAM_OF_GUARD,
     "sinks": {"stats", "clip", "detect", "_foreach"} | UPSTREAM_OF_GUARD,
+    "trackers": {"stats", "clip", "detect", "_foreach", "recover"} | UPSTREAM_OF_GUARD,
     "recover": {"stats", "clip", "detect", "sinks", "_foreach"} | UPSTREAM_OF_GUARD,
     # Diagnosis and initialization run before training: they read stats, never the step loop.
     "diagnose": {"clip", "records", "detect", "recover", "sinks"} | UPSTREAM_OF_GUARD,

@@ -667,3 +667,36 @@ def test_lab_report_links_guarded_runs_and_lists_other_figures(
     assert '<a href="recovery-run/report.html">recovery-run</a>' in page
     assert (copy / "recovery-run" / "report.html").is_file()
     assert re.search(r'id="other-figures">.*id="img-unrelated"', page, re.S)
+
+
+def test_configuration_shows_each_param_group_real_settings(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": model[0].parameters(), "lr": 3e-4, "weight_decay": 0.0},
+            {"params": model[2].parameters(), "betas": (0.8, 0.95)},
+        ],
+        lr=1e-3,
+        weight_decay=0.05,
+    )
+    run_dir = tmp_path / "run"
+    guard = gg.Guard(model, optimizer, log_every=2, run_dir=run_dir, tensorboard=False)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        guard.step()
+    guard.close()
+    groups = json.loads((run_dir / "meta.json").read_text())["config"]["param_groups"]
+    assert [(g["params"], g["lr"], g["weight_decay"], g["betas"]) for g in groups] == [
+        (2, 3e-4, 0.0, [0.9, 0.999]),
+        (2, 1e-3, 0.05, [0.8, 0.95]),
+    ]
+    page = write_report(run_dir).read_text()
+    config = section_of(page, "config")
+    assert "Optimizer parameter groups (2)" in config
+    table = config[config.index("Optimizer parameter groups") :]
+    cells = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>.*?</td>", table)]
+    assert cells[:5] == ["0", "2", "0.0003", "0.0", "[0.9, 0.999]"]
+    row = cells.index("1")
+    assert cells[row : row + 5] == ["1", "2", "0.001", "0.05", "[0.8, 0.95]"]
