@@ -419,3 +419,23 @@ def test_rollback_acts_on_warnings_and_on_gradient_spikes_it_was_asked_for(
     rollback = gg.Rollback(spike_metrics=spike_metrics)
     found = rollback._trigger(_drain_window(), [spike])
     assert (found is spike) is triggers
+
+
+@pytest.mark.parametrize("first_step", [-1, 7, 23])
+def test_snapshots_follow_drains_whatever_step_the_run_starts_at(first_step: int) -> None:
+    # A trainer numbering from 0 (-1 before the first step) or a run resumed mid-window:
+    # snapshots are taken every `every` steps taken, right after the guard's own drains.
+    model = tanh_mlp(width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    rollback = gg.Rollback(every=10, nonfinite_streak=2)
+    guard = gg.Guard(model, optimizer, recovery=rollback, log_every=5)
+    guard.step_count = first_step
+    _steps(guard, 30, bad=False)
+    assert rollback.snapshot_steps == [first_step + 20, first_step + 30]  # keep=2
+    _steps(guard, 5, bad=True)  # a NaN streak from the step after the last snapshot
+    assert rollback.rollbacks == 1
+    # the snapshot right before the onset may hold the damage: the one before it is used
+    assert guard.step_count == first_step + 20
+    _steps(guard, 10, bad=False)
+    assert rollback.snapshot_steps[-1] == first_step + 30
+    guard.close()

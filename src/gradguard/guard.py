@@ -432,6 +432,11 @@ class Guard:
         return edge_grads, loss_tensor, self._note_data(batch, sample_losses)
 
     @property
+    def buffered(self) -> int:
+        """Steps held on the device since the last drain (0 right after one)."""
+        return self._buffered
+
+    @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called: a closed guard takes no more steps."""
         return self._closed

@@ -61,6 +61,12 @@ class _GuardLike(Protocol):
     log_every: int
     step_count: int
     should_stop: bool
+
+    @property
+    def buffered(self) -> int:
+        """Steps held since the last drain (0 right after one)."""
+        ...
+
     lr_factor: float
     device: torch.device
 
@@ -342,6 +348,7 @@ class Rollback:
         self._pending: list[Event] = []
         self._rolled_back_now = False
         self._snapshot_next = False
+        self._since_snapshot = 0  # steps taken since the last snapshot (or restore)
 
     def __repr__(self) -> str:
         return (
@@ -406,7 +413,9 @@ class Rollback:
         """Take a snapshot every ``every`` steps and count down the cool-down."""
         if self._rolled_back_now:
             self._rolled_back_now = False  # this step was undone: the cool-down starts next
-        elif self._cooldown_left > 0:
+            return
+        self._since_snapshot += 1
+        if self._cooldown_left > 0:
             self._cooldown_left -= 1
             if self._cooldown_left == 0:
                 guard.lr_factor = 1.0
@@ -424,8 +433,9 @@ class Rollback:
                         severity="info",
                     )
                 )
-        at_drain = guard.step_count % guard.log_every == 0
-        if guard.step_count % self.every == 0 or (self._snapshot_next and at_drain):
+        # Counted in steps taken, not by the step's number: a run resumed (or numbered by
+        # a trainer) at any step keeps its snapshots right after its own drains.
+        if guard.buffered == 0 and (self._since_snapshot >= self.every or self._snapshot_next):
             self._snapshot_next = False
             self.snapshot()
 
@@ -446,6 +456,7 @@ class Rollback:
     def snapshot(self) -> None:
         """Take a snapshot of everything now (the guard calls this every ``every`` steps)."""
         guard = self._require_guard()
+        self._since_snapshot = 0
         tree = {
             "model": guard.model.state_dict(),
             "optimizer": guard.optimizer.state_dict(),
@@ -696,6 +707,7 @@ class Rollback:
             return self._give_up(guard, trigger, "no snapshot could be restored", unusable)
         self.rollbacks += 1
         self._rolled_back_now = True
+        self._since_snapshot = 0
         self._streak = 0
         self._cooldown_left = self.cooldown
         guard.lr_factor = self.lr_factor if self.cooldown else 1.0
