@@ -228,3 +228,9 @@ def test_prepared_scheduler_is_stepped_after_taken_steps_only() -> None:
     guard.close()
     # 8 optimizer steps, one skipped: the LR halved 7 times
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**7)
+
+
+def test_guard_given_the_accelerated_optimizer_points_to_prepare_guard() -> None:
+    _, model, optimizer, _ = build(nan=False)
+    with pytest.raises(ConfigError, match="prepare_guard"):
+        gg.Guard(model, optimizer)

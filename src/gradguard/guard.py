@@ -1533,6 +1533,13 @@ def _check_optimizer(optimizer: object) -> None:
             f"optimizer must be a torch.optim.Optimizer (not a guarded one), got "
             f"{type(optimizer).__name__}."
         )
+    if type(optimizer).__module__.startswith("accelerate.") and hasattr(optimizer, "optimizer"):
+        raise ConfigError(
+            f"the optimizer is accelerate's {type(optimizer).__name__}: build the guard with "
+            "gradguard.integrations.accelerate.prepare_guard(accelerator, model, optimizer, "
+            "...), which steps the optimizer inside it (keeping a fused optimizer's sync-free "
+            "skip) and acts once per accumulated step."
+        )
     step = inspect.signature(type(optimizer).step)
     closure = step.parameters.get("closure")
     if isinstance(optimizer, torch.optim.LBFGS) or (
