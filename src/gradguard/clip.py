@@ -15,34 +15,18 @@ import math
 import operator
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from gradguard import _foreach
 from gradguard.errors import ConfigError
+from gradguard.protocols import ClipPolicy as ClipPolicy
 from gradguard.stats import GradStats, NamedParameters, grad_stats, group_norms
 
 #: Added to the norm before dividing, as torch's ``clip_grad_norm_`` does.
 NORM_EPS = 1e-6
-
-
-@runtime_checkable
-class ClipPolicy(Protocol):
-    """What the guard needs from a clipping policy."""
-
-    def clip_(self, stats: GradStats) -> Tensor:
-        """Clip the gradients behind ``stats`` in place; return the scale in [0, 1]."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return the policy's mutable state (config lives in the constructor)."""
-        ...
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore state produced by :meth:`state_dict`."""
-        ...
 
 
 def _positive(name: str, value: float, *, allow_inf: bool = False) -> float:

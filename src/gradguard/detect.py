@@ -25,11 +25,12 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from itertools import pairwise
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from gradguard.errors import ConfigError
+from gradguard.protocols import Detector as Detector
 from gradguard.records import BoolArray, Event, FloatArray, Severity, Window
 
 #: Largest finite fp32 value: a norm above it overflowed the fp32 accumulation.
@@ -51,25 +52,6 @@ WEIGHT_SPAN = 10
 #: std of 0 and a mean that summation can put an ulp below them (or a std that underflows
 #: for values near 1e-200); without it the next equal value would read as a spike.
 SPIKE_ROUNDING = 1e-12
-
-
-@runtime_checkable
-class Detector(Protocol):
-    """What the guard needs from a detector: a name, ``observe`` and its state."""
-
-    name: str
-
-    def observe(self, window: Window) -> list[Event]:
-        """Read one drained window; return the events it shows, in step order."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return the detector's mutable state as plain JSON-able values."""
-        ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore state produced by :meth:`state_dict`."""
-        ...
 
 
 # --- argument checks -------------------------------------------------------------------

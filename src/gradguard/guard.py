@@ -12,33 +12,48 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import inspect
 import math
 import os
 import platform
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, Protocol, TypeVar, cast, runtime_checkable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradguard._amp import merge_found_inf, scaler_found_inf, unscale_once
+from gradguard._checks import MAX_LOG_EVERY as MAX_LOG_EVERY
+from gradguard._checks import (
+    _check_accumulation,
+    _check_optimizer_params,
+    _check_parameters,
+    _check_saved_state,
+    _detectors,
+    _optimizer_shape,
+    _Registrations,
+    _validate,
+)
 from gradguard._foreach import stacked_norms
+from gradguard._guarded_optimizer import GuardedOptimizer as GuardedOptimizer
+from gradguard._stepping import (
+    cooled_lr,
+    prime_fused_state,
+    replay_scheduler,
+    scheduler_state,
+    step_with_found_inf,
+    supports_found_inf,
+)
 from gradguard._updates import UpdateProbe
-from gradguard.clip import ClipPolicy, NormClip
-from gradguard.detect import Detector, default_detectors
+from gradguard.clip import NormClip
 from gradguard.errors import ConfigError, GradGuardError
 from gradguard.explain import Explainer, LayerScale, RunFacts, Streaks, jsonable
+from gradguard.protocols import ClipPolicy, Detector, Sink
+from gradguard.protocols import Recovery as Recovery
 from gradguard.records import SAMPLE_COLUMNS, SAMPLE_TOP, Event, StepReport, Window
-from gradguard.sinks import (
-    TENSORBOARD_DIR,
-    JsonlSink,
-    Sink,
-    TensorBoardSink,
-    tensorboard_available,
-)
+from gradguard.sinks import TENSORBOARD_DIR, JsonlSink, TensorBoardSink, tensorboard_available
 from gradguard.stats import (
     ROOT_LAYER,
     GradStats,
@@ -88,53 +103,6 @@ def _eager(method: _Method) -> _Method:
         return method(*args, **kwargs)
 
     return cast(_Method, call)
-
-
-class _Registrations:
-    """Counts parameter and submodule registrations on any module, process-wide.
-
-    A guard compares the count at each step (one integer): when it moved, some module
-    gained a parameter or a submodule, and the guard checks its own model once.
-    """
-
-    count = 0
-    installed = False
-
-    @classmethod
-    def install(cls) -> None:
-        if cls.installed:
-            return
-
-        def bump(*_args: Any) -> None:
-            cls.count += 1
-
-        from torch.nn.modules import module as module_mod
-
-        module_mod.register_module_parameter_registration_hook(bump)
-        module_mod.register_module_module_registration_hook(bump)
-        cls.installed = True
-
-
-@runtime_checkable
-class Recovery(Protocol):
-    """What the guard needs from a recovery strategy (see ``gradguard.Rollback``)."""
-
-    def attach(self, guard: Guard) -> None:
-        """Called once, when the guard is built."""
-        ...
-
-    def after_step(self, guard: Guard) -> None:
-        """Called after every step (e.g. to take a snapshot every N steps)."""
-        ...
-
-    def on_drain(self, guard: Guard, window: Window, events: Sequence[Event]) -> list[Event]:
-        """Called at each drain with its steps and the detectors' events; returns its own."""
-        ...
-
-
-def _supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
-    """True for optimizers whose fused step honours ``found_inf`` on the device."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 class Guard:
@@ -259,7 +227,7 @@ class Guard:
         self.tensor_names = layout.names
         self.tensor_params = layout.params
         self.device = layout.device
-        self.fused = _supports_found_inf(optimizer)
+        self.fused = supports_found_inf(optimizer)
         self.events: list[Event] = []
         self.should_stop = False
         self.sync_count = 0
@@ -374,7 +342,9 @@ class Guard:
             process_group=self.process_group,
             fingerprint=False,  # the guard clips what it just measured
         )
-        no_sync = self.fused and self.nonfinite == "skip" and self._fused_state_ready()
+        if self.fused and not self._state_primed:
+            self._state_primed = prime_fused_state(self.optimizer, self.device)
+        no_sync = self.fused and self.nonfinite == "skip" and self._state_primed
         self._window_on_device.append(no_sync)
         if no_sync:
             skipped, scale = self._step_on_device(stats)
@@ -425,9 +395,9 @@ class Guard:
             self._start_sinks()
         self.step_count += 1
         if self.fused and self._buffered == 0 and self.scheduler is not None:
-            self._keep_scheduler_state()
+            self._scheduler_at_window_start = scheduler_state(self.scheduler, self.optimizer)
         if self.scaler is not None:
-            self._unscale()
+            unscale_once(self.scaler, self.optimizer)
         loss_tensor = None if loss is None else self._loss_tensor(loss)
         return edge_grads, loss_tensor, self._note_data(batch, sample_losses)
 
@@ -440,16 +410,6 @@ class Guard:
     def closed(self) -> bool:
         """Whether :meth:`close` was called: a closed guard takes no more steps."""
         return self._closed
-
-    def _keep_scheduler_state(self) -> None:
-        """The scheduler and LRs at a window's start: a skip found at the drain rewinds them."""
-        assert self.scheduler is not None
-        self._scheduler_at_window_start = {
-            "scheduler": self.scheduler.state_dict(),
-            "groups": [
-                {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
-            ],
-        }
 
     def _accumulates(self) -> bool:
         """Whether this ``step`` call is a micro-batch that only accumulates gradients."""
@@ -557,61 +517,6 @@ class Guard:
         self._registrations = _Registrations.count
         self._optimizer_shape = _optimizer_shape(self.optimizer)
 
-    @contextlib.contextmanager
-    def _cooled_lr(self) -> Iterator[None]:
-        """Scale every group's LR by ``lr_factor`` for the optimizer step only.
-
-        Schedulers never see the factor (chainable ones compute from the groups' current
-        LR), so the schedule resumes untouched when a cool-down ends.
-        """
-        if self.lr_factor == 1.0:
-            yield
-            return
-        groups = self.optimizer.param_groups
-        saved = [g["lr"] for g in groups]
-        for group, lr in zip(groups, saved, strict=True):
-            group["lr"] = lr * self.lr_factor
-        try:
-            yield
-        finally:
-            for group, lr in zip(groups, saved, strict=True):
-                group["lr"] = lr
-
-    def _fused_state_ready(self) -> bool:
-        """Create the optimizer's state with a no-op fused step, so skips leave no trace.
-
-        A fused first step that ``found_inf`` cancels would still create state (and SGD's
-        momentum buffers would hold uninitialised memory). Creating it beforehand with a
-        cancelled step gives the state a real first step starts from: zero moments, step
-        0, and for SGD zero momentum buffers, which equal "no buffer yet" when
-        ``dampening == 0``; with dampening, the first step takes the read path instead.
-        """
-        if self._state_primed:
-            return True
-        opt: Any = self.optimizer
-        missing = [
-            p
-            for group in opt.param_groups
-            for p in group["params"]
-            if p.grad is not None and p not in opt.state
-        ]
-        if missing:
-            is_sgd = isinstance(opt, torch.optim.SGD)
-            if is_sgd and any(g["momentum"] and g["dampening"] for g in opt.param_groups):
-                return False
-            opt.grad_scale, opt.found_inf = None, torch.ones((), device=self.device)
-            try:
-                opt.step()
-            finally:
-                del opt.grad_scale, opt.found_inf
-            if is_sgd:
-                for p in missing:
-                    buffer = opt.state[p].get("momentum_buffer")
-                    if buffer is not None:
-                        buffer.zero_()
-        self._state_primed = True
-        return True
-
     def _clip(self, stats: GradStats) -> Tensor:
         return self._one if self.clip is None else self.clip.clip_(stats)
 
@@ -620,18 +525,13 @@ class Guard:
         scale = self._clip(stats)
         found_inf = self._zero if stats.finite is self._true else (~stats.finite).float()
         if self.scaler is not None:
-            found_inf = self._merge_into_scaler(found_inf)
-            with self._cooled_lr():
+            found_inf = merge_found_inf(self.scaler, self.optimizer, found_inf)
+            with cooled_lr(self.optimizer, self.lr_factor):
                 self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            opt: Any = self.optimizer
-            opt.grad_scale, opt.found_inf = None, found_inf
-            try:
-                with self._cooled_lr():
-                    self.optimizer.step()
-            finally:
-                del opt.grad_scale, opt.found_inf
+            with cooled_lr(self.optimizer, self.lr_factor):
+                step_with_found_inf(self.optimizer, found_inf)
         if self.scheduler is not None:
             self.scheduler.step()  # undone at the drain if this step turns out skipped
         return found_inf > 0, scale
@@ -644,7 +544,7 @@ class Guard:
         else:
             flags = ~stats.finite
             if self.scaler is not None:
-                flags = flags | (self._scaler_found_inf() > 0)
+                flags = flags | (scaler_found_inf(self.scaler, self.optimizer, self.device) > 0)
             bad = bool(flags)  # sync: the one read per step, as GradScaler.step makes
         if bad:
             stats, proceed = self._nonfinite_step(stats)
@@ -653,7 +553,7 @@ class Guard:
                     self.scaler.update()
                 return stats, self._true, self._one
         scale = self._clip(stats)
-        with self._cooled_lr():
+        with cooled_lr(self.optimizer, self.lr_factor):
             self.optimizer.step()
         if self.scaler is not None:
             self.scaler.update()
@@ -675,7 +575,9 @@ class Guard:
                 return stats, False
             self._zeroed = stats.per_tensor  # the log keeps what was seen, and the event
             stats = self._zero_nonfinite(stats)
-        if self.scaler is not None and bool(self._scaler_found_inf() > 0):  # sync: rare path
+        if self.scaler is not None and bool(
+            scaler_found_inf(self.scaler, self.optimizer, self.device) > 0
+        ):  # sync: rare path
             self.sync_count += 1
             return stats, False
         return stats, True
@@ -709,36 +611,6 @@ class Guard:
             process_group=self.process_group,
             fingerprint=False,
         )
-
-    # --- AMP -------------------------------------------------------------------------
-
-    def _scaler_state(self) -> dict[str, Any]:
-        assert self.scaler is not None
-        states: dict[int, dict[str, Any]] = self.scaler._per_optimizer_states
-        return states[id(self.optimizer)]
-
-    def _unscale(self) -> None:
-        """Unscale the gradients unless the loop already did (``scaler.unscale_``)."""
-        assert self.scaler is not None
-        from torch.amp.grad_scaler import OptState
-
-        if self._scaler_state()["stage"] is OptState.READY:
-            self.scaler.unscale_(self.optimizer)
-
-    def _merge_into_scaler(self, found_inf: Tensor) -> Tensor:
-        """Make the scaler skip our non-finite steps too; return the combined flag."""
-        combined = found_inf
-        for device_found in self._scaler_state()["found_inf_per_device"].values():
-            device_found.copy_(torch.maximum(device_found, found_inf.to(device_found.device)))
-            combined = torch.maximum(combined, device_found.to(combined.device))
-        return combined
-
-    def _scaler_found_inf(self) -> Tensor:
-        """The scaler's verdict for this step, summed over devices, on our device."""
-        found = list(self._scaler_state()["found_inf_per_device"].values())
-        if not found:
-            return self._zero
-        return torch.stack([f.to(self.device).reshape(()) for f in found]).sum()
 
     # --- the ring buffer and drains --------------------------------------------------
 
@@ -866,7 +738,13 @@ class Guard:
             update_ratio=update_ratio,
         )
         self._last_weight_norm = window.weight_norm
-        self._reconcile_scheduler(window)
+        start, self._scheduler_at_window_start = self._scheduler_at_window_start, None
+        on_device = np.asarray(self._window_on_device, dtype=bool)
+        self._window_on_device = []
+        if self.scheduler is not None and start is not None:
+            replay_scheduler(
+                self.scheduler, self.optimizer, start, window.skipped, window.skipped & on_device
+            )
         events = [event for d in self.detectors for event in d.observe(window)]
         events.sort(key=lambda e: e.step)
         events = self.explainer.explain(window, events)
@@ -1050,24 +928,6 @@ class Guard:
         width = self._buffer.shape[1]
         return self._window(np.zeros((0, width)), first_step=self.step_count + 1)
 
-    def _reconcile_scheduler(self, window: Window) -> None:
-        """Device path: count its real steps; replay the scheduler if one was skipped.
-
-        The scheduler was stepped after every device-path step before anyone knew whether
-        the step was skipped; replaying from the window's start, one scheduler step per
-        real optimizer step, leaves it where skip-aware stepping would have.
-        """
-        on_device = np.asarray(self._window_on_device, dtype=bool)
-        self._window_on_device = []
-        start, self._scheduler_at_window_start = self._scheduler_at_window_start, None
-        if self.scheduler is None or start is None or not (on_device & window.skipped).any():
-            return
-        self.scheduler.load_state_dict(start["scheduler"])
-        for group, saved in zip(self.optimizer.param_groups, start["groups"], strict=True):
-            group.update(saved)  # schedulers chain from the groups' current values
-        for _ in range(int((~window.skipped).sum())):
-            self.scheduler.step()
-
     # --- state, lifecycle ----------------------------------------------------------------
 
     def wrap(self) -> GuardedOptimizer:
@@ -1246,79 +1106,6 @@ class Guard:
         }
 
 
-class GuardedOptimizer(torch.optim.Optimizer):
-    """An optimizer whose ``step()`` runs the guard: for trainers that step it themselves.
-
-    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's, so LR
-    schedulers and framework code that read them keep working.
-    """
-
-    def __init__(self, guard: Guard) -> None:  # no super().__init__: everything delegates
-        self.guard = guard
-        self.optimizer = guard.optimizer
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The wrapped optimizer's parameter groups."""
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        """The wrapped optimizer's state."""
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """The wrapped optimizer's defaults."""
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Run the closure (if any) for the loss, then ``guard.step(loss)``."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.guard.step(loss if isinstance(loss, Tensor | float) else None)
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of the wrapped optimizer's parameters."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict."""
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load into the wrapped optimizer."""
-        self.optimizer.load_state_dict(state_dict)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the wrapped optimizer."""
-        self.optimizer.add_param_group(param_group)
-
-    def __repr__(self) -> str:
-        return f"GuardedOptimizer({self.optimizer!r})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-
 def _layer_scale(model: nn.Module, name: str) -> LayerScale | None:
     """The std and fan-in of a layer's weight matrix (its recurrent one for an RNN).
 
@@ -1402,212 +1189,3 @@ def _group_settings(group: Mapping[str, Any]) -> dict[str, Any]:
     settings: dict[str, Any] = {"params": len(group["params"])}
     settings.update((key, plain(value)) for key, value in group.items() if key != "params")
     return settings
-
-
-def _check_accumulation(value: object) -> None:
-    if callable(value):
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(
-            f"accumulation_steps must be an int >= 1 (micro-batches per optimizer step) or a "
-            f"function returning True on the last micro-batch, got {value!r}."
-        )
-
-
-def _optimizer_shape(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
-    """How many parameters each group holds: changes when a group or parameter is added."""
-    return tuple(len(group["params"]) for group in optimizer.param_groups)
-
-
-def _check_parameters(model: nn.Module) -> None:
-    """Parameters the guard can measure: real (not ``meta``) floating-point tensors."""
-    for name, param in named_parameters(model):
-        if not param.requires_grad:
-            continue
-        if param.is_meta:
-            raise ConfigError(
-                f"parameter {name} is on the 'meta' device (no data): materialize the model "
-                "first (model.to_empty(device=...) and initialize it), then build the Guard."
-            )
-        if param.is_complex():
-            raise ConfigError(
-                f"parameter {name} is complex ({param.dtype}): the guard measures real "
-                "floating-point gradients only; keep real and imaginary parts as two real "
-                "parameters (torch.view_as_real) to guard this model."
-            )
-
-
-def _check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """The optimizer must step the model's parameters only: the guard measures those."""
-    owned = {id(p) for p in model.parameters()}
-    foreign = [
-        (i, tuple(p.shape))
-        for i, group in enumerate(optimizer.param_groups)
-        for p in group["params"]
-        if id(p) not in owned
-    ]
-    if foreign:
-        shown = ", ".join(f"group {i}: {list(shape)}" for i, shape in foreign[:4])
-        more = f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
-        raise ConfigError(
-            f"the optimizer steps {len(foreign)} tensor(s) that are not parameters of the "
-            f"model ({shown}{more}): the guard measures the model's gradients only, so a "
-            "NaN there would reach the weights. Build the optimizer from "
-            "model.parameters(), or give the Guard the model that owns them."
-        )
-
-
-_STATE_KEYS = ("step_count", "should_stop", "sync_count", "clip", "detectors", "events")
-
-
-def _check_saved_state(guard: Guard, state: object) -> None:
-    """Refuse a saved guard state that would not describe this guard's run."""
-    if not isinstance(state, Mapping):
-        raise ConfigError(
-            f"load_state_dict takes the dict guard.state_dict() returned, got "
-            f"{type(state).__name__}."
-        )
-    missing = [key for key in _STATE_KEYS if key not in state]
-    if missing:
-        raise ConfigError(
-            f"this is not a saved guard state (missing {', '.join(missing)}): pass what "
-            "guard.state_dict() returned (not the model's or the optimizer's state dict)."
-        )
-    names = state.get("layer_names")
-    if names is not None and list(names) != list(guard.layer_names):
-        differ = sorted(set(names) ^ set(guard.layer_names))[:4]
-        raise ConfigError(
-            "the saved guard state is of another model (its layers differ"
-            + (f": {', '.join(differ)}" if differ else ": their order")
-            + "): load the state saved with this model."
-        )
-    saved_detectors = state["detectors"]
-    if not isinstance(saved_detectors, Sequence) or len(saved_detectors) != len(guard.detectors):
-        count = len(saved_detectors) if isinstance(saved_detectors, Sequence) else "?"
-        raise ConfigError(
-            f"the saved guard had {count} detectors, this one has {len(guard.detectors)}: "
-            "build the guard with the same detectors to resume."
-        )
-    types = state.get("detector_types")
-    mine = [type(d).__name__ for d in guard.detectors]
-    if types is not None and list(types) != mine:
-        raise ConfigError(
-            f"the saved guard's detectors are {list(types)}, this one's {mine}: build the "
-            "guard with the same detectors, in the same order, to resume."
-        )
-    if (state["clip"] is None) != (guard.clip is None):
-        raise ConfigError("the saved guard and this one differ in having a clip policy.")
-    clip_type = state.get("clip_type")
-    if clip_type is not None and clip_type != type(guard.clip).__name__:
-        raise ConfigError(
-            f"the saved guard clipped with {clip_type}, this one with "
-            f"{type(guard.clip).__name__}: build the guard with the same policy to resume."
-        )
-
-
-def _detectors(value: Literal["default"] | Sequence[Detector] | None) -> list[Detector]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        if value != "default":
-            raise ConfigError(f"detectors must be 'default', a list or None, got {value!r}.")
-        return default_detectors()
-    detectors = list(value)
-    for d in detectors:
-        if not isinstance(d, Detector):
-            raise ConfigError(
-                f"detectors must be detector objects such as gg.detect.Spike(), got "
-                f"{type(d).__name__}."
-            )
-    return detectors
-
-
-#: The longest drain interval: the device buffer holds this many rows of statistics.
-MAX_LOG_EVERY = 10_000
-
-
-def _check_optimizer(optimizer: object) -> None:
-    """An optimizer the guard can step: a plain ``torch.optim.Optimizer``, no closure."""
-    if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, GuardedOptimizer):
-        raise ConfigError(
-            f"optimizer must be a torch.optim.Optimizer (not a guarded one), got "
-            f"{type(optimizer).__name__}."
-        )
-    if type(optimizer).__module__.startswith("accelerate.") and hasattr(optimizer, "optimizer"):
-        raise ConfigError(
-            f"the optimizer is accelerate's {type(optimizer).__name__}: build the guard with "
-            "gradguard.integrations.accelerate.prepare_guard(accelerator, model, optimizer, "
-            "...), which steps the optimizer inside it (keeping a fused optimizer's sync-free "
-            "skip) and acts once per accumulated step."
-        )
-    step = inspect.signature(type(optimizer).step)
-    closure = step.parameters.get("closure")
-    if isinstance(optimizer, torch.optim.LBFGS) or (
-        closure is not None and closure.default is inspect.Parameter.empty
-    ):
-        raise ConfigError(
-            f"{type(optimizer).__name__} needs a closure that re-evaluates the loss several "
-            "times per step, so one backward's gradients do not decide the step: the guard "
-            "cannot measure or skip it. Use a first-order optimizer (SGD, Adam, AdamW), or "
-            "clip inside the closure with gg.clip_(model, policy)."
-        )
-
-
-def _check_scheduler(scheduler: object, optimizer: object) -> None:
-    """A scheduler the guard can step after each real step: an LR scheduler of ``optimizer``."""
-    if scheduler is None:
-        return
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        raise ConfigError(
-            "ReduceLROnPlateau steps on a validation metric, not once per optimizer step: "
-            "do not pass it to the Guard; call scheduler.step(val_loss) yourself after each "
-            "evaluation (the guard reads the learning rate the optimizer holds)."
-        )
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
-        raise ConfigError(
-            f"scheduler must be a torch.optim.lr_scheduler.LRScheduler, got "
-            f"{type(scheduler).__name__}."
-        )
-    if scheduler.optimizer is not optimizer:
-        raise ConfigError(
-            "the scheduler was built for another optimizer: build it on the optimizer "
-            "given to the Guard (torch.optim.lr_scheduler.X(optimizer, ...))."
-        )
-
-
-def _validate(
-    model: object,
-    optimizer: object,
-    clip: object,
-    nonfinite: str,
-    recovery: object,
-    scheduler: object,
-    log_every: object,
-    on_event: object,
-) -> None:
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}.")
-    _check_optimizer(optimizer)
-    if clip is not None and not isinstance(clip, ClipPolicy):
-        raise ConfigError(
-            f"clip must be a policy such as gg.NormClip(1.0) or None, got {type(clip).__name__}."
-        )
-    if nonfinite not in ("skip", "raise", "zero"):
-        raise ConfigError(f"nonfinite must be 'skip', 'raise' or 'zero', got {nonfinite!r}.")
-    if recovery is not None and not isinstance(recovery, Recovery):
-        raise ConfigError(
-            f"recovery must be a strategy such as gg.Rollback() or None, got "
-            f"{type(recovery).__name__}."
-        )
-    _check_scheduler(scheduler, optimizer)
-    if (
-        not isinstance(log_every, int)
-        or isinstance(log_every, bool)
-        or not 1 <= log_every <= MAX_LOG_EVERY
-    ):
-        raise ConfigError(
-            f"log_every must be an int in [1, {MAX_LOG_EVERY}], got {log_every!r}: the guard "
-            "keeps that many steps of statistics on the device between drains."
-        )
-    if on_event is not None and not callable(on_event):
-        raise ConfigError("on_event must be a callable taking an Event.")

@@ -21,13 +21,14 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import IO, Any
 
 import numpy as np
 
 from gradguard._files import write_text_atomic
 from gradguard.causes import CAUSES
 from gradguard.errors import ConfigError
+from gradguard.protocols import Sink as Sink
 from gradguard.records import Event, Window, _json_float
 
 META_FILE = "meta.json"
@@ -36,23 +37,6 @@ LAYERS_FILE = "layers.jsonl"
 EVENTS_FILE = "events.jsonl"
 RUN_FORMAT_VERSION = 1
 TENSORBOARD_DIR = "tensorboard"
-
-
-@runtime_checkable
-class Sink(Protocol):
-    """What the guard needs from a destination for its logs."""
-
-    def open(self, meta: Mapping[str, Any]) -> None:
-        """Start (or resume) a run described by ``meta``."""
-        ...
-
-    def write(self, window: Window, events: Sequence[Event]) -> None:
-        """Record the steps of one drain and the events it raised."""
-        ...
-
-    def close(self) -> None:
-        """Flush and release resources; safe to call twice."""
-        ...
 
 
 LOCK_FILE = ".lock"

@@ -1,0 +1,120 @@
+"""How the guard steps an optimizer: skips decided on the device, priming, scheduler replay.
+
+Fused optimizers (``fused=True``) honour a ``found_inf`` flag on the device, as they do for
+``GradScaler``: a step whose flag is set changes nothing, so the guard can skip a
+non-finite step without reading anything on the host. Two things make that exact:
+
+- **priming**: a fused first step that ``found_inf`` cancels would still create the
+  optimizer's state, so the state is created beforehand with a cancelled step;
+- **scheduler replay**: the scheduler is stepped after every device-path step before
+  anyone knows whether it was skipped; at the drain, a window that held a skip replays
+  the scheduler from the window's start, once per step taken.
+
+The LR cool-down of a recovery scales the groups' LR around the optimizer step only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradguard.records import BoolArray
+
+
+def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """True for optimizers whose fused step honours ``found_inf`` on the device."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def step_with_found_inf(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+    """One fused step that changes nothing where ``found_inf`` is set (no host read)."""
+    opt: Any = optimizer
+    opt.grad_scale, opt.found_inf = None, found_inf
+    try:
+        optimizer.step()
+    finally:
+        del opt.grad_scale, opt.found_inf
+
+
+def prime_fused_state(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    """Create the optimizer's state with a cancelled fused step; False where it cannot.
+
+    A fused first step that ``found_inf`` cancels would still create state (and SGD's
+    momentum buffers would hold uninitialised memory). Creating it beforehand with a
+    cancelled step gives the state a real first step starts from: zero moments, step 0,
+    and for SGD zero momentum buffers, which equal "no buffer yet" when ``dampening == 0``;
+    with dampening the state cannot be primed (False: the first step reads the host).
+    """
+    missing = [
+        p
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.grad is not None and p not in optimizer.state
+    ]
+    if not missing:
+        return True
+    is_sgd = isinstance(optimizer, torch.optim.SGD)
+    if is_sgd and any(g["momentum"] and g["dampening"] for g in optimizer.param_groups):
+        return False
+    step_with_found_inf(optimizer, torch.ones((), device=device))
+    if is_sgd:
+        for p in missing:
+            buffer = optimizer.state[p].get("momentum_buffer")
+            if buffer is not None:
+                buffer.zero_()
+    return True
+
+
+@contextlib.contextmanager
+def cooled_lr(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
+    """Scale every group's LR by ``factor`` for the optimizer step only.
+
+    Schedulers never see the factor (chainable ones compute from the groups' current LR),
+    so the schedule resumes untouched when a cool-down ends.
+    """
+    if factor == 1.0:
+        yield
+        return
+    groups = optimizer.param_groups
+    saved = [g["lr"] for g in groups]
+    for group, lr in zip(groups, saved, strict=True):
+        group["lr"] = lr * factor
+    try:
+        yield
+    finally:
+        for group, lr in zip(groups, saved, strict=True):
+            group["lr"] = lr
+
+
+def scheduler_state(scheduler: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The scheduler and the groups' settings at a window's start, for :func:`replay_scheduler`."""
+    return {
+        "scheduler": scheduler.state_dict(),
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+    }
+
+
+def replay_scheduler(
+    scheduler: Any,
+    optimizer: torch.optim.Optimizer,
+    start: dict[str, Any],
+    skipped: BoolArray,
+    skipped_on_device: BoolArray,
+) -> None:
+    """After a skipped device-path step: rewind to ``start``, step once per step taken.
+
+    A device-path step steps the scheduler before anyone knows whether it was skipped;
+    the replay leaves the scheduler where skip-aware stepping would have.
+    """
+    if not np.any(skipped_on_device):
+        return
+    scheduler.load_state_dict(start["scheduler"])
+    for group, saved in zip(optimizer.param_groups, start["groups"], strict=True):
+        group.update(saved)  # schedulers chain from the groups' current values
+    for _ in range(int((~skipped).sum())):
+        scheduler.step()
