@@ -118,7 +118,7 @@ def test_fused_path_kept_no_host_read_per_step() -> None:
     run = train_guarded(nan=True, clip=gg.NormClip(1.0))
     guard = run["guard"]
     assert guard.fused
-    assert all(guard._window_on_device)  # every optimizer step skipped or stepped on device
+    assert all(guard._steps.on_device)  # every optimizer step skipped or stepped on device
     # one transfer per drain (8 steps, log_every=4), none per step or per micro-batch
     assert run["syncs"] == WINDOWS // 4
 

@@ -38,6 +38,7 @@ from gradguard._checks import (
 )
 from gradguard._foreach import stacked_norms
 from gradguard._guarded_optimizer import GuardedOptimizer as GuardedOptimizer
+from gradguard._ring import StepBuffer
 from gradguard._stepping import (
     cooled_lr,
     prime_fused_state,
@@ -52,7 +53,7 @@ from gradguard.errors import ConfigError, GradGuardError
 from gradguard.explain import Explainer, LayerScale, RunFacts, Streaks, jsonable
 from gradguard.protocols import ClipPolicy, Detector, Sink
 from gradguard.protocols import Recovery as Recovery
-from gradguard.records import SAMPLE_COLUMNS, SAMPLE_TOP, Event, StepReport, Window
+from gradguard.records import Event, StepReport, Window
 from gradguard.sinks import TENSORBOARD_DIR, JsonlSink, TensorBoardSink, tensorboard_available
 from gradguard.stats import (
     ROOT_LAYER,
@@ -67,10 +68,6 @@ from gradguard.stats import (
 )
 
 NonFiniteMode = Literal["skip", "raise", "zero"]
-_COLUMNS = ("loss", "loss_given", "grad_norm", "clipped_norm", "scale")
-_FLAGS = ("skipped", "finite", "overflow", "zeroed")
-_N_SCALARS = len(_COLUMNS) + len(_FLAGS) + 1  # + lr
-_N_SAMPLES = len(SAMPLE_COLUMNS)
 #: batch ids kept for the log of a rollback (the steps it undoes)
 _BATCH_HISTORY = 4096
 _SATURATING = ("Sigmoid", "Tanh", "Softsign", "Hardtanh", "Hardsigmoid", "LogSigmoid")
@@ -234,31 +231,16 @@ class Guard:
         self.step_count = 0
         self._state_primed = False
         self.lr_factor = 1.0  # a recovery's cool-down; applied only around optimizer steps
-        n_columns = _N_SCALARS + len(self.layer_names) + len(self.tensor_names) + _N_SAMPLES
-        self._buffer = torch.zeros((log_every, n_columns), dtype=torch.float32, device=self.device)
-        self._buffered = 0
-        self._scheduler_at_window_start: dict[str, Any] | None = None
-        self._window_on_device: list[bool] = []
-        self._window_lr: list[float] = []
         self._nan = torch.full((), float("nan"), device=self.device)
         self._one = torch.ones((), device=self.device)
         self._zero = torch.zeros((), device=self.device)
         self._true, self._false = layout.true, layout.false
-        # The ring buffer's rows as (scalars, per-layer, per-tensor, samples) views.
-        n_layers = len(self.layer_names)
-        self._rows = [
-            (
-                row[:_N_SCALARS],
-                row[_N_SCALARS : _N_SCALARS + n_layers],
-                row[_N_SCALARS + n_layers : -_N_SAMPLES],
-                row[-_N_SAMPLES:],
-            )
-            for row in self._buffer
-        ]
+        self._steps = StepBuffer(
+            log_every, self.layer_names, self.tensor_names, self.device, (self._true, self._false)
+        )
+        self._scheduler_at_window_start: dict[str, Any] | None = None
         self._raise_after: GradGuardError | None = None
         self._zeroed: Tensor | None = None  # per-tensor norms of a step whose NaN was zeroed
-        self._window_batch: list[Any] = []
-        self._window_samples: list[bool] = []
         self._batches: deque[tuple[int, Any]] = deque(maxlen=_BATCH_HISTORY)
         self._probe = self._update_probe(layout)
         self._update_pending: Tensor | None = None
@@ -331,7 +313,7 @@ class Guard:
         if self._accumulates():
             return self._keep_micro_batch(loss, batch, sample_losses)
         edge_grads, loss_tensor, samples = self._begin_step(loss, batch, sample_losses)
-        measure_update = self._probe is not None and self._buffered == self.log_every - 1
+        measure_update = self._probe is not None and self._steps.count == self.log_every - 1
         if measure_update:
             assert self._probe is not None
             self._probe.before_step()
@@ -345,7 +327,7 @@ class Guard:
         if self.fused and not self._state_primed:
             self._state_primed = prime_fused_state(self.optimizer, self.device)
         no_sync = self.fused and self.nonfinite == "skip" and self._state_primed
-        self._window_on_device.append(no_sync)
+        self._steps.on_device.append(no_sync)
         if no_sync:
             skipped, scale = self._step_on_device(stats)
         else:
@@ -367,8 +349,10 @@ class Guard:
             finite=stats.finite,
             loss=stats.loss,  # averaged across ranks when the model is distributed
         )
-        self._record(report, stats, samples)
-        if self._buffered == self.log_every:
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._steps.record(report, stats, samples, lr * self.lr_factor, self._zeroed)
+        self._zeroed = None
+        if self._steps.count == self.log_every:
             self.flush()
         if self.recovery is not None:
             self.recovery.after_step(self)
@@ -394,7 +378,7 @@ class Guard:
         if not self._sinks_started:
             self._start_sinks()
         self.step_count += 1
-        if self.fused and self._buffered == 0 and self.scheduler is not None:
+        if self.fused and self._steps.count == 0 and self.scheduler is not None:
             self._scheduler_at_window_start = scheduler_state(self.scheduler, self.optimizer)
         if self.scaler is not None:
             unscale_once(self.scaler, self.optimizer)
@@ -404,7 +388,7 @@ class Guard:
     @property
     def buffered(self) -> int:
         """Steps held on the device since the last drain (0 right after one)."""
-        return self._buffered
+        return self._steps.count
 
     @property
     def closed(self) -> bool:
@@ -427,7 +411,7 @@ class Guard:
         """Keep a micro-batch's loss, batch id and per-example losses for the step it ends in."""
         loss_tensor = None if loss is None else self._loss_tensor(loss).detach().float()
         if sample_losses is not None:
-            self._sample_summary(sample_losses)  # refuses what it could not summarise later
+            self._steps.sample_summary(sample_losses)  # refuses what it could not summarise
             sample_losses = sample_losses.detach().reshape(-1)
         self._micro.add(loss_tensor, batch, sample_losses)
         return StepReport(
@@ -487,9 +471,8 @@ class Guard:
 
     def _note_data(self, batch: Any, sample_losses: Tensor | None) -> Tensor | None:
         """Keep the step's batch id (host) and its per-example loss summary (device)."""
-        samples = None if sample_losses is None else self._sample_summary(sample_losses)
-        self._window_batch.append(batch)
-        self._window_samples.append(samples is not None)
+        samples = None if sample_losses is None else self._steps.sample_summary(sample_losses)
+        self._steps.note(batch, samples is not None)
         if batch is not None:
             self._batches.append((self.step_count, batch))
         return samples
@@ -625,77 +608,6 @@ class Guard:
             return loss if loss.device == self.device else loss.detach().to(self.device)
         return torch.full((), float(loss), device=self.device)
 
-    def _lr_tensor(self) -> Tensor:
-        """The first group's LR: kept on the host when it is a float (exact in the logs)."""
-        lr = self.optimizer.param_groups[0]["lr"]
-        if isinstance(lr, Tensor):
-            self._window_lr.append(float("nan"))
-            return lr.detach().reshape(()).to(self.device, torch.float32) * self.lr_factor
-        self._window_lr.append(float(lr) * self.lr_factor)
-        return self._nan
-
-    def _flag(self, flag: Tensor) -> Tensor:
-        """A bool flag as fp32 for the ring buffer; the shared constants need no kernel."""
-        if flag is self._true:
-            return self._one
-        if flag is self._false:
-            return self._zero
-        return flag.float()
-
-    def _sample_summary(self, sample_losses: Tensor) -> Tensor:
-        """Median, spread, non-finite count, size and the largest losses, on the device."""
-        if not isinstance(sample_losses, Tensor) or sample_losses.numel() == 0:
-            raise ConfigError(
-                "sample_losses must be a non-empty tensor of per-example losses, e.g. "
-                "F.cross_entropy(logits, y, reduction='none').detach()."
-            )
-        values = sample_losses.detach().reshape(-1).to(self.device, torch.float32)
-        n = values.numel()
-        finite = torch.isfinite(values)
-        kept = torch.where(finite, values, self._nan)
-        median = torch.nanmedian(kept)
-        spread = torch.nanmedian((kept - median).abs())
-        k = min(SAMPLE_TOP, n)
-        order = torch.where(torch.isnan(values), math.inf, values)
-        positions = torch.topk(order, k).indices
-        pad = self._nan.expand(SAMPLE_TOP - k)
-        return torch.cat(
-            [
-                torch.stack([median, spread, (~finite).sum().float(), self._full(n)]),
-                values[positions],
-                pad,
-                positions.float(),
-                pad,
-            ]
-        )
-
-    def _full(self, value: float) -> Tensor:
-        return torch.full((), float(value), device=self.device)
-
-    def _record(self, report: StepReport, stats: GradStats, samples: Tensor | None) -> None:
-        scalars, per_layer, per_tensor, sample_row = self._rows[self._buffered]
-        torch.stack(
-            [
-                self._nan if report.loss is None else report.loss.float(),
-                self._zero if report.loss is None else self._one,
-                report.grad_norm,
-                report.clipped_norm,
-                report.scale.float(),
-                self._flag(report.skipped),
-                self._flag(stats.finite) if self._zeroed is None else self._zero,
-                self._flag(stats.overflow),
-                self._zero if self._zeroed is None else self._one,
-                self._lr_tensor(),
-            ],
-            out=scalars,
-        )
-        per_layer.copy_(stats.per_layer)
-        per_tensor.copy_(stats.per_tensor if self._zeroed is None else self._zeroed)
-        self._zeroed = None
-        if samples is not None:
-            sample_row.copy_(samples)
-        self._buffered += 1
-
     @_eager
     def flush(self) -> list[Event]:
         """Drain the buffered steps now: detectors, recovery and sinks; return new events."""
@@ -706,24 +618,24 @@ class Guard:
 
         ``final`` closes every open streak of events (the guard is closing).
         """
-        if self._buffered == 0:
+        if self._steps.count == 0:
             closing = self._streaks.close_all() if final else []
             if closing:
                 self._publish(self._empty_window(), [], closing)
             return []
-        n = self._buffered
+        n = self._steps.count
         stopped_before = self.should_stop
         weights, pending = self._weight_norms(), self._weight_norm_pending
         update = self._update_pending if n == self.log_every else None
         self._update_pending = None
-        parts = [self._buffer[:n].flatten()]  # one transfer for the rows and the norms
+        parts = [self._steps.filled()]  # one transfer for the rows and the norms
         parts += [
             t.to(self.device, torch.float32) for t in (weights, pending, update) if t is not None
         ]
         flat = torch.cat(parts).cpu().double().numpy()  # sync: the one drain copy
         self.sync_count += 1
-        self._buffered = 0
-        width = self._buffer.shape[1]
+        self._steps.count = 0
+        width = self._steps.width
         host, rest = flat[: n * width].reshape(n, width), flat[n * width :]
         update_ratio = None
         if update is not None:
@@ -739,8 +651,8 @@ class Guard:
         )
         self._last_weight_norm = window.weight_norm
         start, self._scheduler_at_window_start = self._scheduler_at_window_start, None
-        on_device = np.asarray(self._window_on_device, dtype=bool)
-        self._window_on_device = []
+        on_device = np.asarray(self._steps.on_device, dtype=bool)
+        self._steps.on_device = []
         if self.scheduler is not None and start is not None:
             replay_scheduler(
                 self.scheduler, self.optimizer, start, window.skipped, window.skipped & on_device
@@ -888,45 +800,18 @@ class Guard:
         weight_norm: np.ndarray[Any, Any] | None = None,
         update_ratio: np.ndarray[Any, Any] | None = None,
     ) -> Window:
-        n_layers = len(self.layer_names)
-        host_lr = np.asarray(self._window_lr, dtype=np.float64)
-        self._window_lr = []
-        given = np.asarray(self._window_samples, dtype=bool)
-        batch = tuple(self._window_batch)
-        self._window_batch, self._window_samples = [], []
-        samples = None
-        if given.any():
-            samples = host[:, -_N_SAMPLES:].copy()
-            samples[~given] = np.nan
-        col = {name: host[:, i] for i, name in enumerate(_COLUMNS + _FLAGS)}
-        return Window(
-            steps=np.arange(first_step, first_step + host.shape[0], dtype=np.int64),
-            loss=col["loss"],
-            loss_given=col["loss_given"] > 0,
-            grad_norm=col["grad_norm"],
-            clipped_norm=col["clipped_norm"],
-            scale=col["scale"],
-            skipped=col["skipped"] > 0,
-            finite=col["finite"] > 0,
-            overflow=col["overflow"] > 0,
-            zeroed=col["zeroed"] > 0,
-            lr=np.where(np.isnan(host_lr), host[:, _N_SCALARS - 1], host_lr),
-            per_layer=host[:, _N_SCALARS : _N_SCALARS + n_layers],
-            per_tensor=host[:, _N_SCALARS + n_layers : -_N_SAMPLES],
-            layer_names=self.layer_names,
-            tensor_names=self.tensor_names,
+        return self._steps.window(
+            host,
+            first_step,
             weight_norm=weight_norm,
             weight_norm_before=self._last_weight_norm,
-            loss_scaled=self.scaler is not None,
             update_ratio=update_ratio,
-            batch=batch if any(b is not None for b in batch) else None,
-            samples=samples,
+            loss_scaled=self.scaler is not None,
         )
 
     def _empty_window(self) -> Window:
         """A window of no steps, to hand sinks the events a closing guard still owes."""
-        width = self._buffer.shape[1]
-        return self._window(np.zeros((0, width)), first_step=self.step_count + 1)
+        return self._window(np.zeros((0, self._steps.width)), first_step=self.step_count + 1)
 
     # --- state, lifecycle ----------------------------------------------------------------
 
@@ -970,7 +855,7 @@ class Guard:
 
         Events are history and stay; call only between drains (nothing buffered).
         """
-        if self._buffered:
+        if self._steps.count:
             raise GradGuardError(
                 "recovery_state() needs an empty buffer: snapshot right after a drain "
                 "(every a multiple of log_every)."
@@ -987,9 +872,7 @@ class Guard:
     @_eager
     def load_recovery_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`recovery_state`; pending buffered steps are discarded."""
-        self._buffered = 0
-        self._window_on_device, self._window_lr = [], []
-        self._window_batch, self._window_samples = [], []
+        self._steps.discard()
         self._update_pending = None
         self._scheduler_at_window_start = None
         self._state_primed = False  # the restored optimizer state may predate the priming
@@ -1011,10 +894,7 @@ class Guard:
         as it was.
         """
         _check_saved_state(self, state)
-        self._buffered = 0
-        self._window_on_device = []
-        self._window_lr = []
-        self._window_batch, self._window_samples = [], []
+        self._steps.discard()
         self._update_pending = None
         self.step_count = int(state["step_count"])
         self.should_stop = bool(state["should_stop"])
