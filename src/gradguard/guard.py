@@ -9,12 +9,8 @@ file carries a ``# sync:`` comment with its reason.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
-import math
 import os
-import platform
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradguard._accumulate import MicroBatches
 from gradguard._amp import merge_found_inf, scaler_found_inf, unscale_once
 from gradguard._checks import MAX_LOG_EVERY as MAX_LOG_EVERY
 from gradguard._checks import (
@@ -38,7 +35,10 @@ from gradguard._checks import (
 )
 from gradguard._foreach import stacked_norms
 from gradguard._guarded_optimizer import GuardedOptimizer as GuardedOptimizer
+from gradguard._meta import guard_meta
+from gradguard._ownership import claim, release
 from gradguard._ring import StepBuffer
+from gradguard._run_facts import run_facts
 from gradguard._stepping import (
     cooled_lr,
     prime_fused_state,
@@ -48,21 +48,18 @@ from gradguard._stepping import (
     supports_found_inf,
 )
 from gradguard._updates import UpdateProbe
-from gradguard.clip import NormClip
 from gradguard.errors import ConfigError, GradGuardError
-from gradguard.explain import Explainer, LayerScale, RunFacts, Streaks, jsonable
+from gradguard.explain import Explainer, Streaks, jsonable
 from gradguard.protocols import ClipPolicy, Detector, Sink
 from gradguard.protocols import Recovery as Recovery
 from gradguard.records import Event, StepReport, Window
 from gradguard.sinks import TENSORBOARD_DIR, JsonlSink, TensorBoardSink, tensorboard_available
 from gradguard.stats import (
-    ROOT_LAYER,
     GradStats,
     grad_stats,
     layer_norms,
     layer_of,
     layout_for,
-    named_modules,
     named_parameters,
     uncompiled,
 )
@@ -70,11 +67,6 @@ from gradguard.stats import (
 NonFiniteMode = Literal["skip", "raise", "zero"]
 #: batch ids kept for the log of a rollback (the steps it undoes)
 _BATCH_HISTORY = 4096
-_SATURATING = ("Sigmoid", "Tanh", "Softsign", "Hardtanh", "Hardsigmoid", "LogSigmoid")
-#: The guard each optimizer, detector and sink belongs to (weak on both sides: no leaks,
-#: nothing added to the objects, so they pickle as before).
-_OWNERS: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDictionary()
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -198,7 +190,7 @@ class Guard:
         self.log_every = log_every
         self.on_event = on_event
         self.accumulation_steps = accumulation_steps
-        self._micro = _MicroBatches()
+        self._micro = MicroBatches()
         if run_dir is not None and not isinstance(run_dir, str | os.PathLike):
             raise ConfigError(f"run_dir must be a path (str or os.PathLike), got {run_dir!r}.")
         self.run_dir = None if run_dir is None else os.fspath(run_dir)
@@ -244,7 +236,7 @@ class Guard:
         self._batches: deque[tuple[int, Any]] = deque(maxlen=_BATCH_HISTORY)
         self._probe = self._update_probe(layout)
         self._update_pending: Tensor | None = None
-        self.explainer = Explainer(self._facts())
+        self.explainer = Explainer(run_facts(self, self._count_sync))
         self._streaks = Streaks(log_every)
         self._closed = False
         # The parameter norms the next drain compares with: on the host after a drain, on
@@ -273,14 +265,15 @@ class Guard:
             for sink in self.sinks:
                 self._claim(sink, "sink", "give each Guard its own sink objects")
             for sink in self.sinks:
-                sink.open(self._meta())
+                sink.open(guard_meta(self))
                 opened.append(sink)
             if self.recovery is not None:
                 self.recovery.attach(self)
         except BaseException:
             for sink in opened:
                 sink.close()
-            self._release_claims()
+            release(self, self._claimed)
+            self._claimed = []
             raise
 
     # --- the step ---------------------------------------------------------------------
@@ -735,42 +728,6 @@ class Guard:
         layers = [index[layer_of(name)] for name in layout.names]
         return UpdateProbe(layout.params, layers, len(self.layer_names), self.device)
 
-    def _facts(self) -> RunFacts:
-        """What the explainer needs to know about the model and the training setup."""
-        model, optimizer = self.model, self.optimizer
-        types = {type(m).__name__ for m in model.modules()}
-        saturating = [t for t in _SATURATING if t in types]
-        if any(isinstance(m, nn.RNN) and m.nonlinearity == "tanh" for m in model.modules()):
-            saturating.append("RNN(tanh)")
-        dtypes = [p.dtype for p in model.parameters() if p.requires_grad]
-        common = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
-        low = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(common)
-        names = self.layer_names
-        first_param: dict[str, Tensor] = {}
-        for name, param in named_parameters(model):
-            first_param.setdefault(layer_of(name), param)
-
-        def group_lr() -> list[float]:
-            lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-            return [float(lr_of.get(id(first_param[n]), math.nan)) for n in names]
-
-        def layer_scale(name: str) -> LayerScale | None:
-            self.sync_count += 1  # one read of the weights, only to explain an event
-            return _layer_scale(model, name)
-
-        return RunFacts(
-            clip_max_norm=self.clip.max_norm if isinstance(self.clip, NormClip) else None,
-            clipping=self.clip is not None,
-            scaler=self.scaler is not None,
-            recovery=self.recovery is not None,
-            low_precision=low,
-            saturating=tuple(saturating),
-            rectified=bool(types & {"ReLU", "ReLU6", "Threshold"}),
-            normalized=any(isinstance(m, _NORMS) for m in model.modules()),
-            group_lr=group_lr,
-            layer_scale=layer_scale,
-        )
-
     def _weight_norms(self) -> Tensor | None:
         """Per-layer fp32 parameter norms on the device, for the detectors (at drains only).
 
@@ -920,152 +877,18 @@ class Guard:
         for sink in self.sinks:
             sink.close()
         self._closed = True
-        self._release_claims()
-
-    def _release_claims(self) -> None:
-        for owned in self._claimed:
-            with contextlib.suppress(KeyError, TypeError):
-                if _OWNERS[owned]() is self:
-                    del _OWNERS[owned]
+        release(self, self._claimed)
         self._claimed = []
 
     def _claim(self, owned: object, what: str, fix: str) -> None:
-        """Mark ``owned`` as this guard's; refuse it if a live, open guard has it."""
-        try:
-            ref = _OWNERS.get(owned)
-        except TypeError:  # not weak-referenceable or not hashable: cannot be tracked
-            return
-        other = ref() if ref is not None else None
-        if other is not None and other is not self and not other._closed:
-            del other
-            gc.collect()  # a guard dropped by the loop may live on in a reference cycle
-            other = ref() if ref is not None else None
-        if other is not None and other is not self and not other._closed:
-            raise ConfigError(
-                f"this {what} ({type(owned).__name__}) already belongs to another Guard that "
-                f"is still open: {fix}."
-            )
-        _OWNERS[owned] = weakref.ref(self)
-        self._claimed.append(owned)
+        if claim(self, owned, what, fix):
+            self._claimed.append(owned)
+
+    def _count_sync(self) -> None:
+        self.sync_count += 1
 
     def __enter__(self) -> Guard:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _meta(self) -> dict[str, Any]:
-        from gradguard import __version__
-
-        return {
-            "layer_names": list(self.layer_names),
-            "layer_depth": {name: i for i, name in enumerate(self.layer_names)},
-            "tensor_names": list(self.tensor_names),
-            "config": {
-                "clip": repr(self.clip),
-                "nonfinite": self.nonfinite,
-                "detectors": [repr(d) for d in self.detectors],
-                "recovery": repr(self.recovery),
-                "log_every": self.log_every,
-                "optimizer": type(self.optimizer).__name__,
-                "param_groups": [_group_settings(g) for g in self.optimizer.param_groups],
-                "accumulation_steps": (
-                    self.accumulation_steps
-                    if isinstance(self.accumulation_steps, int)
-                    else "function"
-                ),
-                "fused": self.fused,
-                "scheduler": type(self.scheduler).__name__ if self.scheduler else None,
-                "scaler": self.scaler is not None,
-            },
-            "versions": {
-                "gradguard": __version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-        }
-
-
-def _layer_scale(model: nn.Module, name: str) -> LayerScale | None:
-    """The std and fan-in of a layer's weight matrix (its recurrent one for an RNN).
-
-    Read on the host: called only when an event needs it.
-    """
-    module = model if name == ROOT_LAYER else dict(named_modules(model)).get(name)
-    if module is None:
-        return None
-    matrices = [
-        (n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 2 and p.numel() > 1
-    ]
-    if not matrices:
-        return None
-    recurrent = [p for n, p in matrices if n.startswith("weight_hh")]
-    weight = recurrent[0] if recurrent else matrices[0][1]
-    fan_in = int(weight.shape[1]) * int(np.prod(weight.shape[2:], dtype=np.int64))
-    with torch.no_grad():
-        std = float(weight.detach().float().std())  # sync: only to explain an event
-    return LayerScale(std=std, fan_in=fan_in)
-
-
-class _MicroBatches:
-    """What the micro-batches of the optimizer step being accumulated left: on the device."""
-
-    def __init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        """Forget the kept micro-batches (a step consumed them, or they were abandoned)."""
-        self.count = 0
-        self.loss_sum: Tensor | None = None
-        self.losses = 0
-        self.batches: list[Any] = []
-        self.sample_losses: list[Tensor] = []
-
-    def add(self, loss: Tensor | None, batch: Any, sample_losses: Tensor | None) -> None:
-        """Keep one micro-batch's loss (summed on the device), batch id and sample losses."""
-        self.count += 1
-        if loss is not None:
-            loss = loss.reshape(())
-            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-            self.losses += 1
-        self.batches.append(batch)
-        if sample_losses is not None:
-            self.sample_losses.append(sample_losses)
-
-    def merge(
-        self, loss: Tensor | None, batch: Any, sample_losses: Tensor | None
-    ) -> tuple[Tensor | None, Any, Tensor | None]:
-        """The last micro-batch's values joined with the kept ones; forget the kept ones.
-
-        The loss is the mean of the given losses (a NaN in any micro-batch makes it NaN),
-        the batch id the list of the micro-batches' ids (None when none had one), and the
-        per-example losses all the micro-batches' together.
-        """
-        self.add(None if loss is None else loss.detach().float(), batch, sample_losses)
-        mean = None if self.loss_sum is None else self.loss_sum / self.losses
-        batches = self.batches if any(b is not None for b in self.batches) else None
-        samples = torch.cat(self.sample_losses) if self.sample_losses else None
-        self.clear()
-        return mean, batches, samples
-
-
-def _group_settings(group: Mapping[str, Any]) -> dict[str, Any]:
-    """A parameter group's hyperparameters as JSON values (its LR, weight decay, betas...).
-
-    Read once, when the guard is built: a tensor LR is read on the host here.
-    """
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.numel() == 1:
-            return float(value)  # sync: once, for the run's configuration
-        if isinstance(value, bool | int | str) or value is None:
-            return value
-        if isinstance(value, float):
-            return value if math.isfinite(value) else repr(value)
-        if isinstance(value, list | tuple):
-            return [plain(v) for v in value]
-        return repr(value)
-
-    settings: dict[str, Any] = {"params": len(group["params"])}
-    settings.update((key, plain(value)) for key, value in group.items() if key != "params")
-    return settings
