@@ -490,7 +490,8 @@ each labelled with what a careful engineer would say happened, and why. The corp
 the test the defaults are held to; a detector tuned to it and nothing else would fail
 on the next model, so every rule is stated in [guard.md](guard.md) with its reason.
 
-Run it from a checkout:
+Run it from a checkout installed editable (`pip install -e .`; the benchmarks live in
+`benchmarks/`, not in the wheel):
 
 ```bash
 gradguard bench detection                 # 23 scenarios x 3 seeds, about 80 s

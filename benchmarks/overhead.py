@@ -1,10 +1,11 @@
 """Time gradguard's per-step overhead against torch and peer packages; write the docs page.
 
-Runs :func:`gradguard.bench.run_overhead` with the full settings (the 9M-parameter
+Runs :func:`overhead_bench.run_overhead` with the full settings (the 9M-parameter
 GPT-like model, the 500-layer MLP, a history of 100,000 norms), prints the tables and
 rewrites ``docs/performance.md``. Takes about two minutes on a quiet 2-core CPU.
 
-Usage: ``make bench`` or ``python benchmarks/overhead.py [--rounds N] [--out PATH]``.
+Usage, from a checkout: ``make bench`` or
+``python benchmarks/overhead.py [--rounds N] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gradguard import bench
+import overhead_bench as bench
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 ROUNDS = 50

@@ -13,7 +13,7 @@ import time
 import torch
 
 import gradguard as gg
-from gradguard.bench import _gpt_case
+from overhead_bench import _gpt_case
 
 ROUNDS = 15
 EVERY = 100

@@ -18,6 +18,7 @@ import gradguard
 from gradguard.cli import EXIT_CODE_MEANINGS, ExitCode, app
 
 runner = CliRunner()
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_version() -> None:
@@ -142,6 +143,27 @@ def test_bench_unknown_benchmark_or_scenario_is_a_clear_error() -> None:
     scenario = runner.invoke(app, ["bench", "detection", "--quick", "--only", "no_such_run"])
     assert scenario.exit_code == 2
     assert "no_such_run" in scenario.output
+
+
+@pytest.mark.parametrize(
+    ("args", "module"),
+    [(["bench", "--quick"], "overhead_bench"), (["bench", "detection"], "detection")],
+)
+def test_bench_outside_a_checkout_says_where_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], module: str
+) -> None:
+    monkeypatch.setattr("gradguard.cli.BENCHMARKS", tmp_path / "benchmarks")
+    result = runner.invoke(app, args)
+    assert result.exit_code == ExitCode.USAGE
+    line = error_line(result, "bench")
+    assert "runs from a checkout of gradguard installed editable" in line
+    assert f"{tmp_path / 'benchmarks' / module}.py does not exist." in line
+
+
+def test_the_overhead_benchmark_is_not_in_the_package() -> None:
+    package = Path(gradguard.__file__).parent
+    assert not (package / "bench.py").exists()
+    assert (BENCHMARKS / "overhead_bench.py").is_file()
 
 
 def _guarded_run(run_dir: Path, nan_at: int | None) -> None:
@@ -303,9 +325,11 @@ def test_ctrl_c_exits_130_with_one_line(
     def interrupt(*args: Any, **kwargs: Any) -> NoReturn:
         raise KeyboardInterrupt
 
-    import gradguard.bench
     import gradguard.lab
     import gradguard.report
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import overhead_bench  # benchmarks/, which `gradguard bench` imports from the checkout
 
     args = {
         "report": ["report", str(small_run(tmp_path / "run"))],
@@ -315,7 +339,7 @@ def test_ctrl_c_exits_130_with_one_line(
     }[command]
     monkeypatch.setattr(gradguard.report, "write_report", interrupt)
     monkeypatch.setattr(gradguard.lab, "run", interrupt)
-    monkeypatch.setattr(gradguard.bench, "run_overhead", interrupt)
+    monkeypatch.setattr(overhead_bench, "run_overhead", interrupt)
     (tmp_path / "net.py").write_text("def make():\n    raise KeyboardInterrupt\n")
     result = runner.invoke(app, args)
     assert result.exit_code == ExitCode.INTERRUPTED == 130

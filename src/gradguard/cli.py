@@ -228,11 +228,13 @@ def bench(
 ) -> None:
     """Time the gradient post-processing against torch and peers, or score the detectors.
 
+    ``overhead`` times gradguard against torch's clip and the peer packages;
     ``detection`` trains the labelled corpus of healthy and pathological runs and prints
-    each run's events against its label; it runs from a checkout (benchmarks/ beside src/).
+    each run's events against its label. Both run from a checkout of gradguard installed
+    editable (benchmarks/ beside src/): the benchmarks are not in the wheel.
 
-    Exit status: 0; 2 for a bad argument or an output file that cannot be written; 130
-    interrupted.
+    Exit status: 0; 2 for a bad argument, an output file that cannot be written or no
+    checkout; 130 interrupted.
     """
     with _user_errors("bench", out):
         if which not in ("overhead", "detection"):
@@ -241,25 +243,34 @@ def bench(
         if which == "detection":
             _bench_detection(quick=quick, only=only or [], seeds=seeds, out=out)
             return
-        from gradguard import bench as bench_module
-
-        result = bench_module.run_overhead(rounds=rounds, quick=quick)
-        bench_module.print_result(result)
+        overhead = _checkout_benchmark("overhead_bench", "the overhead benchmark")
+        result = overhead.run_overhead(rounds=rounds, quick=quick)
+        overhead.print_result(result)
         if out is not None:
             out.write_text(result.to_markdown())
             typer.echo(f"Wrote {out}")
 
 
+#: The benchmarks of the checkout this package was installed from (editable): not in the wheel.
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _checkout_benchmark(module: str, what: str) -> ModuleType:
+    """Import ``benchmarks/MODULE.py`` of the checkout; a usage error where there is none."""
+    path = BENCHMARKS / f"{module}.py"
+    if not path.is_file():
+        raise _UsageError(
+            f"{what} runs from a checkout of gradguard installed editable (pip install -e . "
+            f"in the checkout), as the benchmarks are not in the wheel: {path} does not exist."
+        )
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(module)
+
+
 def _bench_detection(*, quick: bool, only: list[str], seeds: int, out: Path | None) -> None:
     """Run ``benchmarks/detection.py`` of the checkout this package was installed from."""
-    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
-    if not (benchmarks / "detection.py").is_file():
-        raise _UsageError(
-            "the detection benchmark runs from a checkout of gradguard "
-            f"(installed editable): {benchmarks / 'detection.py'} does not exist."
-        )
-    sys.path.insert(0, str(benchmarks))
-    detection = importlib.import_module("detection")
+    detection = _checkout_benchmark("detection", "the detection benchmark")
     argv = ["--seeds", str(seeds)] + (["--quick"] if quick else [])
     argv += [arg for name in only for arg in ("--only", name)]
     argv += ["--out", str(out)] if out is not None else []

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from torch import Tensor
 
 from gradguard.causes import CAUSES
+
+if TYPE_CHECKING:  # the report reads records without torch: StepReport's tensors are types only
+    from torch import Tensor
 
 EventKind = Literal[
     "nonfinite",

@@ -14,7 +14,9 @@ AutoClip's history at step 10 against step 100,000, and the ``autoclip`` package
 history.
 
 ``gradguard bench`` and ``benchmarks/overhead.py`` call :func:`run_overhead`, then
-:func:`print_result`, :meth:`OverheadResult.to_markdown` or :func:`report_markdown`.
+:func:`print_result`, :meth:`OverheadResult.to_markdown` or :func:`report_markdown`. This
+module lives in a checkout's ``benchmarks/``, not in the wheel: import it with that folder
+on ``sys.path`` (as ``benchmarks/overhead.py``, ``gradguard bench`` and the tests do).
 """
 
 from __future__ import annotations
@@ -505,7 +507,8 @@ def report_markdown(result: OverheadResult) -> str:
     s = result.settings
     pinned = (
         f"The benchmark pins torch to {_threads(s.threads)} (`torch.set_num_threads`) for "
-        "stable numbers; `gradguard.bench.run_overhead(threads=None)` keeps torch's default."
+        "stable numbers; `run_overhead(threads=None)` in `benchmarks/overhead_bench.py` keeps "
+        "torch's default."
     )
     return f"""# Performance
 
@@ -528,8 +531,8 @@ number on the device, so it never waits for it. On a GPU each `.item()` of the p
 and of the per-parameter logger is a host-device sync, which these CPU tables do not
 measure.
 
-**Reproduce.** `make bench` or `python benchmarks/overhead.py` (rewrites this file;
-about {_round_up(result.elapsed_s)} s here); `gradguard bench` prints the same tables.
+**Reproduce.** From a checkout: `make bench` or `python benchmarks/overhead.py` (rewrites
+this file; about {_round_up(result.elapsed_s)} s here); `gradguard bench` prints the same tables.
 
 ## Results
 
