@@ -255,3 +255,23 @@ def _check_accumulation(value: object) -> None:
             f"accumulation_steps must be an int >= 1 (micro-batches per optimizer step) or a "
             f"function returning True on the last micro-batch, got {value!r}."
         )
+
+
+def check_parameter_set(
+    model: nn.Module, measured: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer
+) -> None:
+    """After a model or optimizer change: refuse what the guard would not measure.
+
+    The guard measures the parameters it saw when it was built; a parameter stepped by the
+    optimizer but not measured could take a NaN into the weights.
+    """
+    ids = {id(p) for p in measured}
+    new = [name for name, p in named_parameters(model) if p.requires_grad and id(p) not in ids]
+    if new:
+        shown = ", ".join(new[:6]) + (f" and {len(new) - 6} more" if len(new) > 6 else "")
+        raise ConfigError(
+            f"the model has parameters the guard was not built with: {shown}. A module "
+            "or parameter was added (or replaced) after the Guard was made: build a new "
+            "Guard for the changed model (and give its optimizer the new parameters)."
+        )
+    _check_optimizer_params(model, optimizer)

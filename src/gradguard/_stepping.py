@@ -10,20 +10,22 @@ non-finite step without reading anything on the host. Two things make that exact
   anyone knows whether it was skipped; at the drain, a window that held a skip replays
   the scheduler from the window's start, once per step taken.
 
-The LR cool-down of a recovery scales the groups' LR around the optimizer step only.
+The LR cool-down of a recovery scales the groups' LR around the optimizer step only. A
+non-finite step found on the host is skipped, raised or has its offending gradients zeroed.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradguard.records import BoolArray
+from gradguard.stats import GradStats, grad_stats
 
 
 def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
@@ -118,3 +120,33 @@ def replay_scheduler(
         group.update(saved)  # schedulers chain from the groups' current values
     for _ in range(int((~skipped).sum())):
         scheduler.step()
+
+
+def bad_tensors(stats: GradStats) -> list[str]:
+    """The names of the tensors whose gradient norm is not finite (one host read)."""
+    positions = torch.nonzero(~torch.isfinite(stats.per_tensor)).flatten().tolist()
+    return [stats.names[i] for i in positions]
+
+
+def nonfinite_message(step: int, names: Sequence[str]) -> str:
+    """The error of ``nonfinite="raise"``: where the NaN/Inf is, and what to do."""
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return (
+        f"step {step}: non-finite gradients (NaN/Inf) in {shown}. Lower the "
+        "learning rate or clip gradients (e.g. clip=gg.NormClip(1.0)); check the loss for "
+        "log(0) or division by zero; under fp16 use a GradScaler or bf16. Use "
+        "nonfinite='skip' to skip such steps instead of raising."
+    )
+
+
+def zero_nonfinite(
+    stats: GradStats, names: Sequence[str], model: nn.Module, process_group: Any = None
+) -> GradStats:
+    """Zero the gradients of the tensors ``names`` only (``nonfinite="zero"``); measure again."""
+    bad = set(names)
+    for name, grad in zip(stats.names, stats.grads, strict=True):
+        if grad is not None and name in bad:
+            grad.zero_()
+    return grad_stats(
+        model, resolve=True, loss=stats.loss, process_group=process_group, fingerprint=False
+    )

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradguard._foreach import stacked_norms
+from gradguard.stats import layer_norms, layout_for
 
 
 class UpdateProbe:
@@ -117,3 +120,29 @@ class UpdateProbe:
             mask[layers] = True
             self._indices[key] = (index, mask.to(self.device))
         return self._indices[key]
+
+
+def layer_weight_norms(
+    model: nn.Module, layer_names: Sequence[str], process_group: Any = None
+) -> Tensor | None:
+    """Per-layer parameter norms on the device (fp32 values, fp64 sums), for the detectors.
+
+    One fused norm per (device, dtype) group. Parameters sharded across ranks would need a
+    reduction of their own, and a model whose layers changed is not the one measured: the
+    detectors then go without (None).
+    """
+    layout = layout_for(model, process_group)
+    if layout.layer_names != tuple(layer_names) or (
+        layout.sharding is not None and layout.sharding.sharded
+    ):
+        return None
+    dtype = layout.accumulate_dtype  # fp64, except on MPS
+    with torch.no_grad():
+        if layout.in_order:  # one (device, dtype) group in parameter order: no scatter
+            squares = stacked_norms(list(layout.params)).to(dtype).square()
+        else:
+            squares = torch.zeros(len(layout.params), dtype=dtype, device=layout.device)
+            for group in layout.groups:
+                norms = stacked_norms([layout.params[i] for i in group.positions])
+                squares.index_copy_(0, group.index, norms.to(layout.device, dtype).square())
+    return layer_norms(squares, layout.layer_index, len(layout.layer_names))

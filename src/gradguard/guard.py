@@ -32,22 +32,25 @@ from gradguard._checks import (
     _optimizer_shape,
     _Registrations,
     _validate,
+    check_parameter_set,
 )
-from gradguard._foreach import stacked_norms
 from gradguard._guarded_optimizer import GuardedOptimizer as GuardedOptimizer
 from gradguard._meta import guard_meta
 from gradguard._ownership import claim, release
 from gradguard._ring import StepBuffer
 from gradguard._run_facts import run_facts
 from gradguard._stepping import (
+    bad_tensors,
     cooled_lr,
+    nonfinite_message,
     prime_fused_state,
     replay_scheduler,
     scheduler_state,
     step_with_found_inf,
     supports_found_inf,
+    zero_nonfinite,
 )
-from gradguard._updates import UpdateProbe
+from gradguard._updates import UpdateProbe, layer_weight_norms
 from gradguard.errors import ConfigError, GradGuardError
 from gradguard.explain import Explainer, Streaks, jsonable
 from gradguard.protocols import ClipPolicy, Detector, Sink
@@ -57,10 +60,8 @@ from gradguard.sinks import TENSORBOARD_DIR, JsonlSink, TensorBoardSink, tensorb
 from gradguard.stats import (
     GradStats,
     grad_stats,
-    layer_norms,
     layer_of,
     layout_for,
-    named_parameters,
     uncompiled,
 )
 
@@ -471,25 +472,8 @@ class Guard:
         return samples
 
     def _check_parameter_set(self) -> None:
-        """After a model or optimizer change: refuse what the guard would not measure.
-
-        The guard measures the parameters it saw when it was built; a parameter stepped
-        by the optimizer but not measured could take a NaN into the weights.
-        """
-        measured = {id(p) for p in self.tensor_params}
-        new = [
-            name
-            for name, p in named_parameters(self.model)
-            if p.requires_grad and id(p) not in measured
-        ]
-        if new:
-            shown = ", ".join(new[:6]) + (f" and {len(new) - 6} more" if len(new) > 6 else "")
-            raise ConfigError(
-                f"the model has parameters the guard was not built with: {shown}. A module "
-                "or parameter was added (or replaced) after the Guard was made: build a new "
-                "Guard for the changed model (and give its optimizer the new parameters)."
-            )
-        _check_optimizer_params(self.model, self.optimizer)
+        """After a model or optimizer change: refuse what the guard would not measure."""
+        check_parameter_set(self.model, self.tensor_params, self.optimizer)
         self._registrations = _Registrations.count
         self._optimizer_shape = _optimizer_shape(self.optimizer)
 
@@ -545,48 +529,22 @@ class Guard:
         self.sync_count += 1
         if not stats.finite_on_host:
             if self.nonfinite == "raise":  # skipped and logged first, raised after the record
-                self._raise_after = GradGuardError(self._nonfinite_message(stats))
+                names = bad_tensors(stats)  # sync: only on a non-finite step
+                self.sync_count += 1
+                self._raise_after = GradGuardError(nonfinite_message(self.step_count, names))
                 return stats, False
             if self.nonfinite == "skip":
                 return stats, False
             self._zeroed = stats.per_tensor  # the log keeps what was seen, and the event
-            stats = self._zero_nonfinite(stats)
+            names = bad_tensors(stats)  # sync: only on a non-finite step
+            self.sync_count += 1
+            stats = zero_nonfinite(stats, names, self.model, self.process_group)
         if self.scaler is not None and bool(
             scaler_found_inf(self.scaler, self.optimizer, self.device) > 0
         ):  # sync: rare path
             self.sync_count += 1
             return stats, False
         return stats, True
-
-    def _bad_tensors(self, stats: GradStats) -> list[str]:
-        bad = ~torch.isfinite(stats.per_tensor)
-        positions = torch.nonzero(bad).flatten().tolist()  # sync: only on a non-finite step
-        self.sync_count += 1
-        return [stats.names[i] for i in positions]
-
-    def _nonfinite_message(self, stats: GradStats) -> str:
-        names = self._bad_tensors(stats)
-        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-        return (
-            f"step {self.step_count}: non-finite gradients (NaN/Inf) in {shown}. Lower the "
-            "learning rate or clip gradients (e.g. clip=gg.NormClip(1.0)); check the loss for "
-            "log(0) or division by zero; under fp16 use a GradScaler or bf16. Use "
-            "nonfinite='skip' to skip such steps instead of raising."
-        )
-
-    def _zero_nonfinite(self, stats: GradStats) -> GradStats:
-        """Zero the gradients of the offending tensors only, then measure again."""
-        names = set(self._bad_tensors(stats))
-        for name, grad in zip(stats.names, stats.grads, strict=True):
-            if grad is not None and name in names:
-                grad.zero_()
-        return grad_stats(
-            self.model,
-            resolve=True,
-            loss=stats.loss,
-            process_group=self.process_group,
-            fingerprint=False,
-        )
 
     # --- the ring buffer and drains --------------------------------------------------
 
@@ -729,26 +687,8 @@ class Guard:
         return UpdateProbe(layout.params, layers, len(self.layer_names), self.device)
 
     def _weight_norms(self) -> Tensor | None:
-        """Per-layer fp32 parameter norms on the device, for the detectors (at drains only).
-
-        One fused norm per (device, dtype) group. Parameters sharded across ranks would
-        need a reduction of their own: the detectors then go without (None).
-        """
-        layout = layout_for(self.model, self.process_group)
-        if layout.layer_names != self.layer_names or (
-            layout.sharding is not None and layout.sharding.sharded
-        ):
-            return None
-        dtype = layout.accumulate_dtype  # fp64, except on MPS
-        with torch.no_grad():
-            if layout.in_order:  # one (device, dtype) group in parameter order: no scatter
-                squares = stacked_norms(list(layout.params)).to(dtype).square()
-            else:
-                squares = torch.zeros(len(layout.params), dtype=dtype, device=self.device)
-                for group in layout.groups:
-                    norms = stacked_norms([layout.params[i] for i in group.positions])
-                    squares.index_copy_(0, group.index, norms.to(self.device, dtype).square())
-        return layer_norms(squares, layout.layer_index, len(layout.layer_names))
+        """Per-layer parameter norms on the device, for the detectors (at drains only)."""
+        return layer_weight_norms(self.model, self.layer_names, self.process_group)
 
     def _window(
         self,
@@ -778,33 +718,23 @@ class Guard:
 
     @_eager
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: drains pending steps first (one sync)."""
+        """Everything needed to resume: drains pending steps first (one sync).
+
+        The state a rollback restores (:meth:`recovery_state`), plus what identifies the
+        run (layers, detector and clip types) and its history (events, syncs, the
+        recovery's and the explainer's state).
+        """
         self.flush()
         return {
+            **self._core_state(),
             "layer_names": list(self.layer_names),
             "detector_types": [type(d).__name__ for d in self.detectors],
-            "step_count": self.step_count,
-            "should_stop": self.should_stop,
             "sync_count": self.sync_count,
-            "clip": None if self.clip is None else self.clip.state_dict(),
             "clip_type": None if self.clip is None else type(self.clip).__name__,
-            "detectors": [d.state_dict() for d in self.detectors],
             "events": [e.to_dict() for e in self.events],
-            "lr_factor": self.lr_factor,
             "recovery": getattr(self.recovery, "state_dict", dict)(),
-            "weight_norm": self._weight_norm_state(),
             "explainer": self.explainer.state_dict(),
         }
-
-    def _weight_norm_state(self) -> list[float] | None:
-        last = self._last_weight_norm
-        return None if last is None else [float(v) for v in last]
-
-    def _load_weight_norm(self, state: Mapping[str, Any]) -> None:
-        """Restore the norms the next drain compares with; measure them anew if none was saved."""
-        saved = state.get("weight_norm")
-        self._last_weight_norm = None if saved is None else np.asarray(saved, dtype=np.float64)
-        self._weight_norm_pending = self._weight_norms() if saved is None else None
 
     @_eager
     def recovery_state(self) -> dict[str, Any]:
@@ -817,30 +747,12 @@ class Guard:
                 "recovery_state() needs an empty buffer: snapshot right after a drain "
                 "(every a multiple of log_every)."
             )
-        return {
-            "step_count": self.step_count,
-            "should_stop": self.should_stop,
-            "lr_factor": self.lr_factor,
-            "clip": None if self.clip is None else self.clip.state_dict(),
-            "detectors": [d.state_dict() for d in self.detectors],
-            "weight_norm": self._weight_norm_state(),
-        }
+        return self._core_state()
 
     @_eager
     def load_recovery_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`recovery_state`; pending buffered steps are discarded."""
-        self._steps.discard()
-        self._update_pending = None
-        self._scheduler_at_window_start = None
-        self._state_primed = False  # the restored optimizer state may predate the priming
-        self.step_count = int(state["step_count"])
-        self.should_stop = bool(state["should_stop"])
-        self.lr_factor = float(state["lr_factor"])
-        if self.clip is not None:
-            self.clip.load_state_dict(state["clip"])
-        for detector, detector_state in zip(self.detectors, state["detectors"], strict=True):
-            detector.load_state_dict(detector_state)
-        self._load_weight_norm(state)
+        self._load_core_state(state)
 
     @_eager
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -851,21 +763,42 @@ class Guard:
         as it was.
         """
         _check_saved_state(self, state)
+        self._load_core_state(state)
+        self.sync_count = int(state["sync_count"])
+        self.events = [Event.from_dict(e) for e in state["events"]]
+        self.explainer.load_state_dict(state.get("explainer", {}))
+        if self.recovery is not None and hasattr(self.recovery, "load_state_dict"):
+            self.recovery.load_state_dict(state.get("recovery", {}))
+
+    def _core_state(self) -> dict[str, Any]:
+        """What both a checkpoint and a rollback snapshot hold of the guard."""
+        last = self._last_weight_norm
+        return {
+            "step_count": self.step_count,
+            "should_stop": self.should_stop,
+            "lr_factor": self.lr_factor,
+            "clip": None if self.clip is None else self.clip.state_dict(),
+            "detectors": [d.state_dict() for d in self.detectors],
+            "weight_norm": None if last is None else [float(v) for v in last],
+        }
+
+    def _load_core_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`_core_state`; the buffered steps are dropped."""
         self._steps.discard()
         self._update_pending = None
+        self._scheduler_at_window_start = None
+        self._state_primed = False  # the restored optimizer state may predate the priming
         self.step_count = int(state["step_count"])
         self.should_stop = bool(state["should_stop"])
-        self.sync_count = int(state["sync_count"])
+        self.lr_factor = float(state.get("lr_factor", 1.0))
         if self.clip is not None:
             self.clip.load_state_dict(state["clip"])
         for detector, detector_state in zip(self.detectors, state["detectors"], strict=True):
             detector.load_state_dict(detector_state)
-        self.events = [Event.from_dict(e) for e in state["events"]]
-        self._load_weight_norm(state)
-        self.explainer.load_state_dict(state.get("explainer", {}))
-        self.lr_factor = float(state.get("lr_factor", 1.0))
-        if self.recovery is not None and hasattr(self.recovery, "load_state_dict"):
-            self.recovery.load_state_dict(state.get("recovery", {}))
+        # The norms the next drain compares with: measured anew if none was saved.
+        saved = state.get("weight_norm")
+        self._last_weight_norm = None if saved is None else np.asarray(saved, dtype=np.float64)
+        self._weight_norm_pending = self._weight_norms() if saved is None else None
 
     @_eager
     def close(self) -> None:
