@@ -7,10 +7,13 @@ losses here, for the optimizer step that completes them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from gradguard.errors import GradGuardError
 
 
 class MicroBatches:
@@ -27,6 +30,14 @@ class MicroBatches:
         self.batches: list[Any] = []
         self.sample_losses: list[Tensor] = []
 
+    def accumulates(self, accumulation_steps: int | Callable[[], bool], closed: bool) -> bool:
+        """Whether this ``guard.step`` call is a micro-batch that only accumulates."""
+        if closed:
+            raise GradGuardError("this Guard was closed; build a new one to keep training.")
+        if isinstance(accumulation_steps, int):
+            return self.count + 1 < accumulation_steps
+        return not accumulation_steps()
+
     def add(self, loss: Tensor | None, batch: Any, sample_losses: Tensor | None) -> None:
         """Keep one micro-batch's loss (summed on the device), batch id and sample losses."""
         self.count += 1
@@ -36,7 +47,7 @@ class MicroBatches:
             self.losses += 1
         self.batches.append(batch)
         if sample_losses is not None:
-            self.sample_losses.append(sample_losses)
+            self.sample_losses.append(sample_losses.detach().reshape(-1))
 
     def merge(
         self, loss: Tensor | None, batch: Any, sample_losses: Tensor | None

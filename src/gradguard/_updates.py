@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard._foreach import stacked_norms
-from gradguard.stats import layer_norms, layout_for
+from gradguard.stats import layer_norms, layer_of, layout_for
 
 
 class UpdateProbe:
@@ -146,3 +146,12 @@ def layer_weight_norms(
                 norms = stacked_norms([layout.params[i] for i in group.positions])
                 squares.index_copy_(0, group.index, norms.to(layout.device, dtype).square())
     return layer_norms(squares, layout.layer_index, len(layout.layer_names))
+
+
+def update_probe(layout: Any, layer_names: Sequence[str]) -> UpdateProbe | None:
+    """The update-ratio probe of a layout, or None where the weights are sharded."""
+    if not layout.params or (layout.sharding is not None and layout.sharding.sharded):
+        return None
+    index = {name: i for i, name in enumerate(layer_names)}
+    layers = [index[layer_of(name)] for name in layout.names]
+    return UpdateProbe(layout.params, layers, len(layer_names), layout.device)

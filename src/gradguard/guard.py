@@ -9,12 +9,11 @@ file carries a ``# sync:`` comment with its reason.
 
 from __future__ import annotations
 
-import functools
 import os
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from gradguard._checks import (
     _validate,
     check_parameter_set,
 )
+from gradguard._compile import eager as _eager
 from gradguard._guarded_optimizer import GuardedOptimizer as GuardedOptimizer
 from gradguard._meta import guard_meta
 from gradguard._ownership import claim, release
@@ -50,17 +50,16 @@ from gradguard._stepping import (
     supports_found_inf,
     zero_nonfinite,
 )
-from gradguard._updates import UpdateProbe, layer_weight_norms
+from gradguard._updates import layer_weight_norms, update_probe
 from gradguard.errors import ConfigError, GradGuardError
 from gradguard.explain import Explainer, Streaks, jsonable
 from gradguard.protocols import ClipPolicy, Detector, Sink
 from gradguard.protocols import Recovery as Recovery
 from gradguard.records import Event, StepReport, Window
-from gradguard.sinks import TENSORBOARD_DIR, JsonlSink, TensorBoardSink, tensorboard_available
+from gradguard.sinks import run_dir_sinks
 from gradguard.stats import (
     GradStats,
     grad_stats,
-    layer_of,
     layout_for,
     uncompiled,
 )
@@ -68,31 +67,6 @@ from gradguard.stats import (
 NonFiniteMode = Literal["skip", "raise", "zero"]
 #: batch ids kept for the log of a rollback (the steps it undoes)
 _BATCH_HISTORY = 4096
-
-
-_Method = TypeVar("_Method", bound=Callable[..., Any])
-
-
-def _eager(method: _Method) -> _Method:
-    """Keep ``method`` out of ``torch.compile`` graphs: a compiled caller runs it eagerly.
-
-    The guard's step reads host state, numpy and the file system, none of which a graph
-    can hold, so under compilation the call is a graph break (``torch.compiler.disable``).
-    Outside compilation it costs one flag check. The disabled function is made at the
-    first compiled call: making it imports the compiler, which a loop that never
-    compiles should not pay for (a second at import).
-    """
-    outside_graph: list[Callable[..., Any]] = []
-
-    @functools.wraps(method)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            if not outside_graph:
-                outside_graph.append(torch.compiler.disable(method))  # type: ignore[no-untyped-call]
-            return outside_graph[0](*args, **kwargs)
-        return method(*args, **kwargs)
-
-    return cast(_Method, call)
 
 
 class Guard:
@@ -176,10 +150,6 @@ class Guard:
         model = uncompiled(model)  # torch.compile(model): the same parameters, its own names
         _validate(model, optimizer, clip, nonfinite, recovery, scheduler, log_every, on_event)
         _check_accumulation(accumulation_steps)
-        if not isinstance(overwrite_run_dir, bool):
-            raise ConfigError(
-                f"overwrite_run_dir must be True or False, got {overwrite_run_dir!r}."
-            )
         self.model = model
         self.optimizer = optimizer
         self.clip = clip
@@ -192,20 +162,8 @@ class Guard:
         self.on_event = on_event
         self.accumulation_steps = accumulation_steps
         self._micro = MicroBatches()
-        if run_dir is not None and not isinstance(run_dir, str | os.PathLike):
-            raise ConfigError(f"run_dir must be a path (str or os.PathLike), got {run_dir!r}.")
+        self.sinks: list[Sink] = [*run_dir_sinks(run_dir, tensorboard, overwrite_run_dir), *sinks]
         self.run_dir = None if run_dir is None else os.fspath(run_dir)
-        self.sinks: list[Sink] = list(sinks)
-        if run_dir is not None:
-            self.sinks.insert(0, JsonlSink(run_dir, overwrite=overwrite_run_dir))
-            if tensorboard or (tensorboard is None and tensorboard_available()):
-                self.sinks.insert(1, TensorBoardSink(os.path.join(run_dir, TENSORBOARD_DIR)))
-        elif tensorboard:
-            raise ConfigError(
-                "tensorboard=True writes under run_dir, which is None: pass run_dir=..., or "
-                "sinks=[gradguard.sinks.TensorBoardSink(log_dir)]."
-            )
-
         self.process_group = process_group
         _check_parameters(model)
         _check_optimizer_params(model, optimizer)
@@ -235,7 +193,7 @@ class Guard:
         self._raise_after: GradGuardError | None = None
         self._zeroed: Tensor | None = None  # per-tensor norms of a step whose NaN was zeroed
         self._batches: deque[tuple[int, Any]] = deque(maxlen=_BATCH_HISTORY)
-        self._probe = self._update_probe(layout)
+        self._probe = update_probe(layout, self.layer_names)
         self._update_pending: Tensor | None = None
         self.explainer = Explainer(run_facts(self, self._count_sync))
         self._streaks = Streaks(log_every)
@@ -304,7 +262,9 @@ class Guard:
             A :class:`StepReport` of device tensors; with ``accumulation_steps``, a report
             with ``accumulating=True`` for the micro-batches that only accumulate.
         """
-        if self._accumulates():
+        if self.accumulation_steps != 1 and self._micro.accumulates(
+            self.accumulation_steps, self._closed
+        ):
             return self._keep_micro_batch(loss, batch, sample_losses)
         edge_grads, loss_tensor, samples = self._begin_step(loss, batch, sample_losses)
         measure_update = self._probe is not None and self._steps.count == self.log_every - 1
@@ -389,16 +349,6 @@ class Guard:
         """Whether :meth:`close` was called: a closed guard takes no more steps."""
         return self._closed
 
-    def _accumulates(self) -> bool:
-        """Whether this ``step`` call is a micro-batch that only accumulates gradients."""
-        if self.accumulation_steps == 1:
-            return False
-        if self._closed:
-            raise GradGuardError("this Guard was closed; build a new one to keep training.")
-        if isinstance(self.accumulation_steps, int):
-            return self._micro.count + 1 < self.accumulation_steps
-        return not self.accumulation_steps()
-
     def _keep_micro_batch(
         self, loss: Tensor | float | None, batch: Any, sample_losses: Tensor | None
     ) -> StepReport:
@@ -406,7 +356,6 @@ class Guard:
         loss_tensor = None if loss is None else self._loss_tensor(loss).detach().float()
         if sample_losses is not None:
             self._steps.sample_summary(sample_losses)  # refuses what it could not summarise
-            sample_losses = sample_losses.detach().reshape(-1)
         self._micro.add(loss_tensor, batch, sample_losses)
         return StepReport(
             step=self.step_count + 1,
@@ -677,14 +626,6 @@ class Guard:
                 ((s, b) for s, b in self._batches if s < first), maxlen=_BATCH_HISTORY
             )
         return self.explainer.explain_rollback(event, trigger, skipped)
-
-    def _update_probe(self, layout: Any) -> UpdateProbe | None:
-        """The update-ratio probe, or None where the weights are sharded across ranks."""
-        if not layout.params or (layout.sharding is not None and layout.sharding.sharded):
-            return None
-        index = {name: i for i, name in enumerate(self.layer_names)}
-        layers = [index[layer_of(name)] for name in layout.names]
-        return UpdateProbe(layout.params, layers, len(self.layer_names), self.device)
 
     def _weight_norms(self) -> Tensor | None:
         """Per-layer parameter norms on the device, for the detectors (at drains only)."""

@@ -524,3 +524,32 @@ def _event_markdown(event: Event) -> str:
     for i, advice in enumerate(event.advice, 1):
         text += f"\n\n{i}. {advice.text}"
     return text
+
+
+def run_dir_sinks(
+    run_dir: object, tensorboard: bool | None, overwrite: object
+) -> list[JsonlSink | TensorBoardSink]:
+    """The sinks of ``Guard(run_dir=...)``: the JSON-lines logs, and TensorBoard's files.
+
+    TensorBoard is written under ``RUN_DIR/tensorboard`` when ``tensorboard`` is True, or
+    None and the package is installed.
+
+    Raises:
+        ConfigError: ``run_dir`` is not a path, ``overwrite`` not a bool, or
+            ``tensorboard=True`` without a run directory.
+    """
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"overwrite_run_dir must be True or False, got {overwrite!r}.")
+    if run_dir is None:
+        if tensorboard:
+            raise ConfigError(
+                "tensorboard=True writes under run_dir, which is None: pass run_dir=..., or "
+                "sinks=[gradguard.sinks.TensorBoardSink(log_dir)]."
+            )
+        return []
+    if not isinstance(run_dir, str | os.PathLike):
+        raise ConfigError(f"run_dir must be a path (str or os.PathLike), got {run_dir!r}.")
+    sinks: list[JsonlSink | TensorBoardSink] = [JsonlSink(run_dir, overwrite=overwrite)]
+    if tensorboard or (tensorboard is None and tensorboard_available()):
+        sinks.append(TensorBoardSink(os.path.join(run_dir, TENSORBOARD_DIR)))
+    return sinks
