@@ -24,6 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradguard._amp import merge_found_inf, scaler_found_inf
+from gradguard.errors import GradGuardError
+from gradguard.protocols import ClipPolicy
 from gradguard.records import BoolArray
 from gradguard.stats import GradStats, grad_stats
 
@@ -150,3 +153,99 @@ def zero_nonfinite(
     return grad_stats(
         model, resolve=True, loss=stats.loss, process_group=process_group, fingerprint=False
     )
+
+
+class StepPaths:
+    """The guard's two ways to step the optimizer, as part of :class:`gradguard.Guard`.
+
+    The device path (a fused optimizer, ``nonfinite="skip"``) clips and steps with
+    ``found_inf`` and reads nothing on the host; the read path reads one flag per step and
+    then skips, raises, or zeroes the offending gradients (``nonfinite``), as
+    ``GradScaler.step`` does. Both leave weights and optimizer state bitwise unchanged on
+    a skipped step. The attributes are the guard's.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    clip: ClipPolicy | None
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    nonfinite: str
+    process_group: Any
+    device: torch.device
+    lr_factor: float
+    sync_count: int
+    step_count: int
+    _raise_after: GradGuardError | None
+    _zeroed: Tensor | None
+    _one: Tensor
+    _zero: Tensor
+    _true: Tensor
+    _false: Tensor
+
+    def _clip(self, stats: GradStats) -> Tensor:
+        return self._one if self.clip is None else self.clip.clip_(stats)
+
+    def _step_on_device(self, stats: GradStats) -> tuple[Tensor, Tensor]:
+        """Fused path: clip and step with ``found_inf``; nothing is read on the host."""
+        scale = self._clip(stats)
+        found_inf = self._zero if stats.finite is self._true else (~stats.finite).float()
+        if self.scaler is not None:
+            found_inf = merge_found_inf(self.scaler, self.optimizer, found_inf)
+            with cooled_lr(self.optimizer, self.lr_factor):
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            with cooled_lr(self.optimizer, self.lr_factor):
+                step_with_found_inf(self.optimizer, found_inf)
+        if self.scheduler is not None:
+            self.scheduler.step()  # undone at the drain if this step turns out skipped
+        return found_inf > 0, scale
+
+    def _step_with_read(self, stats: GradStats) -> tuple[GradStats, Tensor, Tensor]:
+        """Non-fused path (and raise/zero modes): one host read decides the step."""
+        self.sync_count += 1
+        if self.scaler is None and stats.finite_on_host:  # read already (CPU): no kernel
+            bad = False
+        else:
+            flags = ~stats.finite
+            if self.scaler is not None:
+                flags = flags | (scaler_found_inf(self.scaler, self.optimizer, self.device) > 0)
+            bad = bool(flags)  # sync: the one read per step, as GradScaler.step makes
+        if bad:
+            stats, proceed = self._nonfinite_step(stats)
+            if not proceed:
+                if self.scaler is not None:
+                    self.scaler.update()
+                return stats, self._true, self._one
+        scale = self._clip(stats)
+        with cooled_lr(self.optimizer, self.lr_factor):
+            self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return stats, self._false, scale
+
+    def _nonfinite_step(self, stats: GradStats) -> tuple[GradStats, bool]:
+        """Rare path, after the read said something is off: decide whether to step."""
+        stats = stats.resolve()  # sync: tells NaN/Inf elements from an overflowed norm
+        self.sync_count += 1
+        if not stats.finite_on_host:
+            if self.nonfinite == "raise":  # skipped and logged first, raised after the record
+                names = bad_tensors(stats)  # sync: only on a non-finite step
+                self.sync_count += 1
+                self._raise_after = GradGuardError(nonfinite_message(self.step_count, names))
+                return stats, False
+            if self.nonfinite == "skip":
+                return stats, False
+            self._zeroed = stats.per_tensor  # the log keeps what was seen, and the event
+            names = bad_tensors(stats)  # sync: only on a non-finite step
+            self.sync_count += 1
+            stats = zero_nonfinite(stats, names, self.model, self.process_group)
+        if self.scaler is not None and bool(
+            scaler_found_inf(self.scaler, self.optimizer, self.device) > 0
+        ):  # sync: rare path
+            self.sync_count += 1
+            return stats, False
+        return stats, True

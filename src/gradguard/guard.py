@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard._accumulate import MicroBatches
-from gradguard._amp import merge_found_inf, scaler_found_inf, unscale_once
+from gradguard._amp import unscale_once
 from gradguard._checks import MAX_LOG_EVERY as MAX_LOG_EVERY
 from gradguard._checks import (
     _check_accumulation,
@@ -40,15 +40,11 @@ from gradguard._ownership import claim, release
 from gradguard._ring import StepBuffer
 from gradguard._run_facts import run_facts
 from gradguard._stepping import (
-    bad_tensors,
-    cooled_lr,
-    nonfinite_message,
+    StepPaths,
     prime_fused_state,
     replay_scheduler,
     scheduler_state,
-    step_with_found_inf,
     supports_found_inf,
-    zero_nonfinite,
 )
 from gradguard._updates import layer_weight_norms, update_probe
 from gradguard.errors import ConfigError, GradGuardError
@@ -58,7 +54,6 @@ from gradguard.protocols import Recovery as Recovery
 from gradguard.records import Event, StepReport, Window
 from gradguard.sinks import run_dir_sinks
 from gradguard.stats import (
-    GradStats,
     grad_stats,
     layout_for,
     uncompiled,
@@ -69,7 +64,7 @@ NonFiniteMode = Literal["skip", "raise", "zero"]
 _BATCH_HISTORY = 4096
 
 
-class Guard:
+class Guard(StepPaths):
     """Measure, clip, skip non-finite steps, detect trouble and log, in place of ``step()``.
 
     Use ``guard.step(loss)`` where the loop called ``optimizer.step()`` (after
@@ -425,75 +420,6 @@ class Guard:
         check_parameter_set(self.model, self.tensor_params, self.optimizer)
         self._registrations = _Registrations.count
         self._optimizer_shape = _optimizer_shape(self.optimizer)
-
-    def _clip(self, stats: GradStats) -> Tensor:
-        return self._one if self.clip is None else self.clip.clip_(stats)
-
-    def _step_on_device(self, stats: GradStats) -> tuple[Tensor, Tensor]:
-        """Fused path: clip and step with ``found_inf``; nothing is read on the host."""
-        scale = self._clip(stats)
-        found_inf = self._zero if stats.finite is self._true else (~stats.finite).float()
-        if self.scaler is not None:
-            found_inf = merge_found_inf(self.scaler, self.optimizer, found_inf)
-            with cooled_lr(self.optimizer, self.lr_factor):
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            with cooled_lr(self.optimizer, self.lr_factor):
-                step_with_found_inf(self.optimizer, found_inf)
-        if self.scheduler is not None:
-            self.scheduler.step()  # undone at the drain if this step turns out skipped
-        return found_inf > 0, scale
-
-    def _step_with_read(self, stats: GradStats) -> tuple[GradStats, Tensor, Tensor]:
-        """Non-fused path (and raise/zero modes): one host read decides the step."""
-        self.sync_count += 1
-        if self.scaler is None and stats.finite_on_host:  # read already (CPU): no kernel
-            bad = False
-        else:
-            flags = ~stats.finite
-            if self.scaler is not None:
-                flags = flags | (scaler_found_inf(self.scaler, self.optimizer, self.device) > 0)
-            bad = bool(flags)  # sync: the one read per step, as GradScaler.step makes
-        if bad:
-            stats, proceed = self._nonfinite_step(stats)
-            if not proceed:
-                if self.scaler is not None:
-                    self.scaler.update()
-                return stats, self._true, self._one
-        scale = self._clip(stats)
-        with cooled_lr(self.optimizer, self.lr_factor):
-            self.optimizer.step()
-        if self.scaler is not None:
-            self.scaler.update()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        return stats, self._false, scale
-
-    # --- non-finite handling ---------------------------------------------------------
-
-    def _nonfinite_step(self, stats: GradStats) -> tuple[GradStats, bool]:
-        """Rare path, after the read said something is off: decide whether to step."""
-        stats = stats.resolve()  # sync: tells NaN/Inf elements from an overflowed norm
-        self.sync_count += 1
-        if not stats.finite_on_host:
-            if self.nonfinite == "raise":  # skipped and logged first, raised after the record
-                names = bad_tensors(stats)  # sync: only on a non-finite step
-                self.sync_count += 1
-                self._raise_after = GradGuardError(nonfinite_message(self.step_count, names))
-                return stats, False
-            if self.nonfinite == "skip":
-                return stats, False
-            self._zeroed = stats.per_tensor  # the log keeps what was seen, and the event
-            names = bad_tensors(stats)  # sync: only on a non-finite step
-            self.sync_count += 1
-            stats = zero_nonfinite(stats, names, self.model, self.process_group)
-        if self.scaler is not None and bool(
-            scaler_found_inf(self.scaler, self.optimizer, self.device) > 0
-        ):  # sync: rare path
-            self.sync_count += 1
-            return stats, False
-        return stats, True
 
     # --- the ring buffer and drains --------------------------------------------------
 
