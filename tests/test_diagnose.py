@@ -1051,7 +1051,21 @@ def test_save_html_is_a_complete_escaped_page(vanishing: Diagnosis, tmp_path: Pa
     assert "&lt;b&gt;&amp;odd" in page
     assert "<b>&odd" not in page
     assert "<script" not in page
-    assert "http" not in page
+    assert re.search(r"https?:", page) is None  # no URL (the CSP's http-equiv is none)
+    assert "default-src 'none'" in page  # and the page may fetch nothing
+
+
+def python_output(code: str) -> str:
+    """The standard output of ``code`` in a fresh interpreter, warnings as errors."""
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_diagnosis_needs_neither_rich_nor_typer() -> None:
@@ -1064,15 +1078,18 @@ def test_diagnosis_needs_neither_rich_nor_typer() -> None:
         "diag = gg.diagnose(torch.nn.Linear(4, 2), torch.randn(8, 4))\n"
         "print(diag.verdict, len(str(diag)) > 0, diag.to_html().startswith('<!DOCTYPE'))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-W", "error", "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    assert python_output(code).split() == ["healthy", "True", "True"]
+
+
+def test_importing_diagnose_loads_no_report_and_no_matplotlib() -> None:
+    """The renderings live in gradguard.report._diagnosis, imported when first needed."""
+    code = (
+        "import sys, json\n"
+        "import gradguard.diagnose\n"
+        "print(json.dumps(sorted(m for m in sys.modules\n"
+        "    if m.split('.')[0] in ('matplotlib', 'rich') or m.startswith('gradguard.report'))))\n"
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["healthy", "True", "True"]
+    assert json.loads(python_output(code)) == []
 
 
 def test_in_place_activations_and_unused_layers() -> None:

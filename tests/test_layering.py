@@ -11,7 +11,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "gradguard"
 
 # module -> gradguard modules it must never import
-UPSTREAM_OF_GUARD = {"guard", "lab", "cli", "bench", "integrations"}
+UPSTREAM_OF_GUARD = {"guard", "lab", "cli", "integrations"}
 FORBIDDEN = {
     "errors": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "causes": {"stats", "clip", "records", "detect", "sinks", "errors"} | UPSTREAM_OF_GUARD,
@@ -28,6 +28,10 @@ FORBIDDEN = {
     "init": {"stats", "clip", "records", "detect", "recover", "sinks", "diagnose", "_jacobian"}
     | UPSTREAM_OF_GUARD,
     "_jacobian": {"stats", "clip", "records", "detect", "recover", "sinks", "diagnose", "init"}
+    | UPSTREAM_OF_GUARD,
+    # Which activation follows a layer: read by init and diagnose, so it imports neither.
+    "_activations": {"stats", "clip", "records", "detect", "recover", "sinks", "diagnose"}
+    | {"init", "_jacobian"}
     | UPSTREAM_OF_GUARD,
 }
 
@@ -49,10 +53,82 @@ def gradguard_imports(path: Path) -> set[str]:
     return found
 
 
+def module_files(module: str) -> list[Path]:
+    """The module's file, or every file of the package of that name (``diagnose/``)."""
+    package = SRC / module
+    return sorted(package.rglob("*.py")) if package.is_dir() else [SRC / f"{module}.py"]
+
+
 @pytest.mark.parametrize("module", sorted(FORBIDDEN))
 def test_imports_point_downstream(module: str) -> None:
-    imported = gradguard_imports(SRC / f"{module}.py")
-    assert not imported & FORBIDDEN[module], f"{module} imports {imported & FORBIDDEN[module]}"
+    for path in module_files(module):
+        imported = gradguard_imports(path)
+        where = path.relative_to(SRC)
+        assert not imported & FORBIDDEN[module], f"{where} imports {imported & FORBIDDEN[module]}"
+
+
+def test_packages_are_checked_file_by_file() -> None:
+    files = {path.relative_to(SRC).as_posix() for path in module_files("diagnose")}
+    assert {"diagnose/__init__.py", "diagnose/measure.py", "diagnose/verdict.py"} <= files
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    """``TYPE_CHECKING`` or ``typing.TYPE_CHECKING``: a block type checkers alone run."""
+    if isinstance(test, ast.Attribute):
+        return test.attr == "TYPE_CHECKING"
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """Modules ``path`` imports when it runs (in functions too), outside ``if TYPE_CHECKING:``."""
+    found: set[str] = set()
+    stack: list[ast.AST] = [ast.parse(path.read_text())]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+# Read by the report, which reads run directories only (DESIGN.md): no torch at run time.
+TORCH_FREE = sorted(
+    ["records.py", "causes.py", "_files.py", "errors.py"]
+    + [f"report/{p.name}" for p in (SRC / "report").glob("*.py")]
+)
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_report_side_never_imports_torch(module: str) -> None:
+    torch = {name for name in runtime_imports(SRC / module) if name.split(".")[0] == "torch"}
+    assert not torch, f"{module} imports {torch} at run time: import it under TYPE_CHECKING"
+
+
+def test_report_reaches_only_torch_free_modules() -> None:
+    """Every gradguard module the report imports at run time, transitively, is checked."""
+    seen: set[str] = set()
+    todo = [f"report/{p.name}" for p in (SRC / "report").glob("*.py")]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        for name in runtime_imports(SRC / module):
+            parts = name.split(".")
+            if parts[0] != "gradguard" or len(parts) == 1:
+                continue
+            path = "/".join(parts[1:])
+            for candidate in (f"{path}.py", f"{path}/__init__.py", "/".join(parts[1:-1]) + ".py"):
+                if (SRC / candidate).is_file():
+                    todo.append(candidate)
+                    break
+    assert seen <= set(TORCH_FREE), f"the report imports {sorted(seen - set(TORCH_FREE))}"
 
 
 def test_core_needs_only_torch_and_numpy() -> None:

@@ -39,6 +39,7 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-al
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.pass { color: #1a7f1a; font-weight: 600; } td.fail { color: #c01818; font-weight: 600; }
+td.warn { color: #9a6700; font-weight: 600; }
 ol.episodes { padding-left: 22px; }
 li.episode { margin: 8px 0 12px; padding: 6px 10px; border-left: 4px solid #ff9f0e;
              background: #fffaf0; }
@@ -72,7 +73,7 @@ def fmt(value: object) -> str:
 def page(title: str, body: str) -> str:
     """A complete, self-contained HTML document."""
     return (
-        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{esc(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
