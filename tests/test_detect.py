@@ -283,7 +283,7 @@ def test_default_detectors_cover_every_kind_once() -> None:
     assert detectors[0] is not default_detectors()[0]  # fresh objects, no shared state
 
 
-def test_detect_imports_only_numpy_the_stdlib_records_and_errors() -> None:
+def test_detect_imports_only_numpy_the_stdlib_records_errors_and_protocols() -> None:
     source = gradguard.detect.__file__
     assert source is not None
     tree = ast.parse(Path(source).read_text(encoding="utf-8"))
@@ -296,7 +296,8 @@ def test_detect_imports_only_numpy_the_stdlib_records_and_errors() -> None:
         for name in imported
         if name.split(".")[0] not in sys.stdlib_module_names | {"__future__", "numpy"}
     }
-    assert outside == {"gradguard.errors", "gradguard.records"}
+    # protocols holds the Detector protocol and imports nothing of gradguard at run time
+    assert outside == {"gradguard.errors", "gradguard.protocols", "gradguard.records"}
 
 
 def test_detector_events_to_stop_only_on_divergence() -> None:
