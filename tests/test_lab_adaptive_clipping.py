@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import LabRuns
 from gradguard import lab
 from gradguard.errors import ConfigError
 from gradguard.lab import adaptive_clipping as ac
@@ -21,17 +21,14 @@ from gradguard.lab.plots import write_plots
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> lab.LabResult:
-    out = tmp_path_factory.mktemp("adaptive-clipping")
-    return lab.run(["adaptive-clipping"], quick=True, out=out, progress=False)
+def quick(lab_runs: LabRuns) -> lab.LabResult:
+    result: lab.LabResult = lab_runs.quick("adaptive-clipping")[0]
+    return result
 
 
 @pytest.fixture(scope="module")
-def stored(quick: lab.LabResult) -> dict[str, Any]:
-    data = json.loads((quick.run_dir / "results.json").read_text(encoding="utf-8"))
-    (experiment,) = data["experiments"]
-    assert isinstance(experiment, dict)
-    return experiment
+def stored(lab_runs: LabRuns, quick: lab.LabResult) -> dict[str, Any]:
+    return lab_runs.stored(quick)
 
 
 def _records(stored: dict[str, Any]) -> list[ac.RunRecord]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import LabRuns
 from gradguard import lab
 from gradguard.lab import isometry as iso
 from gradguard.lab._harness import single_thread
@@ -42,17 +42,14 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> lab.LabResult:
-    out = tmp_path_factory.mktemp("isometry")
-    return lab.run(["isometry"], quick=True, out=out, progress=False)
+def quick(lab_runs: LabRuns) -> lab.LabResult:
+    result: lab.LabResult = lab_runs.quick("isometry")[0]
+    return result
 
 
 @pytest.fixture(scope="module")
-def stored(quick: lab.LabResult) -> dict[str, Any]:
-    data = json.loads((quick.run_dir / "results.json").read_text(encoding="utf-8"))
-    (experiment,) = data["experiments"]
-    assert isinstance(experiment, dict)
-    return experiment
+def stored(lab_runs: LabRuns, quick: lab.LabResult) -> dict[str, Any]:
+    return lab_runs.stored(quick)
 
 
 def _parts(experiment: dict[str, Any]) -> tuple[list[iso.Spectrum], list[iso.LinearRun]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import LabRuns
 from gradguard import lab
 from gradguard.lab import normalization as nm
 from gradguard.lab._harness import single_thread
@@ -29,29 +29,15 @@ CLAIM_IDS = [
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[lab.LabResult, list[int]]:
+def quick(lab_runs: LabRuns) -> tuple[lab.LabResult, list[int]]:
     """One quick run through ``lab.run``, recording the thread count inside every training."""
-    threads: list[int] = []
-    original = nm.train
-
-    def spy(*args: Any) -> nm.Run:
-        threads.append(torch.get_num_threads())
-        return original(*args)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nm, "train", spy)
-        result = lab.run(
-            ["normalization"], quick=True, out=tmp_path_factory.mktemp("norm"), progress=False
-        )
+    result, threads = lab_runs.quick("normalization", spy=nm)
     return result, threads
 
 
 @pytest.fixture(scope="module")
-def stored(quick: tuple[lab.LabResult, list[int]]) -> dict[str, Any]:
-    data = json.loads((quick[0].run_dir / "results.json").read_text(encoding="utf-8"))
-    (experiment,) = data["experiments"]
-    assert isinstance(experiment, dict)
-    return experiment
+def stored(lab_runs: LabRuns, quick: tuple[lab.LabResult, list[int]]) -> dict[str, Any]:
+    return lab_runs.stored(quick[0])
 
 
 def test_quick_run_reproduces_its_claims(quick: tuple[lab.LabResult, list[int]]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 from pathlib import Path
@@ -13,23 +12,21 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import LabRuns
 from gradguard import lab
 from gradguard.lab import recovery as rc
 from gradguard.lab.plots import _kept_and_abandoned, write_plots
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> lab.LabResult:
-    out = tmp_path_factory.mktemp("recovery")
-    return lab.run(["recovery"], quick=True, out=out, progress=False)
+def quick(lab_runs: LabRuns) -> lab.LabResult:
+    result: lab.LabResult = lab_runs.quick("recovery")[0]
+    return result
 
 
 @pytest.fixture(scope="module")
-def stored(quick: lab.LabResult) -> dict[str, Any]:
-    data = json.loads((quick.run_dir / "results.json").read_text(encoding="utf-8"))
-    (experiment,) = data["experiments"]
-    assert isinstance(experiment, dict)
-    return experiment
+def stored(lab_runs: LabRuns, quick: lab.LabResult) -> dict[str, Any]:
+    return lab_runs.stored(quick)
 
 
 def _arms(experiment: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import LabRuns
 from gradguard import lab
 from gradguard.lab import regularization as rg
 from gradguard.lab._harness import single_thread
@@ -40,29 +40,15 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[lab.LabResult, list[int]]:
+def quick(lab_runs: LabRuns) -> tuple[lab.LabResult, list[int]]:
     """One quick run through ``lab.run``, recording the thread count inside every training."""
-    threads: list[int] = []
-    original = rg.train
-
-    def spy(*args: Any) -> rg.Run:
-        threads.append(torch.get_num_threads())
-        return original(*args)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(rg, "train", spy)
-        result = lab.run(
-            ["regularization"], quick=True, out=tmp_path_factory.mktemp("reg"), progress=False
-        )
+    result, threads = lab_runs.quick("regularization", spy=rg)
     return result, threads
 
 
 @pytest.fixture(scope="module")
-def stored(quick: tuple[lab.LabResult, list[int]]) -> dict[str, Any]:
-    data = json.loads((quick[0].run_dir / "results.json").read_text(encoding="utf-8"))
-    (experiment,) = data["experiments"]
-    assert isinstance(experiment, dict)
-    return experiment
+def stored(lab_runs: LabRuns, quick: tuple[lab.LabResult, list[int]]) -> dict[str, Any]:
+    return lab_runs.stored(quick[0])
 
 
 def _runs(stored: dict[str, Any]) -> dict[str, rg.Run]:

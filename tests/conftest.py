@@ -1,0 +1,49 @@
+"""Fixtures shared across the test files."""
+
+from __future__ import annotations
+
+import json
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+
+class LabRuns:
+    """Quick lab runs for the experiments' tests: one ``lab.run`` and its ``results.json``."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._tmp = tmp_path_factory
+
+    def quick(self, name: str, spy: ModuleType | None = None) -> tuple[Any, list[int]]:
+        """Run experiment ``name`` quickly; with ``spy``, record the torch thread count
+        inside every call of ``spy.train`` (the lab pins one thread per training)."""
+        from gradguard import lab
+
+        threads: list[int] = []
+        with pytest.MonkeyPatch.context() as patch:
+            if spy is not None:
+                original = spy.train
+
+                def train(*args: Any) -> Any:
+                    threads.append(torch.get_num_threads())
+                    return original(*args)
+
+                patch.setattr(spy, "train", train)
+            result = lab.run([name], quick=True, out=self._tmp.mktemp(name), progress=False)
+        return result, threads
+
+    @staticmethod
+    def stored(result: Any) -> dict[str, Any]:
+        """The run's one experiment as ``results.json`` holds it."""
+        data = json.loads((result.run_dir / "results.json").read_text(encoding="utf-8"))
+        (experiment,) = data["experiments"]
+        assert isinstance(experiment, dict)
+        return experiment
+
+
+@pytest.fixture(scope="session")
+def lab_runs(tmp_path_factory: pytest.TempPathFactory) -> LabRuns:
+    """Runs lab experiments quickly and reads back what they stored."""
+    return LabRuns(tmp_path_factory)
