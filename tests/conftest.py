@@ -8,6 +8,15 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """A 3-layer tanh MLP (6 -> 16 -> 16 -> 1), seeded: the model the sink tests log."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)
+    )
 
 
 class LabRuns:

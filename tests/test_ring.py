@@ -36,7 +36,8 @@ def make() -> tuple[StepBuffer, torch.nn.Module]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
     names = tuple(n for n, _ in model.named_parameters())
-    return StepBuffer(4, ("0", "1"), names, torch.device("cpu")), model
+    flags = (torch.ones((), dtype=torch.bool), torch.zeros((), dtype=torch.bool))
+    return StepBuffer(4, ("0", "1"), names, torch.device("cpu"), flags), model
 
 
 def drain(buffer: StepBuffer, first_step: int) -> object:

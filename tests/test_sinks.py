@@ -16,6 +16,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
 import gradguard as gg
+from conftest import make_model
 from gradguard.errors import ConfigError
 from gradguard.sinks import (
     STEP_SCALARS,
@@ -26,13 +27,6 @@ from gradguard.sinks import (
     read_jsonl,
 )
 from gradguard.testing import FaultInjector
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)
-    )
 
 
 def train(

@@ -23,6 +23,7 @@ from torch import nn
 from wandb.proto import wandb_internal_pb2
 
 import gradguard as gg
+from conftest import make_model
 from gradguard.errors import ConfigError
 from gradguard.records import Event, Window
 from gradguard.report._data import merge_streaks
@@ -71,13 +72,6 @@ def _quiet_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[No
     quiet_wandb_env(monkeypatch, tmp_path)
     yield
     assert wandb.run is None, "a test left a W&B run open"
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)
-    )
 
 
 def train(

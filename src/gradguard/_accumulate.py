@@ -13,8 +13,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradguard.errors import GradGuardError
-
 
 class MicroBatches:
     """What the micro-batches of the optimizer step being accumulated left: on the device."""
@@ -30,10 +28,8 @@ class MicroBatches:
         self.batches: list[Any] = []
         self.sample_losses: list[Tensor] = []
 
-    def accumulates(self, accumulation_steps: int | Callable[[], bool], closed: bool) -> bool:
+    def accumulates(self, accumulation_steps: int | Callable[[], bool]) -> bool:
         """Whether this ``guard.step`` call is a micro-batch that only accumulates."""
-        if closed:
-            raise GradGuardError("this Guard was closed; build a new one to keep training.")
         if isinstance(accumulation_steps, int):
             return self.count + 1 < accumulation_steps
         return not accumulation_steps()

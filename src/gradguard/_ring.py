@@ -41,7 +41,7 @@ class StepBuffer:
         layer_names: Sequence[str],
         tensor_names: Sequence[str],
         device: torch.device,
-        constants: tuple[Tensor, Tensor] | None = None,
+        constants: tuple[Tensor, Tensor],
     ) -> None:
         self.layer_names = tuple(layer_names)
         self.tensor_names = tuple(tensor_names)
@@ -62,10 +62,9 @@ class StepBuffer:
         self.nan = torch.full((), math.nan, device=device)
         self.one = torch.ones((), device=device)
         self.zero = torch.zeros((), device=device)
-        # The bool constants the statistics share (the layout's): flags that are these
-        # objects are written without a kernel.
-        self._true: Tensor | None = None if constants is None else constants[0]
-        self._false: Tensor | None = None if constants is None else constants[1]
+        # The bool constants the statistics share (the layout's true and false): flags
+        # that are these objects are written without a kernel.
+        self._true, self._false = constants
         self.count = 0
         self.on_device: list[bool] = []
         self._lr: list[float] = []
@@ -189,11 +188,7 @@ class StepBuffer:
 
     def sample_summary(self, sample_losses: Tensor) -> Tensor:
         """Median, spread, non-finite count, size and the largest losses, on the device."""
-        if not isinstance(sample_losses, Tensor) or sample_losses.numel() == 0:
-            raise ConfigError(
-                "sample_losses must be a non-empty tensor of per-example losses, e.g. "
-                "F.cross_entropy(logits, y, reduction='none').detach()."
-            )
+        check_sample_losses(sample_losses)
         values = sample_losses.detach().reshape(-1).to(self.device, torch.float32)
         n = values.numel()
         finite = torch.isfinite(values)
@@ -213,4 +208,13 @@ class StepBuffer:
                 positions.float(),
                 pad,
             ]
+        )
+
+
+def check_sample_losses(sample_losses: object) -> None:
+    """Refuse what :meth:`StepBuffer.sample_summary` could not summarise."""
+    if not isinstance(sample_losses, Tensor) or sample_losses.numel() == 0:
+        raise ConfigError(
+            "sample_losses must be a non-empty tensor of per-example losses, e.g. "
+            "F.cross_entropy(logits, y, reduction='none').detach()."
         )

@@ -7,7 +7,6 @@ later, only when an event needs them).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,11 +24,11 @@ _SATURATING = ("Sigmoid", "Tanh", "Softsign", "Hardtanh", "Hardsigmoid", "LogSig
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
-def run_facts(guard: Guard, count_sync: Callable[[], None]) -> RunFacts:
+def run_facts(guard: Guard) -> RunFacts:
     """What the explainer needs to know about the model and the training setup.
 
-    ``count_sync`` is called for each read of the weights on the host (only to explain
-    an event).
+    A layer's weight scale is read on the host only when an event needs it; each read
+    counts in ``guard.sync_count``.
     """
     model, optimizer = guard.model, guard.optimizer
     types = {type(m).__name__ for m in model.modules()}
@@ -49,7 +48,7 @@ def run_facts(guard: Guard, count_sync: Callable[[], None]) -> RunFacts:
         return [float(lr_of.get(id(first_param[n]), math.nan)) for n in names]
 
     def layer_scale(name: str) -> LayerScale | None:
-        count_sync()  # one read of the weights, only to explain an event
+        guard.sync_count += 1  # one read of the weights, only to explain an event
         return _layer_scale(model, name)
 
     return RunFacts(

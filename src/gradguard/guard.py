@@ -3,8 +3,9 @@
 Per step, on the device: measure (``grad_stats``), clip (a policy), step or skip the
 optimizer, and write the step's statistics into a fixed ring buffer. Every ``log_every``
 steps the buffer is copied to the host once (a drain) and handed to the detectors, the
-recovery and the sinks. Host syncs are counted in ``guard.sync_count``; each one in this
-file carries a ``# sync:`` comment with its reason.
+recovery and the sinks. Host syncs are counted in ``guard.sync_count``; each one carries a
+``# sync:`` comment with its reason: the drain's copy here, the read path's one read per
+step and the rare non-finite reads in ``_stepping``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from gradguard._compile import eager as _eager
 from gradguard._guarded_optimizer import GuardedOptimizer as GuardedOptimizer
 from gradguard._meta import guard_meta
 from gradguard._ownership import claim, release
-from gradguard._ring import StepBuffer
+from gradguard._ring import StepBuffer, check_sample_losses
 from gradguard._run_facts import run_facts
 from gradguard._stepping import (
     StepPaths,
@@ -177,20 +178,18 @@ class Guard(StepPaths):
         self.step_count = 0
         self._state_primed = False
         self.lr_factor = 1.0  # a recovery's cool-down; applied only around optimizer steps
-        self._nan = torch.full((), float("nan"), device=self.device)
-        self._one = torch.ones((), device=self.device)
-        self._zero = torch.zeros((), device=self.device)
         self._true, self._false = layout.true, layout.false
         self._steps = StepBuffer(
             log_every, self.layer_names, self.tensor_names, self.device, (self._true, self._false)
         )
+        self._nan, self._one, self._zero = self._steps.nan, self._steps.one, self._steps.zero
         self._scheduler_at_window_start: dict[str, Any] | None = None
         self._raise_after: GradGuardError | None = None
         self._zeroed: Tensor | None = None  # per-tensor norms of a step whose NaN was zeroed
         self._batches: deque[tuple[int, Any]] = deque(maxlen=_BATCH_HISTORY)
         self._probe = update_probe(layout, self.layer_names)
         self._update_pending: Tensor | None = None
-        self.explainer = Explainer(run_facts(self, self._count_sync))
+        self.explainer = Explainer(run_facts(self))
         self._streaks = Streaks(log_every)
         self._closed = False
         # The parameter norms the next drain compares with: on the host after a drain, on
@@ -257,9 +256,8 @@ class Guard(StepPaths):
             A :class:`StepReport` of device tensors; with ``accumulation_steps``, a report
             with ``accumulating=True`` for the micro-batches that only accumulate.
         """
-        if self.accumulation_steps != 1 and self._micro.accumulates(
-            self.accumulation_steps, self._closed
-        ):
+        self._check_open()
+        if self.accumulation_steps != 1 and self._micro.accumulates(self.accumulation_steps):
             return self._keep_micro_batch(loss, batch, sample_losses)
         edge_grads, loss_tensor, samples = self._begin_step(loss, batch, sample_losses)
         measure_update = self._probe is not None and self._steps.count == self.log_every - 1
@@ -350,7 +348,7 @@ class Guard(StepPaths):
         """Keep a micro-batch's loss, batch id and per-example losses for the step it ends in."""
         loss_tensor = None if loss is None else self._loss_tensor(loss).detach().float()
         if sample_losses is not None:
-            self._steps.sample_summary(sample_losses)  # refuses what it could not summarise
+            check_sample_losses(sample_losses)  # summarised with the step it ends in
         self._micro.add(loss_tensor, batch, sample_losses)
         return StepReport(
             step=self.step_count + 1,
@@ -363,17 +361,19 @@ class Guard(StepPaths):
             accumulating=True,
         )
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GradGuardError("this Guard was closed; build a new one to keep training.")
+
     def _check_ready(self) -> tuple[Tensor, Tensor]:
         """Refuse a step the guard would not measure truly; return the first and last grads.
 
-        Refused: a closed guard, parameters it does not measure, no gradients, or the
+        Refused (the guard is open): parameters it does not measure, no gradients, or the
         gradients the last step used. A backward replaces a gradient (``set_to_none=True``)
         or writes it in place, which bumps its version: the same first and last gradient at
         the same versions mean no backward since. O(1) unless the parameter set may have
         changed or the first parameters have no gradient.
         """
-        if self._closed:
-            raise GradGuardError("this Guard was closed; build a new one to keep training.")
         if (
             _Registrations.count != self._registrations
             or _optimizer_shape(self.optimizer) != self._optimizer_shape
@@ -683,9 +683,6 @@ class Guard(StepPaths):
     def _claim(self, owned: object, what: str, fix: str) -> None:
         if claim(self, owned, what, fix):
             self._claimed.append(owned)
-
-    def _count_sync(self) -> None:
-        self.sync_count += 1
 
     def __enter__(self) -> Guard:
         return self

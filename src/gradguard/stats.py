@@ -200,8 +200,10 @@ def layout_for(source: nn.Module | NamedParameters, process_group: Any = None) -
     """The parameter layout grad_stats uses for ``source`` (cached for modules)."""
     if not isinstance(source, nn.Module):
         return _build_layout(_named_parameters(source), None, process_group)
-    source = uncompiled(source)
     layout = _LAYOUTS.get(source)
+    if layout is None and (original := uncompiled(source)) is not source:
+        source = original  # torch.compile(model): measured as the module it wraps
+        layout = _LAYOUTS.get(source)
     if layout is not None and (
         tuple(map(_get_requires_grad, layout.all_params)) == layout.trainable_mask
         and (first := _distributed.local(layout.params[0])).device == layout.device
