@@ -144,6 +144,43 @@ def test_skipped_step_leaves_weights_optimizer_and_scheduler_bitwise_unchanged(
     assert_all_finite(model, optimizer)
 
 
+class _LrSink:
+    """Keeps the LR the guard logged for each step."""
+
+    def __init__(self) -> None:
+        self.lr: list[float] = []
+
+    def open(self, meta: Any) -> None:
+        pass
+
+    def write(self, window: Any, events: Any) -> None:
+        self.lr += window.lr.tolist()
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("impl", "tensor_lr"), [("foreach", False), ("fused", False), ("fused", True)]
+)  # a tensor LR needs fused (or capturable) Adam
+def test_the_logged_lr_is_the_one_each_step_used(impl: str, tensor_lr: bool) -> None:
+    """The scheduler steps inside guard.step: the LR is read before it, not after."""
+    model = make_model()
+    lr: Any = torch.tensor(0.1) if tensor_lr else 0.1
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, **IMPLEMENTATIONS[impl])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    sink = _LrSink()
+    guard = gg.Guard(model, optimizer, scheduler=scheduler, sinks=[sink], log_every=2)
+    used = []
+    for step in range(4):
+        used.append(float(optimizer.param_groups[0]["lr"]))
+        optimizer.zero_grad()
+        guard.step(backward(model, step))
+    guard.close()
+    assert used == pytest.approx([0.1, 0.05, 0.1 / 3, 0.025])
+    assert sink.lr == pytest.approx(used)
+
+
 @pytest.mark.parametrize(("name", "impl"), CASES)
 def test_guarded_run_equals_the_plain_loop_when_nothing_goes_wrong(name: str, impl: str) -> None:
     plain, guarded = make_model(), make_model()

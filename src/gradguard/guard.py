@@ -275,6 +275,9 @@ class Guard(StepPaths):
             self._state_primed = prime_fused_state(self.optimizer, self.device)
         no_sync = self.fused and self.nonfinite == "skip" and self._state_primed
         self._steps.on_device.append(no_sync)
+        # The LR this step uses, read before the scheduler steps (in place, for a tensor LR).
+        lr = self.optimizer.param_groups[0]["lr"]
+        lr = lr.clone() if isinstance(lr, Tensor) else lr
         if no_sync:
             skipped, scale = self._step_on_device(stats)
         else:
@@ -296,7 +299,6 @@ class Guard(StepPaths):
             finite=stats.finite,
             loss=stats.loss,  # averaged across ranks when the model is distributed
         )
-        lr = self.optimizer.param_groups[0]["lr"]
         self._steps.record(report, stats, samples, lr * self.lr_factor, self._zeroed)
         self._zeroed = None
         if self._steps.count == self.log_every:
