@@ -219,7 +219,7 @@ def test_normclip_fp64_beyond_the_fp32_range_on_cuda_without_sync(norm_type: flo
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0, norm_type, foreach=True)
     for a, b in zip(grads(ours), grads(ref), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
-    assert scale.dtype == torch.float32
+    assert scale.dtype == torch.float64  # fp64 gradients are scaled in fp64, as on the CPU
 
 
 @pytest.mark.parametrize("name", ["AutoClip", "ZClip", "ZClip-tensor-math", "ValueClip"])
@@ -856,3 +856,41 @@ def test_contract_policies_do_not_sync_on_cuda(name: str) -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert scale.device.type == "cuda"
     assert 0.0 <= float(scale) <= 1.0
+
+
+# --- ZClip's two paths, NormClip's threshold dtype ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", ZCLIP_CONFIGS)
+def test_zclip_cpu_float_path_and_tensor_path_agree_step_by_step(
+    config: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """The CPU's float rule and the accelerator's tensor rule: same scales, same state."""
+    floats, tensors = gg.ZClip(**config), zclip_with_tensor_math(**config)
+    norms = spiky_norms(400, seed=5)
+    norms[30] = norms[200] = math.nan
+    norms[120] = math.inf
+    models = [nn.Linear(1, 1, bias=False).to(dtype) for _ in range(2)]
+    for step, norm in enumerate(norms):
+        scales = []
+        for model, policy in zip(models, (floats, tensors), strict=True):
+            model.weight.grad = torch.tensor([[norm]], dtype=dtype)
+            scales.append(gg.clip_(model, policy))
+        assert scales[0].dtype == scales[1].dtype == dtype
+        assert float(scales[0]) == pytest.approx(float(scales[1]), rel=1e-6), f"step {step}"
+        if step % 50 == 49:  # reading the float path's state folds it back into tensors
+            for key, value in floats.state_dict().items():
+                torch.testing.assert_close(value, tensors.state_dict()[key], rtol=1e-12, atol=0)
+
+
+def test_normclip_clips_fp64_gradients_by_max_norm_itself_not_its_fp32_rounding() -> None:
+    """0.1 has no exact fp32 value: an fp32 threshold would be off by 1.5e-8 relative."""
+    model = fp64_model(1.0)
+    ref = twin(model)
+    scale = gg.clip_(model, gg.NormClip(0.1))
+    total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1, foreach=True)
+    assert scale.dtype == torch.float64
+    assert float(scale) == pytest.approx(0.1 / (float(total) + 1e-6), rel=1e-15)
+    for a, b in zip(grads(model), grads(ref), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)

@@ -16,6 +16,8 @@ FORBIDDEN = {
     "errors": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "causes": {"stats", "clip", "records", "detect", "sinks", "errors"} | UPSTREAM_OF_GUARD,
     "_foreach": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
+    # The clip policies' argument checks and device state: below clip, beside _foreach.
+    "_clip_state": {"stats", "clip", "records", "detect", "sinks", "_foreach"} | UPSTREAM_OF_GUARD,
     "stats": {"clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "clip": {"records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "records": {"stats", "clip", "detect", "sinks"} | UPSTREAM_OF_GUARD,
