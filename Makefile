@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # here matches the CPU torch.
 PEERS := zclip==1.0.0 autoclip==0.2.1 timm==1.0.31
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest bench lab-reference clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ test: lint typecheck pytest
 
 bench: $(VENV)/.dev-installed
 	$(PY) benchmarks/overhead.py
+
+# The lab's record of every claim at both scales (src/gradguard/lab/reference.json): rebuild
+# it after changing an experiment, on a quiet machine.
+lab-reference: $(VENV)/.demo-installed
+	rm -rf runs/reference-full runs/reference-quick
+	$(VENV)/bin/gradguard lab --out runs/reference-full
+	$(VENV)/bin/gradguard lab --quick --out runs/reference-quick
+	$(PY) -c "import sys; from gradguard.lab._reference import main; \
+		sys.exit(main(['runs/reference-full', 'runs/reference-quick']))"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -41,7 +41,22 @@ class LabRuns:
 
                 patch.setattr(spy, "train", train)
             result = lab.run([name], quick=True, out=self._tmp.mktemp(name), progress=False)
+        self.check_reference(result)
         return result, threads
+
+    @staticmethod
+    def check_reference(result: Any) -> None:
+        """The lab's record (``reference.json``) knows every claim of the run, and its quick
+        verdicts are this run's: otherwise ``make lab-reference`` is due."""
+        from gradguard.lab._reference import load_reference
+
+        reference = load_reference()
+        for experiment in result.experiments:
+            for claim in experiment.claims:
+                key = f"{experiment.name}/{claim.id}"
+                assert key in reference, f"{key} is not in reference.json: make lab-reference"
+                recorded = reference[key]["quick"].passed
+                assert recorded == claim.passed, f"{key}: reference.json is stale"
 
     @staticmethod
     def stored(result: Any) -> dict[str, Any]:

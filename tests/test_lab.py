@@ -39,7 +39,9 @@ CLAIM_KEYS = {
     "n_passed",
     "n",
     "passed",
+    "outcome",
     "note",
+    "elsewhere",
 }
 
 
@@ -116,7 +118,7 @@ def test_quick_run_writes_results_json_with_the_documented_structure(
 
 def test_quick_run_writes_markdown_with_claims_and_ratio_table(quick_run: lab.LabResult) -> None:
     text = (quick_run.run_dir / "results.md").read_text(encoding="utf-8")
-    assert "| claim | paper | measured | criterion | reproduced |" in text
+    assert "| claim | paper | measured | criterion | outcome |" in text
     assert "Gradient norm ratio, first layer / output layer" in text
     for claim in quick_run.experiments[0].claims:
         assert claim.statement in text
@@ -152,9 +154,13 @@ class _FakeExperiment:
 
     def __init__(self) -> None:
         self.calls: list[tuple[bool, int]] = []
+        self.seed_counts: list[int | None] = []
 
-    def run(self, *, quick: bool, seed: int, progress: Progress | None = None) -> ExperimentResult:
+    def run(
+        self, *, quick: bool, seed: int, progress: Progress | None = None, seeds: int | None = None
+    ) -> ExperimentResult:
         self.calls.append((quick, seed))
+        self.seed_counts.append(seeds)
         if progress is not None:
             progress(1, 1)
         return ExperimentResult(
@@ -183,8 +189,9 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> _FakeExperiment:
 def test_failing_claim_is_reported_and_non_finite_values_stay_valid_json(
     fake: _FakeExperiment, tmp_path: Path
 ) -> None:
-    result = lab.run(["fake"], quick=False, seed=3, out=tmp_path / "r", progress=True)
+    result = lab.run(["fake"], quick=False, seed=3, out=tmp_path / "r", progress=True, seeds=4)
     assert fake.calls == [(False, 3)]
+    assert fake.seed_counts == [4]  # --seeds reaches the experiment as an argument
     assert not result.all_passed
     assert [c.passed for c in result.experiments[0].claims] == [True, False]
     text = (result.run_dir / "results.json").read_text(encoding="utf-8")
@@ -243,3 +250,23 @@ def test_claim_summary_of_several_values_with_an_infinite_one_has_no_spread() ->
     assert summary["mean"] == math.inf
     assert math.isnan(summary["std"])  # statistics.pstdev raises on inf
     assert (summary["min"], summary["max"]) == (1.0, math.inf)
+
+
+def test_experiments_in_worker_processes_give_the_same_numbers_and_figures(
+    quick_run: lab.LabResult, tmp_path: Path
+) -> None:
+    result = lab.run(
+        ["depth-activation", "early-stopping"], quick=True, out=tmp_path, progress=False, jobs=2
+    )
+    assert [e.name for e in result.experiments] == ["depth-activation", "early-stopping"]
+    parallel, alone = result.experiments[0], quick_run.experiments[0]
+    assert parallel.measurements == alone.measurements
+    assert [c.values for c in parallel.claims] == [c.values for c in alone.claims]
+    assert (tmp_path / "depth-activation.png").is_file()
+    assert (tmp_path / "early-stopping.png").is_file()
+
+
+@pytest.mark.parametrize("jobs", [-1, 1.5, True])
+def test_jobs_must_be_a_count(jobs: object, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="jobs must be an int >= 0"):
+        lab.run(["selu"], quick=True, out=tmp_path, jobs=jobs)  # type: ignore[arg-type]

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from gradguard import lab
-from gradguard.lab.plots import PLOTS, write_plots
+from gradguard.lab._registry import EXPERIMENTS
+from gradguard.lab.plots import write_plots
+
+PLOTS = {name: experiment.plot for name, experiment in EXPERIMENTS.items()}
 
 
 def test_quick_run_writes_the_depth_activation_figure(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ import torch
 from conftest import LabRuns
 from gradguard import lab
 from gradguard.lab import recovery as rc
-from gradguard.lab.plots import _kept_and_abandoned, write_plots
+from gradguard.lab.plots import write_plots
+from gradguard.lab.recovery import _kept_and_abandoned
 
 
 @pytest.fixture(scope="module")

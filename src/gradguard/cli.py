@@ -50,7 +50,7 @@ EXIT_CODE_MEANINGS = {
     ExitCode.USAGE: "usage or input error (a bad argument; a file or directory that is "
     "missing, unreadable, malformed or cannot be written; a diagnose target that cannot "
     "be imported or built)",
-    ExitCode.CLAIMS_FAILED: "a lab claim did not reproduce (lab --strict)",
+    ExitCode.CLAIMS_FAILED: "a lab claim was not reproduced at this scale (lab --strict)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 EXIT_CODES_HELP = "Exit status: " + "; ".join(
@@ -186,15 +186,33 @@ def lab(
     out: Annotated[
         Path | None, typer.Option(help="Run directory (default: runs/lab-<timestamp>).")
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Experiments run at once, one process each (default 0: one per CPU core, "
+            "up to 4). The numbers do not depend on it.",
+            min=0,
+        ),
+    ] = 0,
     list_: Annotated[bool, typer.Option("--list", help="List the experiments and exit.")] = False,
     strict: Annotated[
-        bool, typer.Option("--strict", help="Exit with status 3 if a claim does not reproduce.")
+        bool,
+        typer.Option(
+            "--strict",
+            help="Exit with status 3 if a claim is not reproduced at this scale "
+            "(refuted claims, contradicted at every scale, do not count).",
+        ),
     ] = False,
 ) -> None:
     """Reproduce classic results about vanishing and exploding gradients on this CPU.
 
-    Exit status: 0, or 3 with --strict when a claim does not reproduce; 2 for a bad
-    argument or an output directory that cannot be written; 130 interrupted.
+    Each claim ends reproduced, refuted (the measurement contradicts it at every scale
+    tried: a finding) or not reproduced at this scale (the other scale's result is shown
+    beside it). Exit status: 0, or 3 with --strict when a claim is not reproduced at this
+    scale; 2 for a bad argument or an output directory that cannot be written; 130
+    interrupted.
     """
     with _user_errors("lab", out):
         from gradguard import lab as lab_module
@@ -204,10 +222,12 @@ def lab(
                 console.print(f"[bold]{name}[/bold]  {description}")
             return
         chosen = [*(names or ()), *(only or ())]
-        result = lab_module.run(names=chosen or None, quick=quick, seed=seed, out=out, seeds=seeds)
+        result = lab_module.run(
+            names=chosen or None, quick=quick, seed=seed, out=out, seeds=seeds, jobs=jobs
+        )
         lab_module.print_summary(result, console)
         typer.echo(f"Results: {result.run_dir}")
-    if strict and not result.all_passed:
+    if strict and not result.as_expected:
         raise typer.Exit(ExitCode.CLAIMS_FAILED)
 
 

@@ -9,13 +9,40 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table as RichTable
 
-from gradguard.lab._records import Claim, ExperimentResult, LabResult, Table
+from gradguard.lab._records import (
+    NOT_AT_THIS_SCALE,
+    REFUTED,
+    REPRODUCED,
+    Claim,
+    ExperimentResult,
+    LabResult,
+    Table,
+)
 
-CLAIM_COLUMNS = ("claim", "paper", "measured", "criterion", "reproduced")
+CLAIM_COLUMNS = ("claim", "paper", "measured", "criterion", "outcome")
+
+STYLES = {REPRODUCED: "green", REFUTED: "magenta", NOT_AT_THIS_SCALE: "yellow"}
+"""Console colour of each outcome: a refuted claim is a finding, not a failure."""
+
+MEANING = {
+    REPRODUCED: "the measurement meets the claim's criterion",
+    REFUTED: "the measurement contradicts the claim at every scale tried: a finding",
+    NOT_AT_THIS_SCALE: "this variant is too small to show it",
+}
 
 
 def _verdict(claim: Claim) -> str:
-    return "✓" if claim.passed else "✗"
+    """The outcome cell: a tick, or the outcome with the other scale's result beside it."""
+    if claim.outcome == REPRODUCED:
+        return "✓"
+    beside = "; ".join(
+        f"{s.variant} ({s.seeds} seed{'s' if s.seeds > 1 else ''}): {s.measured} "
+        f"{'✓' if s.passed else '✗'}"
+        for s in claim.elsewhere
+    )
+    if claim.outcome == NOT_AT_THIS_SCALE and not beside:
+        beside = "no other scale on record"
+    return f"✗ {claim.outcome} ({beside})"
 
 
 def _criterion_text(claim: Claim) -> str:
@@ -23,11 +50,34 @@ def _criterion_text(claim: Claim) -> str:
 
 
 def _headline(result: LabResult) -> str:
-    claims = [c for e in result.experiments for c in e.claims]
-    passed = sum(c.passed for c in claims)
-    if passed == len(claims):
-        return f"All {len(claims)} claims reproduced."
-    return f"{passed} of {len(claims)} claims reproduced."
+    """One line: how many claims reproduced, and how many were refuted or left to scale."""
+    by_outcome = result.outcomes()
+    total = sum(map(len, by_outcome.values()))
+    reproduced = len(by_outcome[REPRODUCED])
+    if reproduced == total:
+        return f"All {total} claims reproduced."
+    rest = ", ".join(f"{len(c)} {o}" for o, c in by_outcome.items() if o != REPRODUCED and c)
+    return f"{reproduced} of {total} claims reproduced; {rest}."
+
+
+def summary_lines(result: LabResult) -> list[tuple[str, str]]:
+    """The closing summary as ``(outcome, line)`` pairs: one line per outcome, claims named.
+
+    Example line: ``2 not reproduced at this scale (this variant is too small to show it):
+    residual/plain-degrades, ...``.
+    """
+    lines = []
+    names = {id(c): e.name for e in result.experiments for c in e.claims}
+    for outcome, claims in result.outcomes().items():
+        if not claims:
+            continue
+        line = f"{len(claims):>3} {outcome} ({MEANING[outcome]})"
+        if outcome != REPRODUCED:
+            line += ": " + ", ".join(f"{names[id(c)]}/{c.id}" for c in claims)
+        lines.append((outcome, line))
+    if result.quick and result.outcomes()[NOT_AT_THIS_SCALE]:
+        lines.append(("", "    The full lab (gradguard lab, a few minutes) runs them at scale."))
+    return lines
 
 
 def _md_row(cells: tuple[str, ...]) -> str:
@@ -82,6 +132,7 @@ def to_markdown(result: LabResult) -> str:
         f"**{_headline(result)}**",
         "",
     ]
+    lines += [f"- {line.strip()}" for _, line in summary_lines(result)] + [""]
     for experiment in result.experiments:
         lines += _md_experiment(experiment)
     return "\n".join(lines)
@@ -107,7 +158,7 @@ def _rich_claims(experiment: ExperimentResult) -> RichTable:
     for column in CLAIM_COLUMNS:
         out.add_column(column, justify="center" if column == "reproduced" else "left")
     for claim in experiment.claims:
-        style = "green" if claim.passed else "red"
+        style = STYLES[claim.outcome]
         out.add_row(
             escape(claim.statement),
             escape(f"{claim.source}: {claim.paper}"),
@@ -134,8 +185,10 @@ def print_summary(result: LabResult, console: Console | None = None) -> None:
         for table in experiment.tables:
             console.print(_rich_table(table))
         console.print()
-    style = "bold green" if result.all_passed else "bold red"
     variant = "quick" if result.quick else "full"
-    console.print(
-        f"[{style}]{escape(_headline(result))}[/{style}] ({variant}, {result.duration_s:.1f} s)"
-    )
+    style = "bold green" if result.all_passed else "bold yellow"
+    console.print(f"[bold]Lab summary[/bold] ({variant} variant, {result.duration_s:.1f} s)")
+    for outcome, line in summary_lines(result):
+        colour = STYLES.get(outcome, "dim")
+        console.print(f"[{colour}]{escape(line)}[/{colour}]")
+    console.print(f"[{style}]{escape(_headline(result))}[/{style}]")

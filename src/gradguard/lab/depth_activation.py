@@ -1,89 +1,71 @@
 """Experiment ``depth-activation``: gradient flow at initialization, by depth, activation and init.
 
 Glorot & Bengio (2010) showed that with the "standard" init U(±1/√n) the back-propagated
-gradient of sigmoid and tanh networks shrinks toward the input, and proposed the
-normalized (Xavier) init that keeps it roughly constant; He et al. (2015) derived the
-√(2/n) init that does the same for rectifiers. This experiment measures both on the
-bundled digits data, at the scale of a laptop CPU.
+gradient of sigmoid and tanh networks shrinks toward the input, and proposed the normalized
+(Xavier) init that keeps it roughly constant; He et al. (2015) derived the √(2/n) init that
+does the same for rectifiers.
 
-Setup. MLPs with ``depth`` hidden layers of width 128 (64 → 128 → … → 128 → 10), for depth
-5, 10, 20 and 30, with sigmoid, tanh, ReLU, LeakyReLU (slope 0.01), ELU and SELU. Width 128
-is wide enough that the measured per-layer decay matches the variance argument to about 2 %
-on average (10 % at worst over 100 seeds) and small enough for the full variant's 240
-probes to take about 3 s on one CPU thread. Two initializations per activation:
+Setup. MLPs 64 → depth × 128 → 10 for depth 5, 10, 20 and 30, with sigmoid, tanh, ReLU,
+LeakyReLU (slope 0.01), ELU and SELU. Width 128 is wide enough that the measured per-layer
+decay matches the variance argument to about 2 % on average (10 % at worst over 100 seeds)
+and small enough for the full variant's 240 probes to take about 3 s. Two inits each:
 
 * ``default``: PyTorch's ``nn.Linear`` init, weights and biases U(±1/√fan_in) (weight
-  variance 1/(3n), Glorot's "standard" init, but with PyTorch's non-zero biases);
-* ``matched``: the scheme made for the activation, applied to every layer, biases 0:
-  Xavier/Glorot uniform (gain 1, as in the paper) for sigmoid and tanh, He/Kaiming normal
-  (fan-in) for ReLU, LeakyReLU and ELU, LeCun normal N(0, 1/fan_in) for SELU.
+  variance 1/(3n), Glorot's "standard" init, but with non-zero biases);
+* ``matched``: the scheme made for the activation, biases 0: Xavier uniform (gain 1) for
+  sigmoid and tanh, He normal (fan-in) for the ReLU family and ELU, LeCun normal for SELU.
 
 One forward/backward pass with cross-entropy on a fixed batch of 256 training images. The
-headline number is the ratio of the first layer's gradient norm to the last (output)
-layer's, each the L2 norm over the layer's weight and bias gradients, as measured by
-:func:`gradguard.stats.grad_stats`. Because the output layer's bias gradient is the
-softmax error itself (order 1, whatever the depth), the ratio tracks the back-propagated
-signal dC/ds that Glorot & Bengio plotted. (With zero biases and the standard init the
-*weight* gradients alone stay roughly flat across layers, their observation (iii), because
-the shrinking activations compensate; PyTorch's non-zero biases hold the activations up, so
-here the weight gradients shrink as well.) Per-layer gradient norms, hidden activation
-standard deviations and dC/ds standard deviations are kept for plots.
+headline number is the first layer's gradient norm over the output layer's (weight and bias,
+from :func:`gradguard.stats.grad_stats`). The output layer's bias gradient is the softmax
+error itself (order 1 at any depth), so the ratio tracks the back-propagated dC/ds that
+Glorot & Bengio plotted. (With zero biases the standard init's *weight* gradients stay
+roughly flat, their observation (iii), because the shrinking activations compensate;
+PyTorch's non-zero biases hold the activations up, so here they shrink as well.)
 
-Gradients smaller than about 1e-19 have fp32 squares below the normal range, so their norm
-(here as in ``torch.linalg.vector_norm``) loses precision and, below about 1e-23, reads 0;
-such layers are listed under ``underflow_layers``.
+Gradients below about 1e-19 have fp32 squares below the normal range, so their norm (here as
+in ``torch.linalg.vector_norm``) loses precision and, below about 1e-23, reads 0; such layers
+are listed under ``underflow_layers``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from gradguard.errors import ConfigError
-from gradguard.lab._harness import data_generator, seeds_for, single_thread
-from gradguard.lab._records import (
-    Claim,
-    Criterion,
-    ExperimentResult,
-    Progress,
-    Table,
-    format_value,
-)
-from gradguard.lab.data import N_CLASSES, N_FEATURES, N_TRAIN, load_digits
+from gradguard.lab._figures import new_figure, positive_or_nan
+from gradguard.lab._harness import LabExperiment, data_generator
+from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, cell
+from gradguard.lab._stacked import mlp_layers
+from gradguard.lab.data import N_TRAIN, load_digits
 from gradguard.stats import grad_stats
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEPTHS = (5, 10, 20, 30)
 WIDTH = 128
 BATCH_SIZE = 256
-FULL_SEEDS = 5
 LEAKY_SLOPE = 0.01
 
-ACTIVATIONS: Mapping[str, Callable[[], nn.Module]] = {
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "leaky_relu": lambda: nn.LeakyReLU(LEAKY_SLOPE),
-    "elu": nn.ELU,
-    "selu": nn.SELU,
+ACTIVATIONS: Mapping[str, tuple[Callable[[], nn.Module], str, str]] = {
+    "sigmoid": (nn.Sigmoid, "xavier", "#d62728"),
+    "tanh": (nn.Tanh, "xavier", "#ff7f0e"),
+    "relu": (nn.ReLU, "he", "#1f77b4"),
+    "leaky_relu": (lambda: nn.LeakyReLU(LEAKY_SLOPE), "he", "#17becf"),
+    "elu": (nn.ELU, "he", "#2ca02c"),
+    "selu": (nn.SELU, "lecun", "#9467bd"),
 }
-"""The activations probed, in table order."""
+"""Activation: (module factory, the init scheme made for it, colour), in table order."""
 
-MATCHED_SCHEME: Mapping[str, str] = {
-    "sigmoid": "xavier",
-    "tanh": "xavier",
-    "relu": "he",
-    "leaky_relu": "he",
-    "elu": "he",
-    "selu": "lecun",
-}
-"""The initialization made for each activation."""
-
+MATCHED_SCHEME = {name: scheme for name, (_, scheme, _) in ACTIVATIONS.items()}
 INITS = ("default", "matched")
 
 SCHEME_LABELS: Mapping[str, str] = {
@@ -107,48 +89,30 @@ DECAY_DEPTHS = (10, 20)
 
 
 @dataclass(frozen=True)
-class Probe:
-    """Measurements of one network at initialization.
-
-    Attributes:
-        activation: activation name, a key of :data:`ACTIVATIONS`.
-        init: ``"default"`` or ``"matched"``.
-        scheme: the scheme actually used (``default``, ``xavier``, ``he``, ``lecun``).
-        depth: number of hidden layers.
-        seed: model seed.
-        loss: cross-entropy at initialization.
-        ratio: first layer's gradient norm over the output layer's.
-        layer_names: Linear layers, input to output.
-        grad_norms: per-layer gradient norm (weight and bias), from ``grad_stats``.
-        activation_std: standard deviation of each hidden layer's output.
-        backprop_std: standard deviation of dC/ds at each Linear layer's output.
-        underflow_layers: layers whose norm reads 0 although their gradient is not 0.
-    """
+class Probe(Record):
+    """Measurements of one network at initialization."""
 
     activation: str
     init: str
+    """``default`` or ``matched``."""
     scheme: str
+    """The scheme actually used (``default``, ``xavier``, ``he``, ``lecun``)."""
     depth: int
+    """Hidden layers."""
     seed: int
     loss: float
     ratio: float
+    """First layer's gradient norm over the output layer's."""
     layer_names: tuple[str, ...]
+    """Linear layers, input to output."""
     grad_norms: tuple[float, ...]
+    """Per-layer gradient norm (weight and bias), from ``grad_stats``."""
     activation_std: tuple[float, ...]
+    """Standard deviation of each hidden layer's output."""
     backprop_std: tuple[float, ...]
+    """Standard deviation of dC/ds at each Linear layer's output."""
     underflow_layers: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dictionary."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> Probe:
-        """Rebuild a probe from :meth:`to_dict` output, e.g. one read back from results.json."""
-        fields: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in record.items()
-        }
-        return cls(**fields)
+    """Layers whose norm reads 0 although their gradient is not 0."""
 
 
 class MLP(nn.Module):
@@ -160,13 +124,7 @@ class MLP(nn.Module):
 
     def __init__(self, depth: int, activation: str, width: int = WIDTH) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        fan_in = N_FEATURES
-        for _ in range(depth):
-            layers += [nn.Linear(fan_in, width, device="meta"), ACTIVATIONS[activation]()]
-            fan_in = width
-        layers.append(nn.Linear(fan_in, N_CLASSES, device="meta"))
-        self.net = nn.Sequential(*layers).to_empty(device="cpu")
+        self.net = mlp_layers(depth, width, ACTIVATIONS[activation][0])
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits."""
@@ -179,19 +137,14 @@ class MLP(nn.Module):
 
 
 def initialize(model: MLP, scheme: str, generator: torch.Generator) -> None:
-    """Initialize every Linear layer of ``model`` in place with ``scheme``.
+    """Initialize every Linear of ``model`` in place: ``default``, ``xavier``, ``he`` or ``lecun``.
 
-    ``default`` reproduces ``nn.Linear.reset_parameters`` draw for draw (so a generator
-    seeded with ``s`` gives what ``torch.manual_seed(s); nn.Linear(...)`` gives) without
-    touching the global RNG. The other schemes zero the biases.
-
-    Args:
-        model: the network.
-        scheme: ``default``, ``xavier``, ``he`` or ``lecun``.
-        generator: the source of randomness.
+    ``default`` reproduces ``nn.Linear.reset_parameters`` draw for draw (a generator seeded
+    with ``s`` gives what ``torch.manual_seed(s); nn.Linear(...)`` gives) without touching
+    the global RNG. The other schemes zero the biases.
 
     Raises:
-        ConfigError: ``scheme`` is not one of the four above.
+        ConfigError: an unknown scheme.
     """
     leaky = any(isinstance(m, nn.LeakyReLU) for m in model.net)
     for layer in model.linears():
@@ -220,11 +173,14 @@ def initialize(model: MLP, scheme: str, generator: torch.Generator) -> None:
         nn.init.zeros_(bias)
 
 
+def _scheme(activation: str, init: str) -> str:
+    return "default" if init == "default" else MATCHED_SCHEME[activation]
+
+
 def build(depth: int, activation: str, init: str, seed: int) -> MLP:
     """Return an initialized MLP; ``init`` is ``default`` or ``matched``."""
     model = MLP(depth, activation)
-    scheme = "default" if init == "default" else MATCHED_SCHEME[activation]
-    initialize(model, scheme, torch.Generator().manual_seed(seed))
+    initialize(model, _scheme(activation, init), torch.Generator().manual_seed(seed))
     return model
 
 
@@ -236,12 +192,7 @@ def batch(seed: int) -> tuple[Tensor, Tensor]:
 
 
 def probe(model: MLP, x: Tensor, y: Tensor) -> dict[str, Any]:
-    """Run one forward/backward pass and measure gradients and activations layer by layer.
-
-    Returns:
-        ``loss``, ``layer_names``, ``grad_norms`` (gradguard's per-layer norms),
-        ``activation_std``, ``backprop_std`` and ``underflow_layers``.
-    """
+    """One forward/backward pass; the loss and the per-layer fields of :class:`Probe`."""
     activation_std: list[Tensor] = []
     backprop_std: dict[int, Tensor] = {}
 
@@ -290,13 +241,12 @@ def probe(model: MLP, x: Tensor, y: Tensor) -> dict[str, Any]:
 
 def run_probe(activation: str, init: str, depth: int, seed: int) -> Probe:
     """Build one network, probe it on the batch of ``seed`` and return the measurements."""
-    model = build(depth, activation, init, seed)
-    m = probe(model, *batch(seed))
+    m = probe(build(depth, activation, init, seed), *batch(seed))
     norms = m["grad_norms"]
     return Probe(
         activation=activation,
         init=init,
-        scheme="default" if init == "default" else MATCHED_SCHEME[activation],
+        scheme=_scheme(activation, init),
         depth=depth,
         seed=seed,
         loss=m["loss"],
@@ -309,34 +259,26 @@ def run_probe(activation: str, init: str, depth: int, seed: int) -> Probe:
     )
 
 
-Key = tuple[str, str, int, int]  # activation, init, depth, seed
-
-
-class _Probes:
-    """The probes of one run, indexed by (activation, init, depth, seed)."""
+class _Probes(BySeed[Probe]):
+    """The probes of one run, indexed by (activation, init, depth) and seed."""
 
     def __init__(self, probes: Sequence[Probe], seeds: tuple[int, ...]) -> None:
-        self.by_key: dict[Key, Probe] = {(p.activation, p.init, p.depth, p.seed): p for p in probes}
-        self.seeds = seeds
+        super().__init__(probes, seeds, key=lambda p: (p.activation, p.init, p.depth))
 
     def ratios(
         self, activations: Sequence[str], init: str, depths: Sequence[int]
     ) -> tuple[float, ...]:
-        """Return every ratio of the given configurations, for every seed."""
-        return tuple(
-            self.by_key[(a, init, d, s)].ratio
-            for a in activations
-            for d in depths
-            for s in self.seeds
-        )
+        """Every ratio of the given configurations, for every seed."""
+        return tuple(p.ratio for a in activations for d in depths for p in self.get(a, init, d))
 
     def first_layer_underflows(self, activation: str, init: str, depth: int) -> bool:
-        """Return whether, for some seed, the first layer's norm read 0 by fp32 underflow."""
-        runs = [self.by_key[(activation, init, depth, s)] for s in self.seeds]
-        return any(r.layer_names[0] in r.underflow_layers for r in runs)
+        """Whether, for some seed, the first layer's norm read 0 by fp32 underflow."""
+        return any(
+            r.layer_names[0] in r.underflow_layers for r in self.get(activation, init, depth)
+        )
 
     def decay_factor(self, activation: str, seed: int) -> float:
-        """Return the per-layer decay factor of the ratio between the two :data:`DECAY_DEPTHS`."""
+        """The per-layer decay factor of the ratio between the two :data:`DECAY_DEPTHS`."""
         shallow, deep = DECAY_DEPTHS
         r_shallow = self.by_key[(activation, "default", shallow, seed)].ratio
         r_deep = self.by_key[(activation, "default", deep, seed)].ratio
@@ -353,46 +295,44 @@ UNDERFLOW_NOTE = (
 
 def _vanishing_claims(p: _Probes) -> list[Claim]:
     deepest = max(DEPTHS)
-    vanishes = Criterion(high=1e-3)
     at_depth = f"depth {deepest}, {len(p.seeds)} seed(s)"
-    sigmoid_note = UNDERFLOW_NOTE if p.first_layer_underflows("sigmoid", "default", deepest) else ""
     return [
         Claim(
-            id="sigmoid-standard-vanishes",
-            source="Glorot & Bengio 2010",
-            statement="Sigmoid, standard init: the gradient vanishes toward the input.",
-            paper="back-propagated gradients shrink toward the input (qualitative, 5 layers)",
-            measured_on=f"sigmoid, default init, {at_depth}",
-            values=p.ratios(["sigmoid"], "default", [deepest]),
-            criterion=vanishes,
-            note=sigmoid_note,
+            "sigmoid-standard-vanishes",
+            "Glorot & Bengio 2010",
+            "Sigmoid, standard init: the gradient vanishes toward the input.",
+            "back-propagated gradients shrink toward the input (qualitative, 5 layers)",
+            f"sigmoid, default init, {at_depth}",
+            p.ratios(["sigmoid"], "default", [deepest]),
+            Criterion(high=1e-3),
+            UNDERFLOW_NOTE if p.first_layer_underflows("sigmoid", "default", deepest) else "",
         ),
         Claim(
-            id="sigmoid-normalized-still-vanishes",
-            source="Glorot & Bengio 2010",
-            statement="The normalized init does not rescue sigmoid: its gradient still vanishes.",
-            paper="sigmoid (mean 0.5) should be avoided with small random init",
-            measured_on=f"sigmoid, Xavier init, {at_depth}",
-            values=p.ratios(["sigmoid"], "matched", [deepest]),
-            criterion=vanishes,
+            "sigmoid-normalized-still-vanishes",
+            "Glorot & Bengio 2010",
+            "The normalized init does not rescue sigmoid: its gradient still vanishes.",
+            "sigmoid (mean 0.5) should be avoided with small random init",
+            f"sigmoid, Xavier init, {at_depth}",
+            p.ratios(["sigmoid"], "matched", [deepest]),
+            Criterion(high=1e-3),
         ),
         Claim(
-            id="tanh-standard-vanishes",
-            source="Glorot & Bengio 2010",
-            statement="Tanh, standard init: the gradient shrinks toward the input.",
-            paper="dC/ds variance ×1/3 per layer in the linear regime; shrinks toward the input",
-            measured_on=f"tanh, default init, {at_depth}",
-            values=p.ratios(["tanh"], "default", [deepest]),
-            criterion=vanishes,
+            "tanh-standard-vanishes",
+            "Glorot & Bengio 2010",
+            "Tanh, standard init: the gradient shrinks toward the input.",
+            "dC/ds variance ×1/3 per layer in the linear regime; shrinks toward the input",
+            f"tanh, default init, {at_depth}",
+            p.ratios(["tanh"], "default", [deepest]),
+            Criterion(high=1e-3),
         ),
         Claim(
-            id="relu-default-vanishes",
-            source="He et al. 2015",
-            statement="ReLU nets with a fan-in variance below 2/n lose gradient with depth.",
-            paper="variance ×n·Var[w]/2 per layer; 30-layer 'Xavier' net stalls (Fig. 3)",
-            measured_on=f"ReLU, default init (×1/6 per layer), {at_depth}",
-            values=p.ratios(["relu"], "default", [deepest]),
-            criterion=vanishes,
+            "relu-default-vanishes",
+            "He et al. 2015",
+            "ReLU nets with a fan-in variance below 2/n lose gradient with depth.",
+            "variance ×n·Var[w]/2 per layer; 30-layer 'Xavier' net stalls (Fig. 3)",
+            f"ReLU, default init (×1/6 per layer), {at_depth}",
+            p.ratios(["relu"], "default", [deepest]),
+            Criterion(high=1e-3),
         ),
     ]
 
@@ -401,44 +341,40 @@ def _stable_claims(p: _Probes) -> list[Claim]:
     all_depths = f"depths {'/'.join(map(str, DEPTHS))}, {len(p.seeds)} seed(s)"
     return [
         Claim(
-            id="tanh-normalized-flat",
-            source="Glorot & Bengio 2010",
-            statement="Tanh under the normalized init keeps the gradient ratio near 1.",
-            paper="back-propagated gradient variance roughly constant across layers",
-            measured_on=f"tanh, Xavier init, {all_depths}",
-            values=p.ratios(["tanh"], "matched", DEPTHS),
-            criterion=Criterion(low=0.5, high=2.0),
+            "tanh-normalized-flat",
+            "Glorot & Bengio 2010",
+            "Tanh under the normalized init keeps the gradient ratio near 1.",
+            "back-propagated gradient variance roughly constant across layers",
+            f"tanh, Xavier init, {all_depths}",
+            p.ratios(["tanh"], "matched", DEPTHS),
+            Criterion(low=0.5, high=2.0),
         ),
         Claim(
-            id="relu-he-flat",
-            source="He et al. 2015",
-            statement="He init keeps the ReLU family's ratio within an order of magnitude of 1.",
-            paper="Var[w] = 2/n keeps variance constant; 30-layer net converges (Fig. 3)",
-            measured_on=f"ReLU, LeakyReLU, ELU (extension), He init, {all_depths}",
-            values=p.ratios(["relu", "leaky_relu", "elu"], "matched", DEPTHS),
-            criterion=Criterion(low=0.1, high=10.0),
+            "relu-he-flat",
+            "He et al. 2015",
+            "He init keeps the ReLU family's ratio within an order of magnitude of 1.",
+            "Var[w] = 2/n keeps variance constant; 30-layer net converges (Fig. 3)",
+            f"ReLU, LeakyReLU, ELU (extension), He init, {all_depths}",
+            p.ratios(["relu", "leaky_relu", "elu"], "matched", DEPTHS),
+            Criterion(low=0.1, high=10.0),
         ),
         Claim(
-            id="selu-lecun-unit-variance",
-            source="Klambauer et al. 2017",
-            statement="SELU with LeCun init self-normalizes: activations keep unit variance.",
-            paper="(mean 0, var 1) is a stable fixed point of the layer map",
-            measured_on=f"SELU, LeCun init, last hidden layer variance, {all_depths}",
-            values=tuple(
-                p.by_key[("selu", "matched", d, s)].activation_std[-1] ** 2
-                for d in DEPTHS
-                for s in p.seeds
-            ),
-            criterion=Criterion(low=0.5, high=2.0),
+            "selu-lecun-unit-variance",
+            "Klambauer et al. 2017",
+            "SELU with LeCun init self-normalizes: activations keep unit variance.",
+            "(mean 0, var 1) is a stable fixed point of the layer map",
+            f"SELU, LeCun init, last hidden layer variance, {all_depths}",
+            tuple(x.activation_std[-1] ** 2 for d in DEPTHS for x in p.get("selu", "matched", d)),
+            Criterion(low=0.5, high=2.0),
         ),
         Claim(
-            id="selu-lecun-flat",
-            source="Klambauer et al. 2017",
-            statement="SELU with LeCun init: the gradient neither vanishes nor explodes.",
-            paper="variance bounds make vanishing and exploding gradients impossible",
-            measured_on=f"SELU, LeCun init, {all_depths}",
-            values=p.ratios(["selu"], "matched", DEPTHS),
-            criterion=Criterion(low=0.1, high=10.0),
+            "selu-lecun-flat",
+            "Klambauer et al. 2017",
+            "SELU with LeCun init: the gradient neither vanishes nor explodes.",
+            "variance bounds make vanishing and exploding gradients impossible",
+            f"SELU, LeCun init, {all_depths}",
+            p.ratios(["selu"], "matched", DEPTHS),
+            Criterion(low=0.1, high=10.0),
         ),
     ]
 
@@ -453,75 +389,22 @@ def _decay_claim(p: _Probes) -> Claim:
         factors.append(f"{activation} {mean:.3f} vs {predicted:.3f}")
     shallow, deep = DECAY_DEPTHS
     return Claim(
-        id="decay-rate-matches-theory",
-        source="Glorot & Bengio 2010; He et al. 2015",
-        statement=(
-            "Under the standard init the ratio decays geometrically, per layer by "
-            "√(n·Var[w]·E[f'²]) from the variance recursion."
-        ),
-        paper="sigmoid √(1/48) = 0.144, tanh √(1/3) = 0.577, ReLU √(1/6) = 0.408 per layer",
-        measured_on=(
-            f"(ratio[{deep}] / ratio[{shallow}])^(1/{deep - shallow}), default init, "
-            f"{len(p.seeds)} seed(s); value = relative error"
-        ),
-        values=tuple(errors),
+        "decay-rate-matches-theory",
+        "Glorot & Bengio 2010; He et al. 2015",
+        "Under the standard init the ratio decays geometrically, per layer by "
+        "√(n·Var[w]·E[f'²]) from the variance recursion.",
+        "sigmoid √(1/48) = 0.144, tanh √(1/3) = 0.577, ReLU √(1/6) = 0.408 per layer",
+        f"(ratio[{deep}] / ratio[{shallow}])^(1/{deep - shallow}), default init, "
+        f"{len(p.seeds)} seed(s); value = relative error",
+        tuple(errors),
         # 15 %: finite-width fluctuation over 10 layers; the worst of 100 seeds was 0.106.
         # The three predictions differ by 40 % or more, so the criterion still tells them apart.
-        criterion=Criterion(high=0.15),
-        note="factor " + ", ".join(factors),
+        Criterion(high=0.15),
+        "factor " + ", ".join(factors),
     )
 
 
-def claims(probes: Sequence[Probe], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
-    """Judge the published claims against the probes of every configuration and seed."""
-    p = _Probes(probes, seeds)
-    return (*_vanishing_claims(p), *_stable_claims(p), _decay_claim(p))
-
-
-def _cell(values: Sequence[float], mark: str = "") -> str:
-    if len(values) == 1:
-        return format_value(values[0]) + mark
-    mean = sum(values) / len(values)
-    low, high = format_value(min(values)), format_value(max(values))
-    return f"{format_value(mean)} [{low}, {high}]{mark}"
-
-
-def tables(probes: Sequence[Probe], seeds: tuple[int, ...]) -> tuple[Table, ...]:
-    """Return the ratio table and the last-hidden activation table, activation × init × depth."""
-    p = _Probes(probes, seeds)
-    spread = "" if len(seeds) == 1 else f" (mean [min, max] over {len(seeds)} seeds)"
-    columns = ("activation", "init", *(f"depth {d}" for d in DEPTHS))
-    ratio_rows: list[tuple[str, ...]] = []
-    std_rows: list[tuple[str, ...]] = []
-    for activation in ACTIVATIONS:
-        for init in INITS:
-            scheme = "default" if init == "default" else MATCHED_SCHEME[activation]
-            head = (activation, SCHEME_LABELS[scheme])
-            runs = [[p.by_key[(activation, init, d, s)] for s in seeds] for d in DEPTHS]
-            marks = ["†" if p.first_layer_underflows(activation, init, d) else "" for d in DEPTHS]
-            ratio_rows.append(
-                (
-                    *head,
-                    *(_cell([r.ratio for r in rs], m) for rs, m in zip(runs, marks, strict=True)),
-                )
-            )
-            std_rows.append((*head, *(_cell([r.activation_std[-1] for r in rs]) for rs in runs)))
-    return (
-        Table(
-            title="Gradient norm ratio, first layer / output layer" + spread,
-            columns=columns,
-            rows=tuple(ratio_rows),
-            note=f"† {UNDERFLOW_NOTE} (in at least one seed).",
-        ),
-        Table(
-            title="Activation std of the last hidden layer" + spread,
-            columns=columns,
-            rows=tuple(std_rows),
-        ),
-    )
-
-
-class DepthActivation:
+class DepthActivation(LabExperiment):
     """The ``depth-activation`` experiment (Glorot & Bengio 2010; He et al. 2015)."""
 
     name = "depth-activation"
@@ -538,42 +421,97 @@ class DepthActivation:
         f"(He). Here: {'/'.join(map(str, DEPTHS))} × {WIDTH} MLPs on 8×8 digits, one "
         f"forward/backward pass at init on {BATCH_SIZE} training images."
     )
+    full_seeds = 5
+    record_type = Probe
 
-    def run(self, *, quick: bool, seed: int, progress: Progress | None = None) -> ExperimentResult:
-        """Probe every configuration; quick uses 1 seed, full :data:`FULL_SEEDS` seeds.
+    def config(self, quick: bool) -> dict[str, Any]:
+        """The same in both variants: one probe costs milliseconds."""
+        return {
+            "depths": list(DEPTHS),
+            "width": WIDTH,
+            "batch_size": BATCH_SIZE,
+            "activations": list(ACTIVATIONS),
+            "matched_scheme": dict(MATCHED_SCHEME),
+            "leaky_relu_slope": LEAKY_SLOPE,
+            "loss": "cross_entropy",
+            "ratio": "grad norm of first Linear / grad norm of output Linear (weight+bias)",
+        }
 
-        Both variants probe every depth, activation and init: one probe costs milliseconds.
-        """
-        seeds = seeds_for(seed, quick=quick, n_full=FULL_SEEDS)
-        grid = [(a, i, d, s) for s in seeds for a in ACTIVATIONS for i in INITS for d in DEPTHS]
-        probes: list[Probe] = []
-        start = time.perf_counter()
-        with single_thread():
-            for done, (activation, init, depth, s) in enumerate(grid, start=1):
-                probes.append(run_probe(activation, init, depth, s))
-                if progress is not None:
-                    progress(done, len(grid))
-        return ExperimentResult(
-            name=self.name,
-            title=self.title,
-            references=self.references,
-            setting=self.setting,
-            config={
-                "depths": list(DEPTHS),
-                "width": WIDTH,
-                "batch_size": BATCH_SIZE,
-                "activations": list(ACTIVATIONS),
-                "matched_scheme": dict(MATCHED_SCHEME),
-                "leaky_relu_slope": LEAKY_SLOPE,
-                "loss": "cross_entropy",
-                "ratio": "grad norm of first Linear / grad norm of output Linear (weight+bias)",
-            },
-            seeds=seeds,
-            claims=claims(probes, seeds),
-            tables=tables(probes, seeds),
-            measurements=tuple(p.to_dict() for p in probes),
-            duration_s=time.perf_counter() - start,
+    def grid(self, quick: bool, seeds: tuple[int, ...]) -> list[Callable[[], Probe]]:
+        """One probe per seed, activation, init and depth."""
+        return [
+            functools.partial(run_probe, a, i, d, s)
+            for s in seeds
+            for a in ACTIVATIONS
+            for i in INITS
+            for d in DEPTHS
+        ]
+
+    def claims(self, records: Sequence[Probe], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
+        """Vanishing under the standard init, stable under the matched one, the decay rate."""
+        p = _Probes(records, seeds)
+        return (*_vanishing_claims(p), *_stable_claims(p), _decay_claim(p))
+
+    def tables(self, records: Sequence[Probe], seeds: tuple[int, ...]) -> tuple[Table, ...]:
+        """The ratio table and the last hidden layer's activation std, by depth."""
+        p = _Probes(records, seeds)
+        spread = "" if len(seeds) == 1 else f" (mean [min, max] over {len(seeds)} seeds)"
+        columns = ("activation", "init", *(f"depth {d}" for d in DEPTHS))
+        ratio_rows: list[tuple[str, ...]] = []
+        std_rows: list[tuple[str, ...]] = []
+        for activation in ACTIVATIONS:
+            for init in INITS:
+                head = (activation, SCHEME_LABELS[_scheme(activation, init)])
+                runs = [p.get(activation, init, d) for d in DEPTHS]
+                marks = [
+                    "†" if p.first_layer_underflows(activation, init, d) else "" for d in DEPTHS
+                ]
+                ratios = (cell([r.ratio for r in rs], m) for rs, m in zip(runs, marks, strict=True))
+                ratio_rows.append((*head, *ratios))
+                std_rows.append((*head, *(cell([r.activation_std[-1] for r in rs]) for rs in runs)))
+        return (
+            Table(
+                title="Gradient norm ratio, first layer / output layer" + spread,
+                columns=columns,
+                rows=tuple(ratio_rows),
+                note=f"† {UNDERFLOW_NOTE} (in at least one seed).",
+            ),
+            Table(
+                title="Activation std of the last hidden layer" + spread,
+                columns=columns,
+                rows=tuple(std_rows),
+            ),
         )
+
+    def figure(self, records: Sequence[Probe], data: Mapping[str, Any]) -> Figure:
+        """Per-layer gradient norm through the deepest network, one line per activation.
+
+        The picture of vanishing gradients: under PyTorch's default init sigmoid, tanh and the
+        ReLU family fall by orders of magnitude toward the input; under the matching scheme
+        all but sigmoid stay flat.
+        """
+        depth = max(r.depth for r in records)
+        first_seed = min(r.seed for r in records)
+        chosen = [r for r in records if r.depth == depth and r.seed == first_seed]
+        fig, axes = new_figure(1, 2, figsize=(11, 4.2), sharey=True)
+        for ax, init in zip(axes, INITS, strict=True):
+            for row in (r for r in chosen if r.init == init):
+                label = row.activation + ("" if init == "default" else f" ({row.scheme})")
+                color = ACTIVATIONS[row.activation][2]
+                norms = positive_or_nan(row.grad_norms)
+                ax.plot(range(1, len(norms) + 1), norms, marker=".", color=color, label=label)
+            ax.set_yscale("log")
+            ax.set_xlabel("layer (input → output)")
+            ax.set_title(
+                "PyTorch default init U(±1/√n)" if init == "default" else "matching init scheme"
+            )
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("gradient norm at initialization")
+        fig.suptitle(f"Gradient flow through a {depth}-layer MLP on digits (seed {first_seed})")
+        fig.tight_layout()
+        return fig
 
 
 EXPERIMENT = DepthActivation()
+claims = EXPERIMENT.claims  # judges stored records too: ``claims(probes, seeds)``

@@ -1,12 +1,12 @@
 """Experiment ``isometry``: Jacobian spectra of deep nets, and depth-free learning in linear nets.
 
-Pennington, Schoenholz & Ganguli (2017) computed the whole singular value spectrum of a
-deep net's input-output Jacobian ``J = Π D_l W_l`` with free probability. At criticality
+Pennington, Schoenholz & Ganguli (2017) computed the singular value spectrum of a deep
+net's input-output Jacobian ``J = Π D_l W_l`` with free probability. At criticality
 (``χ = σ_w²·E[φ'(h)²] = 1``) its mean squared singular value is 1, but its *spread* grows
-with depth for Gaussian weights, and for ReLU whatever the weights; only orthogonal
-weights with tanh at a small pre-activation variance ``q*`` keep the spread O(1) at any
-depth ("dynamical isometry"), and such nets trained much faster. Saxe, McClelland & Ganguli
-(2014) had found the linear case: a deep *linear* net with orthogonal weights is an exact
+with depth for Gaussian weights, and for ReLU whatever the weights; only orthogonal weights
+with tanh at a small pre-activation variance ``q*`` keep the spread O(1) at any depth
+("dynamical isometry"), and such nets trained much faster. Saxe, McClelland & Ganguli
+(2014) found the linear case: a deep *linear* net with orthogonal weights is an exact
 isometry, and its learning time does not grow with depth, where scaled Gaussian weights
 slow down.
 
@@ -14,59 +14,57 @@ Part 1, spectra. Networks of ``L`` layers ``x_l = φ(W_l x_{l-1} + b_l)`` of wid
 for L = 4, 16, 64 (the first L layers of one 64-layer net), weights N(0, σ_w²/N) or σ_w
 times a random orthogonal matrix, biases N(0, σ_b²), input x ~ N(0, q* I) (data seed
 ``1000 + seed``). Seven networks: linear Gaussian and orthogonal (σ_w = 1); tanh Gaussian
-and orthogonal on the critical line at q* = 1/64, and orthogonal at q* = 1 (the point
-(σ_w, σ_b) solved by Gauss-Hermite quadrature from ``σ_w² E[φ'(√q* z)²] = 1`` and
+and orthogonal on the critical line at q* = 1/64, and orthogonal at q* = 1 ((σ_w, σ_b)
+solved by Gauss-Hermite quadrature from ``σ_w² E[φ'(√q* z)²] = 1`` and
 ``q* = σ_w² E[φ(√q* z)²] + σ_b²``); ReLU He-Gaussian and ReLU orthogonal × √2. The
 singular values of ``J`` at one input come from :func:`gradguard._jacobian.estimate`, the
-estimator behind :func:`gradguard.diagnose.diagnose`, in its exact mode (``top = N``: the
-Jacobian is formed from N basis vectors and passed to ``svdvals``). ``diagnose`` itself,
-with its default randomized estimate (subspace iteration, 20 iterations), is run on the
-64-layer nets and compared with the exact σ_max.
+estimator behind :func:`gradguard.diagnose.diagnose`, in its exact mode (``top = N``: J is
+formed from N basis vectors and passed to ``svdvals``). ``diagnose`` itself, with its
+default randomized estimate (subspace iteration, 20 iterations), is run on the 64-layer
+nets and compared with the exact σ_max.
 
 Part 2, learning time (Saxe et al.). A deep linear net 64 → D × 64 → 10 without biases
-maps the standardized digits to one-hot targets; the loss is the squared error summed
-over the 10 outputs and averaged over the 1,437 training images (least-squares optimum
-0.407; 1.0 at a zero output). Full-batch gradient descent at LR 0.005 runs until the loss
-is below 0.5 (at most 1,000 steps; a loss above 10⁶ or non-finite is a divergence), for D
-= 1, 8, 32 hidden layers, weights orthogonal (``gradguard.init.initialize(net,
-"orthogonal")``: gain 1 in a linear net) or N(0, 1/n) (``"lecun"``). Full-batch GD
-sees the data only through ``XᵀX`` and ``XᵀY``, so each step uses the thin QR factorization
-``X = QR``: ``‖X Wᵀ - Y‖² = ‖R Wᵀ - QᵀY‖² + ‖Y‖² - ‖QᵀY‖²``, the same loss and gradient from
-a 64-row problem, about 20 times cheaper.
+maps the standardized digits to one-hot targets; the loss is the squared error summed over
+the 10 outputs and averaged over the 1,437 training images (least-squares optimum 0.407;
+1.0 at a zero output). Full-batch gradient descent at LR 0.005 runs until the loss is below
+0.5 (at most 1,000 steps; a loss above 10⁶ or non-finite is a divergence), for D = 1, 8, 32
+hidden layers, weights orthogonal (``gradguard.init.initialize(net, "orthogonal")``: gain 1
+in a linear net) or N(0, 1/n) (``"lecun"``). Full-batch GD sees the data only through
+``XᵀX`` and ``XᵀY``, so each step uses the thin QR factorization ``X = QR``:
+``‖X Wᵀ - Y‖² = ‖R Wᵀ - QᵀY‖² + ‖Y‖² - ‖QᵀY‖²``, the same loss and gradient from a 64-row
+problem, about 20 times cheaper.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradguard import _jacobian
 from gradguard import init as gg_init
 from gradguard.diagnose import diagnose
-from gradguard.lab._harness import data_generator, seeds_for, single_thread
-from gradguard.lab._records import (
-    Claim,
-    Criterion,
-    ExperimentResult,
-    Progress,
-    Table,
+from gradguard.lab._figures import new_figure
+from gradguard.lab._harness import LabExperiment, Ticker
+from gradguard.lab._records import Claim, Criterion, Record, Table, cell, share
+from gradguard.lab._spectra import (
+    N,
+    Network,
+    build_network,
+    network_input,
+    singular_values,
+    tanh_critical_point,
 )
 from gradguard.lab.data import N_CLASSES, N_FEATURES, N_TRAIN, load_digits
-from gradguard.lab.initialization import cell, share
 
-N = 256
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 DEPTHS = (4, 16, 64)
-DIAGNOSE_BATCH = 8
-FULL_SEEDS = 3
 
 SAXE_DEPTHS = (1, 8, 32)
 SAXE_WIDTH = 64
@@ -78,81 +76,14 @@ SAXE_INITS = ("orthogonal", "gaussian")
 SAXE_SCHEMES: Mapping[str, str] = {"orthogonal": "orthogonal", "gaussian": "lecun"}
 
 
-def tanh_critical_point(q: float, points: int = 101) -> tuple[float, float]:
-    """Return (σ_w, σ_b) of the tanh critical line at pre-activation variance ``q``.
-
-    Solves ``σ_w² E[tanh'(√q z)²] = 1`` (χ = 1) and ``q = σ_w² E[tanh(√q z)²] + σ_b²``
-    (``q`` is the fixed point) with Gauss-Hermite quadrature, z ~ N(0, 1).
-
-    Example:
-        >>> [round(v, 3) for v in tanh_critical_point(1.0)]
-        [1.467, 0.389]
-    """
-    z, w = np.polynomial.hermite_e.hermegauss(points)
-    w = w / w.sum()
-    t = np.tanh(math.sqrt(q) * z)
-    sw2 = 1.0 / float(np.sum(w * (1 - t**2) ** 2))
-    sb2 = q - sw2 * float(np.sum(w * t**2))
-    return math.sqrt(sw2), math.sqrt(max(sb2, 0.0))
-
-
-@dataclass(frozen=True)
-class Network:
-    """One family of deep networks of Part 1.
-
-    Attributes:
-        name: identifier, e.g. ``tanh-orthogonal``.
-        label: for tables and plots.
-        activation: ``linear``, ``tanh`` or ``relu``.
-        weights: ``gaussian`` or ``orthogonal``.
-        sigma_w: weight scale (std × √N for Gaussian, gain for orthogonal).
-        sigma_b: bias std.
-        q: input variance per unit.
-    """
-
-    name: str
-    label: str
-    activation: str
-    weights: str
-    sigma_w: float
-    sigma_b: float
-    q: float
-
-
-_SMALL_Q = 1 / 64
-_SW_SMALL, _SB_SMALL = tanh_critical_point(_SMALL_Q)
-_SW_ONE, _SB_ONE = tanh_critical_point(1.0)
-
+_SMALL = (*tanh_critical_point(1 / 64), 1 / 64)
+_ONE = (*tanh_critical_point(1.0), 1.0)
 NETWORKS: tuple[Network, ...] = (
     Network("linear-gaussian", "linear, Gaussian", "linear", "gaussian", 1.0, 0.0, 1.0),
     Network("linear-orthogonal", "linear, orthogonal", "linear", "orthogonal", 1.0, 0.0, 1.0),
-    Network(
-        "tanh-gaussian",
-        "tanh, Gaussian, q* = 1/64",
-        "tanh",
-        "gaussian",
-        _SW_SMALL,
-        _SB_SMALL,
-        _SMALL_Q,
-    ),
-    Network(
-        "tanh-orthogonal",
-        "tanh, orthogonal, q* = 1/64",
-        "tanh",
-        "orthogonal",
-        _SW_SMALL,
-        _SB_SMALL,
-        _SMALL_Q,
-    ),
-    Network(
-        "tanh-orthogonal-q1",
-        "tanh, orthogonal, q* = 1",
-        "tanh",
-        "orthogonal",
-        _SW_ONE,
-        _SB_ONE,
-        1.0,
-    ),
+    Network("tanh-gaussian", "tanh, Gaussian, q* = 1/64", "tanh", "gaussian", *_SMALL),
+    Network("tanh-orthogonal", "tanh, orthogonal, q* = 1/64", "tanh", "orthogonal", *_SMALL),
+    Network("tanh-orthogonal-q1", "tanh, orthogonal, q* = 1", "tanh", "orthogonal", *_ONE),
     Network("relu-gaussian", "ReLU, He-Gaussian", "relu", "gaussian", math.sqrt(2), 0.0, 1.0),
     Network(
         "relu-orthogonal", "ReLU, orthogonal × √2", "relu", "orthogonal", math.sqrt(2), 0.0, 1.0
@@ -160,102 +91,33 @@ NETWORKS: tuple[Network, ...] = (
 )
 """The networks of Part 1, in table order."""
 
-_ACTIVATIONS: Mapping[str, Callable[[], nn.Module]] = {
-    "linear": nn.Identity,
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-}
-
 
 # --- Part 1: spectra ---------------------------------------------------------------------------
 
 
-def build_network(network: Network, depth: int, seed: int) -> nn.Sequential:
-    """Return ``depth`` layers of ``network``'s family drawn from model seed ``seed``.
-
-    The layers are drawn in order from one generator, so a shallower net is the first
-    layers of a deeper one.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        linear = nn.Linear(N, N, device="meta").to_empty(device="cpu")
-        with torch.no_grad():
-            if network.weights == "orthogonal":
-                nn.init.orthogonal_(linear.weight, gain=network.sigma_w, generator=generator)
-            else:
-                nn.init.normal_(
-                    linear.weight, 0.0, network.sigma_w / math.sqrt(N), generator=generator
-                )
-            nn.init.normal_(linear.bias, 0.0, network.sigma_b, generator=generator)
-        layers += [linear, _ACTIVATIONS[network.activation]()]
-    return nn.Sequential(*layers)
-
-
-def network_input(network: Network, seed: int) -> Tensor:
-    """``DIAGNOSE_BATCH`` inputs ~ N(0, q* I) from data seed ``1000 + seed``; row 0 is probed."""
-    z = torch.randn(DIAGNOSE_BATCH, N, generator=data_generator(seed))
-    return z * math.sqrt(network.q)
-
-
-def singular_values(model: nn.Module, x: Tensor, seed: int) -> Tensor:
-    """All singular values of the Jacobian of ``model`` at ``x`` (one row), descending.
-
-    :func:`gradguard._jacobian.estimate` with ``top`` equal to the width forms the Jacobian
-    exactly from basis vectors (its exact mode) and returns every singular value.
-    """
-    spectrum = _jacobian.estimate(model, [x], samples=1, top=N, probes=1, seed=seed)
-    if not spectrum.exact:  # the estimator's own rule: min(m, n) <= top + probes
-        raise RuntimeError("expected the exact Jacobian")
-    return torch.tensor(spectrum.top, dtype=torch.float64)
-
-
 @dataclass(frozen=True)
-class Spectrum:
-    """The Jacobian spectrum of one network at one depth and seed.
-
-    Attributes:
-        network: a :class:`Network` name.
-        depth: layers.
-        seed: model seed.
-        mean_sq: mean of σ² (1 at isometry).
-        var_sq: variance of σ² (0 at isometry): the spread.
-        sigma_max: the largest singular value.
-        sigma_min: the smallest singular value.
-        singular_values: all of them, descending (kept at the deepest depth only).
-        diagnose_sigma_max: ``diagnose``'s randomized estimate of σ_max (deepest depth).
-        diagnose_mean_sq: ``diagnose``'s estimate of the mean σ² (deepest depth).
-        diagnose_verdict: ``diagnose``'s verdict (deepest depth).
-    """
+class Spectrum(Record):
+    """The Jacobian spectrum of one network at one depth and seed (σ: singular values)."""
 
     network: str
     depth: int
     seed: int
     mean_sq: float
+    """Mean of σ² (1 at isometry)."""
     var_sq: float
+    """Variance of σ² (0 at isometry): the spread."""
     sigma_max: float
     sigma_min: float
     singular_values: tuple[float, ...]
+    """All of them, descending (kept at the deepest depth only)."""
     diagnose_sigma_max: float | None
+    """``diagnose``'s randomized estimate of σ_max (deepest depth; so are the next two)."""
     diagnose_mean_sq: float | None
     diagnose_verdict: str | None
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dictionary (with ``part: "spectrum"``)."""
-        record = asdict(self)
-        record["singular_values"] = list(self.singular_values)
-        return {"part": "spectrum", **record}
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> Spectrum:
-        """Rebuild from :meth:`to_dict` output, e.g. read back from results.json."""
-        fields = {k: v for k, v in record.items() if k != "part"}
-        for key in ("mean_sq", "var_sq", "sigma_max", "sigma_min"):
-            fields[key] = float(fields[key])
-        for key in ("diagnose_sigma_max", "diagnose_mean_sq"):
-            fields[key] = None if fields[key] is None else float(fields[key])
-        fields["singular_values"] = tuple(float(v) for v in fields["singular_values"])
-        return cls(**fields)
+        return {"part": "spectrum", **super().to_dict()}
 
 
 def measure_spectra(network: Network, seed: int) -> list[Spectrum]:
@@ -341,35 +203,22 @@ def build_linear(depth: int, init: str, seed: int) -> nn.Sequential:
 
 
 @dataclass(frozen=True)
-class LinearRun:
-    """One deep linear net trained by full-batch gradient descent.
-
-    Attributes:
-        init: ``orthogonal`` or ``gaussian``.
-        depth: hidden layers.
-        seed: model seed.
-        steps: updates until the loss was first below :data:`SAXE_TARGET`; None if never.
-        outcome: ``reached``, ``diverged`` or ``not reached`` (in :data:`SAXE_MAX_STEPS`).
-        loss: the loss before each update, then the last one.
-    """
+class LinearRun(Record):
+    """One deep linear net trained by full-batch gradient descent."""
 
     init: str
     depth: int
     seed: int
     steps: int | None
+    """Updates until the loss was first below :data:`SAXE_TARGET`; None if never."""
     outcome: str
+    """``reached``, ``diverged`` or ``not reached`` (in :data:`SAXE_MAX_STEPS`)."""
     loss: tuple[float, ...]
+    """The loss before each update, then the last one."""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dictionary (with ``part: "linear"``)."""
-        return {"part": "linear", **asdict(self), "loss": list(self.loss)}
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> LinearRun:
-        """Rebuild from :meth:`to_dict` output, e.g. read back from results.json."""
-        fields = {k: v for k, v in record.items() if k != "part"}
-        fields["loss"] = tuple(float(v) for v in fields["loss"])
-        return cls(**fields)
+        return {"part": "linear", **super().to_dict()}
 
 
 def train_linear(data: Regression, init: str, depth: int, seed: int) -> LinearRun:
@@ -393,17 +242,15 @@ def train_linear(data: Regression, init: str, depth: int, seed: int) -> LinearRu
     return LinearRun(init, depth, seed, None, "not reached", tuple(losses))
 
 
-# --- claims ------------------------------------------------------------------------------------
+# --- claims and tables -------------------------------------------------------------------------
 
 
 class Results:
     """The spectra and linear runs of one experiment, indexed."""
 
-    def __init__(
-        self, spectra: Sequence[Spectrum], linear: Sequence[LinearRun], seeds: tuple[int, ...]
-    ) -> None:
-        self.spectra = {(s.network, s.depth, s.seed): s for s in spectra}
-        self.linear = {(r.init, r.depth, r.seed): r for r in linear}
+    def __init__(self, records: Sequence[Spectrum | LinearRun], seeds: tuple[int, ...]) -> None:
+        self.spectra = {(s.network, s.depth, s.seed): s for s in records if isinstance(s, Spectrum)}
+        self.linear = {(r.init, r.depth, r.seed): r for r in records if isinstance(r, LinearRun)}
         self.seeds = seeds
 
     def spectrum(self, network: str, depth: int = max(DEPTHS)) -> list[Spectrum]:
@@ -423,104 +270,93 @@ class Results:
         return [self.linear[(init, depth, s)] for s in self.seeds]
 
 
-def _spectrum_on(network: str, n: int) -> str:
+def _spectrum_claim(
+    r: Results, claim_id: str, statement: str, paper: str, network: str, criterion: Criterion
+) -> Claim:
+    """A claim on var(σ²), or on σ_max for a ``*-sigma-max`` id, of ``network`` at the deepest L."""
     label = next(x.label for x in NETWORKS if x.name == network)
-    return f"{label}, L = {max(DEPTHS)}, N = {N}, exact SVD of J at one input, {n} seed(s)"
-
-
-def _isometry_claims(r: Results) -> list[Claim]:
-    n = len(r.seeds)
-    return [
-        Claim(
-            id="orthogonal-tanh-isometric",
-            source="Pennington et al. 2017",
-            statement="Orthogonal tanh nets at criticality and small q* keep the spread of J's "
-            "squared singular values O(1) at any depth: dynamical isometry.",
-            paper="var(σ²) of JJᵀ stays O(1) with depth (qualitative, Fig. 2)",
-            measured_on="var(σ²), " + _spectrum_on("tanh-orthogonal", n),
-            values=r.var_sq("tanh-orthogonal"),
-            criterion=Criterion(high=0.5),
-        ),
-        Claim(
-            id="orthogonal-tanh-sigma-max",
-            source="Pennington et al. 2017",
-            statement="Their largest singular value stays near 1.",
-            paper="σ_max stays O(1) with depth (qualitative)",
-            measured_on="σ_max, " + _spectrum_on("tanh-orthogonal", n),
-            values=r.sigma_max("tanh-orthogonal"),
-            criterion=Criterion(high=2.0),
-        ),
-        Claim(
-            id="linear-orthogonal-exact",
-            source="Saxe et al. 2014",
-            statement="A deep linear net with orthogonal weights is an exact isometry.",
-            paper="every singular value of the end-to-end map is 1",
-            measured_on="var(σ²), " + _spectrum_on("linear-orthogonal", n),
-            values=r.var_sq("linear-orthogonal"),
-            criterion=Criterion(high=1e-6),
-        ),
-    ]
-
-
-def _spread_claims(r: Results) -> list[Claim]:
-    n = len(r.seeds)
-    shallow, deep = min(DEPTHS), max(DEPTHS)
-    growth = tuple(
-        d / s
-        for d, s in zip(
-            r.var_sq("linear-gaussian", deep), r.var_sq("linear-gaussian", shallow), strict=True
-        )
+    on_max = claim_id.endswith("sigma-max")
+    return Claim(
+        id=claim_id,
+        source="Saxe et al. 2014" if network == "linear-orthogonal" else "Pennington et al. 2017",
+        statement=statement,
+        paper=paper,
+        measured_on=("σ_max, " if on_max else "var(σ²), ")
+        + f"{label}, L = {max(DEPTHS)}, N = {N}, exact SVD of J at one input, "
+        f"{len(r.seeds)} seed(s)",
+        values=r.sigma_max(network) if on_max else r.var_sq(network),
+        criterion=criterion,
     )
-    return [
-        Claim(
-            id="gaussian-tanh-spread",
-            source="Pennington et al. 2017",
-            statement="Gaussian weights at the same critical point spread the spectrum with depth.",
-            paper="var(σ²) grows linearly with L for Gaussian weights (qualitative)",
-            measured_on="var(σ²), " + _spectrum_on("tanh-gaussian", n),
-            values=r.var_sq("tanh-gaussian"),
-            criterion=Criterion(low=5.0),
-        ),
-        Claim(
-            id="gaussian-tanh-sigma-max",
-            source="Pennington et al. 2017",
-            statement="Their largest singular value grows well above 1.",
-            paper="σ_max grows with depth for Gaussian weights (qualitative)",
-            measured_on="σ_max, " + _spectrum_on("tanh-gaussian", n),
-            values=r.sigma_max("tanh-gaussian"),
-            criterion=Criterion(low=3.0),
-        ),
-        Claim(
-            id="relu-orthogonal-spread",
-            source="Pennington et al. 2017",
-            statement="ReLU nets cannot be isometric, even with orthogonal weights.",
-            paper="ReLU: var(σ²) grows with L for any weights (qualitative)",
-            measured_on="var(σ²), " + _spectrum_on("relu-orthogonal", n),
-            values=r.var_sq("relu-orthogonal"),
-            criterion=Criterion(low=5.0),
-        ),
-        Claim(
-            id="large-q-not-isometric",
-            source="Pennington et al. 2017",
-            statement="Orthogonal tanh at a large q* = 1 is critical but not isometric.",
-            paper="isometry needs small q*; the spread grows with q* (qualitative)",
-            measured_on="var(σ²), " + _spectrum_on("tanh-orthogonal-q1", n),
-            values=r.var_sq("tanh-orthogonal-q1"),
-            criterion=Criterion(low=2.0),
-        ),
-        Claim(
-            id="linear-gaussian-spread-grows",
-            source="Pennington et al. 2017; Saxe et al. 2014",
-            statement="For a product of Gaussian matrices the spread grows with depth.",
-            paper=f"var(σ²) = L as N → ∞: ×{deep // shallow} from L = {shallow} to {deep}",
-            measured_on=(
-                f"var(σ²) at L = {deep} over var(σ²) at L = {shallow}, linear Gaussian, "
-                f"N = {N}, {n} seed(s)"
-            ),
-            values=growth,
-            criterion=Criterion(low=4.0),
-        ),
-    ]
+
+
+_SPECTRUM_CLAIMS = (
+    (
+        "orthogonal-tanh-isometric",
+        "Orthogonal tanh nets at criticality and small q* keep the spread of J's squared "
+        "singular values O(1) at any depth: dynamical isometry.",
+        "var(σ²) of JJᵀ stays O(1) with depth (qualitative, Fig. 2)",
+        "tanh-orthogonal",
+        Criterion(high=0.5),
+    ),
+    (
+        "orthogonal-tanh-sigma-max",
+        "Their largest singular value stays near 1.",
+        "σ_max stays O(1) with depth (qualitative)",
+        "tanh-orthogonal",
+        Criterion(high=2.0),
+    ),
+    (
+        "linear-orthogonal-exact",
+        "A deep linear net with orthogonal weights is an exact isometry.",
+        "every singular value of the end-to-end map is 1",
+        "linear-orthogonal",
+        Criterion(high=1e-6),
+    ),
+    (
+        "gaussian-tanh-spread",
+        "Gaussian weights at the same critical point spread the spectrum with depth.",
+        "var(σ²) grows linearly with L for Gaussian weights (qualitative)",
+        "tanh-gaussian",
+        Criterion(low=5.0),
+    ),
+    (
+        "gaussian-tanh-sigma-max",
+        "Their largest singular value grows well above 1.",
+        "σ_max grows with depth for Gaussian weights (qualitative)",
+        "tanh-gaussian",
+        Criterion(low=3.0),
+    ),
+    (
+        "relu-orthogonal-spread",
+        "ReLU nets cannot be isometric, even with orthogonal weights.",
+        "ReLU: var(σ²) grows with L for any weights (qualitative)",
+        "relu-orthogonal",
+        Criterion(low=5.0),
+    ),
+    (
+        "large-q-not-isometric",
+        "Orthogonal tanh at a large q* = 1 is critical but not isometric.",
+        "isometry needs small q*; the spread grows with q* (qualitative)",
+        "tanh-orthogonal-q1",
+        Criterion(low=2.0),
+    ),
+)
+"""The spectrum claims: id, statement, paper, network, criterion."""
+
+
+def _growth_claim(r: Results) -> Claim:
+    shallow, deep = min(DEPTHS), max(DEPTHS)
+    at = (r.var_sq("linear-gaussian", deep), r.var_sq("linear-gaussian", shallow))
+    return Claim(
+        id="linear-gaussian-spread-grows",
+        source="Pennington et al. 2017; Saxe et al. 2014",
+        statement="For a product of Gaussian matrices the spread grows with depth.",
+        paper=f"var(σ²) = L as N → ∞: ×{deep // shallow} from L = {shallow} to {deep}",
+        measured_on=f"var(σ²) at L = {deep} over var(σ²) at L = {shallow}, linear Gaussian, "
+        f"N = {N}, {len(r.seeds)} seed(s)",
+        values=tuple(d / s for d, s in zip(*at, strict=True)),
+        criterion=Criterion(low=4.0),
+    )
 
 
 def _diagnose_claim(r: Results) -> Claim:
@@ -536,10 +372,8 @@ def _diagnose_claim(r: Results) -> Claim:
         source="gradguard.diagnose; Halko et al. 2011",
         statement="diagnose()'s randomized σ_max of J matches the exact SVD on every network.",
         paper="subspace iteration converges to the top singular values",
-        measured_on=(
-            f"|σ_max(diagnose) / σ_max(exact) - 1|, the {len(NETWORKS)} networks at L = "
-            f"{max(DEPTHS)}, {len(r.seeds)} seed(s)"
-        ),
+        measured_on=f"|σ_max(diagnose) / σ_max(exact) - 1|, the {len(NETWORKS)} networks at "
+        f"L = {max(DEPTHS)}, {len(r.seeds)} seed(s)",
         values=tuple(errors),
         criterion=Criterion(high=0.1),
     )
@@ -589,10 +423,8 @@ def _saxe_claims(r: Results) -> list[Claim]:
             source="Saxe et al. 2014",
             statement="With scaled Gaussian init the deep net is slower, or diverges.",
             paper="scaled Gaussian init: depth-dependent slowdown (qualitative)",
-            measured_on=(
-                f"share of seeds where the Gaussian net at D = {deep} is slower than the "
-                f"orthogonal one or fails (pass: more than half), {setting}"
-            ),
+            measured_on=f"share of seeds where the Gaussian net at D = {deep} is slower than the "
+            f"orthogonal one or fails (pass: more than half), {setting}",
             values=(share(relative, Criterion(high=1.0)),),
             criterion=Criterion(low=0.5),
             note=f"Gaussian steps D = {deep}: {_steps_text(gauss_deep)}",
@@ -604,63 +436,12 @@ def claims(
     spectra: Sequence[Spectrum], linear: Sequence[LinearRun], seeds: tuple[int, ...]
 ) -> tuple[Claim, ...]:
     """Judge the claims against every spectrum and linear run."""
-    r = Results(spectra, linear, seeds)
-    return (*_isometry_claims(r), *_spread_claims(r), _diagnose_claim(r), *_saxe_claims(r))
+    r = Results([*spectra, *linear], seeds)
+    spectral = [_spectrum_claim(r, *c) for c in _SPECTRUM_CLAIMS]
+    return (*spectral, _growth_claim(r), _diagnose_claim(r), *_saxe_claims(r))
 
 
-def tables(
-    spectra: Sequence[Spectrum], linear: Sequence[LinearRun], seeds: tuple[int, ...]
-) -> tuple[Table, ...]:
-    """The spectrum table and the learning-time table."""
-    r = Results(spectra, linear, seeds)
-    spread = "" if len(seeds) == 1 else f"; mean [min, max] over {len(seeds)} seeds"
-    deep = max(DEPTHS)
-    spectrum_rows = []
-    for net in NETWORKS:
-        at_deep = r.spectrum(net.name)
-        spectrum_rows.append(
-            (
-                net.label,
-                f"{net.sigma_w:.3f}, {net.sigma_b:.3f}",
-                *(cell(r.var_sq(net.name, d)) for d in DEPTHS),
-                cell([s.sigma_max for s in at_deep]),
-                cell([s.mean_sq for s in at_deep]),
-                cell([s.diagnose_sigma_max or math.nan for s in at_deep]),
-            )
-        )
-    linear_rows = [
-        (init, *(_steps_text(r.runs(init, d)) for d in SAXE_DEPTHS)) for init in SAXE_INITS
-    ]
-    return (
-        Table(
-            title=f"Input-output Jacobian spectra, width {N}{spread}",
-            columns=(
-                "network",
-                "σ_w, σ_b",
-                *(f"var(σ²) L={d}" for d in DEPTHS),
-                f"σ_max L={deep}",
-                f"mean σ² L={deep}",
-                f"diagnose σ_max L={deep}",
-            ),
-            rows=tuple(spectrum_rows),
-            note="σ: singular values of J at one input (exact); diagnose: the randomized "
-            "estimate of gradguard.diagnose. The mean σ² is heavy-tailed at N = 256.",
-        ),
-        Table(
-            title=f"Deep linear nets on digits: full-batch GD steps to loss < {SAXE_TARGET} "
-            f"(LR {SAXE_LR}, one value per seed)",
-            columns=("init", *(f"D = {d}" for d in SAXE_DEPTHS)),
-            rows=tuple(linear_rows),
-            note=f"Least-squares optimum {least_squares_optimum():.3f}; at most "
-            f"{SAXE_MAX_STEPS} steps.",
-        ),
-    )
-
-
-# --- the experiment ----------------------------------------------------------------------------
-
-
-class Isometry:
+class Isometry(LabExperiment):
     """The ``isometry`` experiment (Saxe et al. 2014; Pennington et al. 2017)."""
 
     name = "isometry"
@@ -681,55 +462,111 @@ class Isometry:
         f"{'/'.join(map(str, SAXE_DEPTHS))} hidden layers on 8×8 digits."
     )
 
-    def run(self, *, quick: bool, seed: int, progress: Progress | None = None) -> ExperimentResult:
-        """Measure every spectrum and train every linear net; quick uses 1 seed."""
-        seeds = seeds_for(seed, quick=quick, n_full=FULL_SEEDS)
-        data = regression()
-        jobs: list[tuple[Network | str, int, int]] = [
-            *((net, 0, s) for s in seeds for net in NETWORKS),
-            *((i, d, s) for s in seeds for i in SAXE_INITS for d in SAXE_DEPTHS),
-        ]
-        spectra: list[Spectrum] = []
-        linear: list[LinearRun] = []
-        start = time.perf_counter()
-        with single_thread():
-            for done, (what, depth, s) in enumerate(jobs, start=1):
-                if isinstance(what, Network):
-                    spectra += measure_spectra(what, s)
-                else:
-                    linear.append(train_linear(data, what, depth, s))
-                if progress is not None:
-                    progress(done, len(jobs))
-        return ExperimentResult(
-            name=self.name,
-            title=self.title,
-            references=self.references,
-            setting=self.setting,
-            config={
-                "width": N,
-                "depths": list(DEPTHS),
-                "networks": [asdict(net) for net in NETWORKS],
-                "saxe": {
-                    "depths": list(SAXE_DEPTHS),
-                    "width": SAXE_WIDTH,
-                    "lr": SAXE_LR,
-                    "target": SAXE_TARGET,
-                    "max_steps": SAXE_MAX_STEPS,
-                    "inits": {i: SAXE_SCHEMES[i] for i in SAXE_INITS},
-                },
+    def config(self, quick: bool) -> dict[str, Any]:
+        """The same for both variants."""
+        return {
+            "width": N,
+            "depths": list(DEPTHS),
+            "networks": [asdict(net) for net in NETWORKS],
+            "saxe": {
+                "depths": list(SAXE_DEPTHS),
+                "width": SAXE_WIDTH,
+                "lr": SAXE_LR,
+                "target": SAXE_TARGET,
+                "max_steps": SAXE_MAX_STEPS,
+                "inits": {i: SAXE_SCHEMES[i] for i in SAXE_INITS},
             },
-            seeds=seeds,
-            claims=claims(spectra, linear, seeds),
-            tables=tables(spectra, linear, seeds),
-            measurements=tuple([s.to_dict() for s in spectra] + [x.to_dict() for x in linear]),
-            duration_s=time.perf_counter() - start,
+        }
+
+    def units(self, quick: bool, seeds: tuple[int, ...]) -> int:
+        """One unit per network and seed (its three depths), one per linear run."""
+        return len(seeds) * (len(NETWORKS) + len(SAXE_INITS) * len(SAXE_DEPTHS))
+
+    def measure(self, quick: bool, seeds: tuple[int, ...], tick: Ticker) -> list[Record]:
+        """Every spectrum, then every linear run."""
+        records: list[Record] = []
+        for s in seeds:
+            for net in NETWORKS:
+                records += measure_spectra(net, s)
+                tick()
+        data = regression()
+        for s in seeds:
+            for init in SAXE_INITS:
+                for depth in SAXE_DEPTHS:
+                    records.append(train_linear(data, init, depth, s))
+                    tick()
+        return records
+
+    def claims(self, records: Sequence[Any], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
+        """The spectrum claims, diagnose's accuracy and Saxe et al.'s learning times."""
+        r = Results(records, seeds)
+        return claims(list(r.spectra.values()), list(r.linear.values()), seeds)
+
+    def tables(self, records: Sequence[Any], seeds: tuple[int, ...]) -> tuple[Table, ...]:
+        """The spectrum table and the learning-time table."""
+        r = Results(records, seeds)
+        spread = "" if len(seeds) == 1 else f"; mean [min, max] over {len(seeds)} seeds"
+        deep = max(DEPTHS)
+        spectrum_rows = []
+        for net in NETWORKS:
+            at_deep = r.spectrum(net.name)
+            spectrum_rows.append(
+                (
+                    net.label,
+                    f"{net.sigma_w:.3f}, {net.sigma_b:.3f}",
+                    *(cell(r.var_sq(net.name, d)) for d in DEPTHS),
+                    cell([s.sigma_max for s in at_deep]),
+                    cell([s.mean_sq for s in at_deep]),
+                    cell([s.diagnose_sigma_max or math.nan for s in at_deep]),
+                )
+            )
+        return (
+            Table(
+                title=f"Input-output Jacobian spectra, width {N}{spread}",
+                columns=(
+                    "network",
+                    "σ_w, σ_b",
+                    *(f"var(σ²) L={d}" for d in DEPTHS),
+                    f"σ_max L={deep}",
+                    f"mean σ² L={deep}",
+                    f"diagnose σ_max L={deep}",
+                ),
+                rows=tuple(spectrum_rows),
+                note="σ: singular values of J at one input (exact); diagnose: the randomized "
+                "estimate of gradguard.diagnose. The mean σ² is heavy-tailed at N = 256.",
+            ),
+            Table(
+                title=f"Deep linear nets on digits: full-batch GD steps to loss < {SAXE_TARGET} "
+                f"(LR {SAXE_LR}, one value per seed)",
+                columns=("init", *(f"D = {d}" for d in SAXE_DEPTHS)),
+                rows=tuple(
+                    (init, *(_steps_text(r.runs(init, d)) for d in SAXE_DEPTHS))
+                    for init in SAXE_INITS
+                ),
+                note=f"Least-squares optimum {least_squares_optimum():.3f}; at most "
+                f"{SAXE_MAX_STEPS} steps.",
+            ),
         )
+
+    def records_from(self, data: Mapping[str, Any]) -> list[Any]:
+        """Spectra and linear runs, told apart by their ``part``."""
+        kinds: dict[str, type[Spectrum | LinearRun]] = {"spectrum": Spectrum, "linear": LinearRun}
+        return [kinds[m["part"]].from_dict(m) for m in data["measurements"]]
+
+    def figure(self, records: Sequence[Any], data: Mapping[str, Any]) -> Figure:
+        """Spectra at the deepest depth, spread against depth, the deep linear nets' timing."""
+        fig, axes = new_figure(2, 2, figsize=(12, 8.5))
+        _plot_spectra(axes[0][0], axes[0][1], [r for r in records if isinstance(r, Spectrum)])
+        _plot_linear(axes[1][0], axes[1][1], [r for r in records if isinstance(r, LinearRun)])
+        for ax in axes.flat:
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle("Dynamical isometry: Jacobian spectra (top) and deep linear nets (bottom)")
+        fig.tight_layout()
+        return fig
 
 
 EXPERIMENT = Isometry()
-
-
-# --- the figure --------------------------------------------------------------------------------
 
 _COLORS = {
     "linear-gaussian": "#7f7f7f",
@@ -744,26 +581,19 @@ _LABELS = {net.name: net.label for net in NETWORKS}
 _FLOOR = 1e-12  # var(σ²) of an exact isometry is round-off; drawn at this floor
 
 
-def _plot_spectra(ax: Any, var_ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
-    first_seed = min(r["seed"] for r in rows)
+def _plot_spectra(ax: Any, var_ax: Any, rows: Sequence[Spectrum]) -> None:
+    first_seed = min(r.seed for r in rows)
     for row in rows:
-        if row["seed"] == first_seed and row["singular_values"]:
-            values = [float(v) for v in row["singular_values"]]
+        if row.seed == first_seed and row.singular_values:
+            values = row.singular_values
             rank = [(i + 0.5) / len(values) for i in range(len(values))]
-            ax.plot(
-                rank,
-                values,
-                color=_COLORS.get(row["network"]),
-                lw=1.2,
-                label=_LABELS.get(row["network"], row["network"]),
-            )
-    for network in dict.fromkeys(r["network"] for r in rows):
-        depths = sorted({r["depth"] for r in rows if r["network"] == network})
+            label = _LABELS.get(row.network, row.network)
+            ax.plot(rank, values, color=_COLORS.get(row.network), lw=1.2, label=label)
+    for network in dict.fromkeys(r.network for r in rows):
+        depths = sorted({r.depth for r in rows if r.network == network})
         means = [
             max(
-                statistics.fmean(
-                    float(r["var_sq"]) for r in rows if r["network"] == network and r["depth"] == d
-                ),
+                statistics.fmean(r.var_sq for r in rows if (r.network, r.depth) == (network, d)),
                 _FLOOR,
             )
             for d in depths
@@ -779,21 +609,21 @@ def _plot_spectra(ax: Any, var_ax: Any, rows: Sequence[Mapping[str, Any]]) -> No
     var_ax.minorticks_off()
 
 
-def _plot_linear(steps_ax: Any, loss_ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+def _plot_linear(steps_ax: Any, loss_ax: Any, rows: Sequence[LinearRun]) -> None:
     colors = {"orthogonal": "#2ca02c", "gaussian": "#d62728"}
-    first_seed = min(r["seed"] for r in rows)
+    first_seed = min(r.seed for r in rows)
     ceiling = SAXE_MAX_STEPS * 1.3
     for row in rows:
-        color = colors.get(row["init"])
-        label = row["init"] if row["seed"] == first_seed and row["depth"] == 1 else "_"
-        if row["steps"] is None:
-            steps_ax.plot(row["depth"], ceiling, marker="x", ms=9, color=color, label=label)
+        color = colors.get(row.init)
+        label = row.init if row.seed == first_seed and row.depth == 1 else "_"
+        if row.steps is None:
+            steps_ax.plot(row.depth, ceiling, marker="x", ms=9, color=color, label=label)
         else:
-            steps_ax.plot(row["depth"], row["steps"], marker="o", color=color, label=label)
-        if row["seed"] == first_seed:
-            style = "-" if row["depth"] == max(SAXE_DEPTHS) else ":"
-            loss = [float(v) if float(v) < SAXE_DIVERGED else math.nan for v in row["loss"]]
-            label = f"{row['init']}, D = {row['depth']}"
+            steps_ax.plot(row.depth, row.steps, marker="o", color=color, label=label)
+        if row.seed == first_seed:
+            style = "-" if row.depth == max(SAXE_DEPTHS) else ":"
+            loss = [v if v < SAXE_DIVERGED else math.nan for v in row.loss]
+            label = f"{row.init}, D = {row.depth}"
             loss_ax.plot(range(1, len(loss) + 1), loss, ls=style, color=color, label=label)
     steps_ax.axhline(ceiling, color="#7f7f7f", lw=0.6, ls="--")
     steps_ax.set(xlabel="hidden layers D", ylabel=f"steps to loss < {SAXE_TARGET} (×: failed)")
@@ -803,25 +633,3 @@ def _plot_linear(steps_ax: Any, loss_ax: Any, rows: Sequence[Mapping[str, Any]])
     loss_ax.axhline(SAXE_TARGET, color="#7f7f7f", lw=0.8, ls="--")
     loss_ax.set(xlabel="step + 1 (first seed)", ylabel="training loss", yscale="log")
     loss_ax.set_xscale("log")
-
-
-def plot(experiment_data: Mapping[str, Any], out_dir: Path) -> Path:
-    """Spectra at the deepest depth, spread against depth, and the deep linear nets' timing."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = experiment_data["measurements"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    _plot_spectra(axes[0][0], axes[0][1], [r for r in rows if r["part"] == "spectrum"])
-    _plot_linear(axes[1][0], axes[1][1], [r for r in rows if r["part"] == "linear"])
-    for ax in axes.flat:
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Dynamical isometry: Jacobian spectra (top) and deep linear nets (bottom)")
-    fig.tight_layout()
-    path = out_dir / "isometry.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -1,90 +1,65 @@
 """Experiment ``optimizers-lr``: learning rates, adaptive optimizers, warm-up and clipping.
 
-Practitioners' guides make four claims about the learning rate and
-exploding gradients: plain SGD at a too-high learning rate blows up; adaptive optimizers
-(Adam, RMSprop, AdaGrad) at their usual learning rates train stably; an LR schedule with
-warm-up and decay removes the instability at the start of training; gradient clipping
-stabilizes a run that would otherwise explode. Behind them are Kingma & Ba (2015, Adam),
-Tieleman & Hinton (2012, RMSprop), Duchi, Hazan & Singer (2011, AdaGrad), Goyal et al.
-(2017, gradual warm-up for large learning rates) and Pascanu, Mikolov & Bengio (2013,
-norm clipping). This experiment measures each on the bundled digits.
+Practitioners' guides claim that plain SGD at a too-high learning rate blows up; that Adam
+(Kingma & Ba 2015), RMSprop (Tieleman & Hinton 2012) and AdaGrad (Duchi, Hazan & Singer
+2011) at their usual learning rates train stably; that warm-up and decay remove the early
+instability (Goyal et al. 2017); and that norm clipping (Pascanu, Mikolov & Bengio 2013)
+stabilizes a run that would otherwise explode.
 
-Setup. A ReLU MLP 64 → 128 → 128 → 128 → 10 with PyTorch's default init, cross-entropy,
-batches of 64 from shuffled epochs (data seed ``1000 + seed``), 600 steps. Arms:
+Setup. A ReLU MLP 64 → 128 → 128 → 128 → 10 (PyTorch's default init), cross-entropy,
+batches of 64 (data seed ``1000 + seed``), 600 steps. Arms: ``sgd`` (LR 0.1, the control);
+``sgd-high`` (LR 2.0, unguarded, stopped at its first non-finite loss); ``sgd-high-clip``
+(LR 2.0 through ``Guard(clip=NormClip(1.0))``, about the largest gradient norm at LR 0.1);
+``adam`` (LR 1e-3, the paper's default), ``rmsprop`` (LR 1e-3, Keras'), ``adagrad`` (LR
+1e-2, PyTorch's). Warm-up is measured on the MLP with a ``BatchNorm1d`` before every ReLU
+at SGD LR 5.0, Goyal et al.'s setting: a BN net's effective LR is LR / ||w||², so a too-large
+first step spikes the loss, grows ||w|| and the net recovers by itself. Pilots (seeds
+100-108) chose LR 5: at 2.0 the spike is lost in the noise on some seeds, and a BN net never
+goes non-finite. ``bn-constant`` runs LR 5.0 throughout; ``bn-warmup`` warms up linearly
+from 5/100 to 5.0 over 100 steps (4.5 epochs; Goyal et al.: 5), then decays by a cosine to 0.
 
-* ``sgd``: plain SGD at LR 0.1, the usual value (the control);
-* ``sgd-high``: plain SGD at LR 2.0 (20x), an ordinary loop without a guard, stopped at its
-  first non-finite loss;
-* ``sgd-high-clip``: the same LR through ``gradguard.Guard(clip=NormClip(1.0))`` (default
-  detectors), Pascanu et al.'s global-norm clipping at threshold 1, about the largest
-  gradient norm of the LR-0.1 run;
-* ``adam`` (LR 1e-3, the paper's default), ``rmsprop`` (LR 1e-3, the common default of
-  Keras and TensorFlow), ``adagrad`` (LR 1e-2, PyTorch's default), everything else at
-  PyTorch's defaults.
+The early peak is the largest batch loss of steps 1-50 over that of step 1 (about ln 10 =
+2.3, chance); the final loss is the cross-entropy on the whole training split (BN in eval
+mode). Criteria, fixed before the lab's seeds ran: converged is a final loss below 0.1, a
+spike a peak above 2x the initial loss, no spike below 1.5x. On seeds 0-8 every claim held
+on every seed but the warm-up spike on seeds 0 and 4 (1.68x and 1.67x at steps 47 and 34,
+LR 2.35 and 1.70, against 2.4-6.7x at steps 2-4 at constant LR): warm-up makes the spike
+later and smaller but does not always remove it.
 
-The warm-up claim is measured on the same MLP with a ``BatchNorm1d`` before every ReLU,
-plain SGD at LR 5.0: Goyal et al.'s setting is a BN network at a large LR. A BN net's
-loss does not depend on the scale of its normalized weights, so its effective LR is LR /
-||w||²; a too-large first step spikes the loss, grows ||w|| and the net recovers by itself.
-Pilot runs chose this setting (seeds 100-108, not the lab's): at LR 2.0 the BN net's
-spike is too small to tell from noise on some seeds, and the BN net never goes
-non-finite, so it cannot stand in for the plain MLP. Two arms:
-
-* ``bn-constant``: LR 5.0 from the first step;
-* ``bn-warmup``: linear warm-up from LR 5/100 to 5.0 over the first 100 steps (about
-  4.5 epochs, Goyal et al. warm up for 5), then cosine decay to 0 at step 600.
-
-The early spike is the largest batch loss of steps 1-50 over the loss of step 1 (about
-ln 10 = 2.3, chance, for every net here). Per step the batch loss and the global gradient
-norm (``gradguard.grad_stats`` for the unguarded arms, the guard's report otherwise) are
-kept; the final loss is the cross-entropy on the whole training split after training
-(BN in eval mode).
-
-The criteria were fixed before the lab's seeds were run: converged means a final loss
-below 0.1 (chance is 2.3), a spike is a peak above 2x the initial loss, no spike below
-1.5x. On seeds 0-8 every claim held on every seed but one: the warm-up spike claim fails
-on seeds 0 and 4, whose warmed-up runs still spike to 1.68x and 1.67x at steps 47 and 34
-(LR 2.35 and 1.70) while the constant-LR runs spike to 2.4-6.7x at step 2-4. Warm-up
-shrinks the early spike (it moves it later and makes it smaller) but does not always
-remove it here: the claim is reported as not reproduced.
-
-Revised (2026-12-05). The spikes of the warmed-up run are chaotic in the last bits of the
-arithmetic: on another machine (same code, torch, seeds) seed 0 peaks at 1.04x, not 1.68x,
-and the default seeds pass; seed 4 gives 1.67x on both. Steps 1-50 also end halfway up the
-ramp (LR 2.5), before the move to the full LR that Goyal et al.'s spike is about (Sec. 2.2).
-Added, criterion fixed before held-out seeds were run: ``warmup-no-spike-at-transition``,
-the largest batch loss of steps 1-150 below 1.5x the first. The setup is unchanged (pilots
-on seeds 0-2 over target LRs 2.5-5, 100-300 warm-up steps and momentum found no setting
-without sporadic spikes). Old / new claim: seeds 0-2 pass 3/3 / 3/3; held-out seeds 10-15
-6/6 / 5/6 (seed 14: 2.47x); seeds 20-25 6/6 / 5/6 (seed 24: 1.95x).
+Revised (2026-12-05). The warmed-up spikes are chaotic in the last bits of the arithmetic
+(on another machine seed 0 peaks at 1.04x; seed 4 at 1.67x on both), and steps 1-50 end
+halfway up the ramp (LR 2.5), before the move to the full LR that Goyal et al.'s spike is
+about (Sec. 2.2). Added, criterion fixed before held-out seeds ran:
+``warmup-no-spike-at-transition`` (steps 1-150 below 1.5x). Pilots (seeds 0-2; target LRs
+2.5-5, 100-300 warm-up steps, momentum) found no setting without sporadic spikes. Old / new
+claim: seeds 0-2 pass 3/3 / 3/3; held-out seeds 10-15 6/6 / 5/6 (seed 14: 2.47x); seeds
+20-25 6/6 / 5/6 (seed 24: 1.95x).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from gradguard.clip import NormClip
 from gradguard.guard import Guard
-from gradguard.lab._harness import data_generator, seeds_for, single_thread
-from gradguard.lab._records import (
-    Claim,
-    Criterion,
-    ExperimentResult,
-    Progress,
-    Table,
-    format_value,
-)
-from gradguard.lab.data import N_CLASSES, N_FEATURES, N_TRAIN, load_digits
+from gradguard.lab._figures import block_means, new_figure, positive_or_nan
+from gradguard.lab._harness import LabExperiment
+from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, format_value
+from gradguard.lab._training import digit_batches, digits_loss, evaluate_digits, train_loop
+from gradguard.lab.data import N_CLASSES, N_FEATURES
+from gradguard.records import StepReport
 from gradguard.stats import grad_stats
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 WIDTH = 128
 DEPTH = 3
@@ -97,7 +72,6 @@ BN_LR = 5.0
 WARMUP = 100
 SPIKE_STEPS = 50
 LOG_EVERY = 10
-FULL_SEEDS = 3
 
 
 @dataclass(frozen=True)
@@ -147,10 +121,7 @@ OPTIMIZERS: Mapping[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 def build_model(batchnorm: bool, seed: int) -> nn.Sequential:
-    """Return the ReLU MLP (with BN before every ReLU if asked), default init under ``seed``.
-
-    The global RNG is forked, so building leaves it as it was.
-    """
+    """The ReLU MLP (BN before every ReLU if asked), default init under ``seed``; keeps the RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layers: list[nn.Module] = []
@@ -178,124 +149,78 @@ def warmup_cosine(step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def batches(seed: int) -> Iterator[Tensor]:
-    """Yield index batches of the training split, shuffled epoch after epoch (seed 1000+s)."""
-    generator = data_generator(seed)
-    while True:
-        order = torch.randperm(N_TRAIN, generator=generator)
-        for start in range(0, N_TRAIN - BATCH_SIZE + 1, BATCH_SIZE):
-            yield order[start : start + BATCH_SIZE]
-
-
 @dataclass(frozen=True)
-class Run:
-    """One arm of one seed.
-
-    Attributes:
-        arm: a name in :data:`ARM_BY_NAME`.
-        seed: model seed (data seed ``1000 + seed``).
-        final_loss: cross-entropy on the training split after training (NaN if lost).
-        test_accuracy: on the test split after training.
-        nonfinite_step: the first step whose loss or gradient was not finite, or None.
-        early_peak: largest batch loss of steps 1-50 over the loss of step 1.
-        transition_peak: largest batch loss of steps 1-150 (the warm-up, the step it reaches
-            the target LR and 50 more) over the loss of step 1.
-        clipped_fraction: share of steps the clip policy scaled down (0 without one).
-        loss: the batch loss of every step taken.
-        grad_norm: the global gradient norm of every step taken (before clipping).
-        lr: the learning rate of every step taken.
-        events: the guard's events, as ``Event.to_dict()`` (none for unguarded arms).
-    """
+class Run(Record):
+    """One arm of one seed (``events`` as ``Event.to_dict()``, none unguarded)."""
 
     arm: str
     seed: int
     final_loss: float
+    """Cross-entropy on the training split after training (NaN if lost)."""
     test_accuracy: float
     nonfinite_step: int | None
+    """The first step whose loss or gradient was not finite (guarded: the last), or None."""
     early_peak: float
+    """Largest batch loss of steps 1-50 over the loss of step 1."""
     transition_peak: float
+    """Largest batch loss of steps 1-150 (warm-up, reaching the target LR, 50 more) / step 1."""
     clipped_fraction: float
+    """Share of steps the clip policy scaled down (0 without one)."""
     loss: tuple[float, ...]
     grad_norm: tuple[float, ...]
+    """The global gradient norm of every step taken (before clipping)."""
     lr: tuple[float, ...]
     events: tuple[dict[str, Any], ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dictionary."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> Run:
-        """Rebuild a run from :meth:`to_dict` output (non-finite numbers may be text)."""
-        fields = dict(record)
-        for key in (
-            "final_loss",
-            "test_accuracy",
-            "early_peak",
-            "transition_peak",
-            "clipped_fraction",
-        ):
-            fields[key] = float(fields[key])
-        for key in ("loss", "grad_norm", "lr"):
-            fields[key] = tuple(float(v) for v in fields[key])
-        fields["events"] = tuple(dict(e) for e in fields["events"])
-        return cls(**fields)
-
-
-def _evaluate(model: nn.Module) -> tuple[float, float]:
-    """Return (training loss, test accuracy) with the model in eval mode."""
-    digits = load_digits()
-    model.eval()
-    with torch.no_grad():
-        loss = float(nn.functional.cross_entropy(model(digits.x_train), digits.y_train))
-        accuracy = float((model(digits.x_test).argmax(dim=1) == digits.y_test).float().mean())
-    model.train()
-    return loss, accuracy
 
 
 def train(arm: str, seed: int) -> Run:
     """Train one arm for :data:`STEPS` steps (an unguarded one stops when it goes non-finite)."""
     spec = ARM_BY_NAME[arm]
-    digits = load_digits()
     model = build_model(spec.batchnorm, seed)
     optimizer = OPTIMIZERS[spec.optimizer](model.parameters(), lr=spec.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine) if spec.warmup else None
-    guard = (
-        Guard(model, optimizer, clip=NormClip(CLIP), log_every=LOG_EVERY) if spec.guard else None
-    )
-    stream = batches(seed)
+    guard = None
+    if spec.guard:
+        guard = Guard(
+            model, optimizer, clip=NormClip(CLIP), scheduler=scheduler, log_every=LOG_EVERY
+        )
     losses: list[float] = []
     norms: list[float] = []
     lrs: list[float] = []
     clipped = 0
     nonfinite_step = None
-    for step in range(1, STEPS + 1):
-        index = next(stream)
-        lrs.append(float(optimizer.param_groups[0]["lr"]))
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(digits.x_train[index]), digits.y_train[index])
-        loss.backward()  # type: ignore[no-untyped-call]
-        if guard is not None:
-            report = guard.step(loss)
+
+    def after(step: int, loss: Tensor, report: StepReport | None) -> bool:
+        nonlocal clipped, nonfinite_step
+        if report is not None:
             norm, finite = float(report.grad_norm), bool(report.finite)  # CPU: no device sync
             clipped += int(float(report.scale) < 1.0)
-        else:
+        else:  # the gradients are still those of this step
             stats = grad_stats(model)
             norm, finite = float(stats.total), bool(stats.finite)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
         losses.append(loss.item())
         norms.append(norm)
         if not (finite and math.isfinite(losses[-1])):
             nonfinite_step = step
-            if guard is None:
-                break
+            return guard is None
+        return False
+
+    train_loop(
+        model,
+        optimizer,
+        digit_batches(seed, BATCH_SIZE),
+        digits_loss,
+        STEPS,
+        guard=guard,
+        scheduler=scheduler,
+        before_step=lambda _: lrs.append(float(optimizer.param_groups[0]["lr"])),
+        after_step=after,
+    )
     events: tuple[dict[str, Any], ...] = ()
     if guard is not None:
         guard.close()
         events = tuple(e.to_dict() for e in guard.events)
-    final_loss, accuracy = _evaluate(model)
+    accuracy, final_loss = evaluate_digits(model)
     head = [v if math.isfinite(v) else math.inf for v in losses[: WARMUP + SPIKE_STEPS]]
     return Run(
         arm=arm,
@@ -313,37 +238,19 @@ def train(arm: str, seed: int) -> Run:
     )
 
 
-class _Runs:
-    """The runs of one experiment, indexed by (arm, seed)."""
-
-    def __init__(self, runs: Sequence[Run], seeds: tuple[int, ...]) -> None:
-        self.by_key = {(r.arm, r.seed): r for r in runs}
-        self.seeds = seeds
-
-    def get(self, arm: str) -> list[Run]:
-        """Return the runs of ``arm``, one per seed."""
-        return [self.by_key[(arm, s)] for s in self.seeds]
-
-    def final(self, arm: str) -> tuple[float, ...]:
-        """Return the final training loss of ``arm`` for every seed."""
-        return tuple(r.final_loss for r in self.get(arm))
+def _final(r: BySeed[Run], arm: str) -> tuple[float, ...]:
+    return tuple(x.final_loss for x in r.get(arm))
 
 
-def _blown_up_value(usual: float, high: float) -> float:
-    """Return usual-LR / high-LR final loss; a non-finite high-LR loss counts as infinite."""
-    return usual / high if math.isfinite(high) else 0.0
-
-
-def _lr_claims(r: _Runs) -> list[Claim]:
+def _lr_claims(r: BySeed[Run]) -> list[Claim]:
     n = f"{len(r.seeds)} seed(s), {STEPS} steps"
-    usual, high = r.final("sgd"), r.final("sgd-high")
+    usual, high = _final(r, "sgd"), _final(r, "sgd-high")
     lost = ", ".join(
         f"non-finite at step {x.nonfinite_step}"
         if x.nonfinite_step is not None
         else f"final loss {format_value(x.final_loss)}"
         for x in r.get("sgd-high")
     )
-    converge = Criterion(high=0.1)
     return [
         Claim(
             id="sgd-usual-lr-converges",
@@ -352,7 +259,7 @@ def _lr_claims(r: _Runs) -> list[Claim]:
             paper="(the control every claim below is read against)",
             measured_on=f"final train loss, SGD LR {USUAL_LR:g}, {n}",
             values=usual,
-            criterion=converge,
+            criterion=Criterion(high=0.1),
         ),
         Claim(
             id="sgd-high-lr-blows-up",
@@ -362,7 +269,9 @@ def _lr_claims(r: _Runs) -> list[Claim]:
             paper="too-high LR: gradients grow exponentially, NaN/Inf, divergence (qualitative)",
             measured_on=f"LR {USUAL_LR:g} / LR {HIGH_LR:g} final train loss, {n} (non-finite "
             "counts as infinite: 0); pass: below 0.1",
-            values=tuple(_blown_up_value(u, h) for u, h in zip(usual, high, strict=True)),
+            values=tuple(
+                u / h if math.isfinite(h) else 0.0 for u, h in zip(usual, high, strict=True)
+            ),
             criterion=Criterion(high=0.1),
             note=lost,
         ),
@@ -373,8 +282,8 @@ def _lr_claims(r: _Runs) -> list[Claim]:
             paper="norm clipping keeps exploding gradients from derailing training "
             "(SGD-C, Fig. 7; qualitative here)",
             measured_on=f"final train loss, SGD LR {HIGH_LR:g} + Guard/NormClip({CLIP:g}), {n}",
-            values=r.final("sgd-high-clip"),
-            criterion=converge,
+            values=_final(r, "sgd-high-clip"),
+            criterion=Criterion(high=0.1),
             note="clipped on "
             + ", ".join(f"{x.clipped_fraction:.0%}" for x in r.get("sgd-high-clip"))
             + " of steps",
@@ -382,30 +291,17 @@ def _lr_claims(r: _Runs) -> list[Claim]:
     ]
 
 
-def _adaptive_claims(r: _Runs) -> list[Claim]:
-    n = f"{len(r.seeds)} seed(s), {STEPS} steps"
-    sources = {
-        "adam": ("Kingma & Ba 2015", "Adam: default step size 0.001; trains MNIST MLPs"),
-        "rmsprop": ("Tieleman & Hinton 2012", "RMSprop: divide the step by a running RMS"),
-        "adagrad": ("Duchi, Hazan & Singer 2011", "AdaGrad: per-coordinate step sizes"),
-    }
-    return [
-        Claim(
-            id=f"{arm}-converges",
-            source=f"{source}; practitioners' guides",
-            statement=f"{ARM_BY_NAME[arm].label.split(',')[0]} at its usual LR trains the MLP.",
-            paper=paper + " (qualitative)",
-            measured_on=f"final train loss, {ARM_BY_NAME[arm].label}, {n}",
-            values=r.final(arm),
-            criterion=Criterion(high=0.1),
-        )
-        for arm, (source, paper) in sources.items()
-    ]
+_ADAPTIVE = {
+    "adam": ("Kingma & Ba 2015", "Adam: default step size 0.001; trains MNIST MLPs"),
+    "rmsprop": ("Tieleman & Hinton 2012", "RMSprop: divide the step by a running RMS"),
+    "adagrad": ("Duchi, Hazan & Singer 2011", "AdaGrad: per-coordinate step sizes"),
+}
 
 
-def _warmup_claims(r: _Runs) -> list[Claim]:
+def _warmup_claims(r: BySeed[Run]) -> list[Claim]:
     n = f"{len(r.seeds)} seed(s)"
     peak = f"largest batch loss of steps 1-{SPIKE_STEPS} / loss at step 1"
+    warmed = r.get("bn-warmup")
     return [
         Claim(
             id="constant-high-lr-spikes-early",
@@ -424,7 +320,7 @@ def _warmup_claims(r: _Runs) -> list[Claim]:
             "1.5x its initial value.",
             paper="gradual warm-up removes the early instability (qualitative)",
             measured_on=f"{peak}, BN net, warm-up + cosine to LR {BN_LR:g}, {n}",
-            values=tuple(x.early_peak for x in r.get("bn-warmup")),
+            values=tuple(x.early_peak for x in warmed),
             criterion=Criterion(high=1.5),
         ),
         Claim(
@@ -436,7 +332,7 @@ def _warmup_claims(r: _Runs) -> list[Claim]:
             "(Sec. 2.2; qualitative)",
             measured_on=f"largest batch loss of steps 1-{WARMUP + SPIKE_STEPS} / loss at step "
             f"1, BN net, warm-up + cosine to LR {BN_LR:g}, {n}",
-            values=tuple(x.transition_peak for x in r.get("bn-warmup")),
+            values=tuple(x.transition_peak for x in warmed),
             criterion=Criterion(high=1.5),
             note="added after the first version: steps 1-50 end halfway up the ramp (LR "
             f"{BN_LR * SPIKE_STEPS / WARMUP:g}), before the transition the paper's spike is about",
@@ -448,19 +344,14 @@ def _warmup_claims(r: _Runs) -> list[Claim]:
             paper="warm-up matches the small-LR baseline's accuracy (qualitative here)",
             measured_on=f"final train loss, BN net, warm-up + cosine to LR {BN_LR:g}, {n}, "
             f"{STEPS} steps",
-            values=r.final("bn-warmup"),
+            values=_final(r, "bn-warmup"),
             criterion=Criterion(high=0.1),
         ),
     ]
 
 
-def claims(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
-    """Judge the claims against the runs of every arm and seed."""
-    r = _Runs(runs, seeds)
-    return (*_lr_claims(r), *_adaptive_claims(r), *_warmup_claims(r))
-
-
 def _cell(values: Sequence[float]) -> str:
+    """Mean [min, max] of the finite values, with the count of the others ("+ 1 NaN")."""
     finite = [v for v in values if math.isfinite(v)]
     if len(values) == 1 or not finite:
         return ", ".join(format_value(v) for v in values)
@@ -470,49 +361,7 @@ def _cell(values: Sequence[float]) -> str:
     return text + (f" + {lost} NaN" if lost else "")
 
 
-def tables(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Table, ...]:
-    """Return one table, a row per arm."""
-    r = _Runs(runs, seeds)
-    spread = "" if len(seeds) == 1 else f" (mean [min, max] over {len(seeds)} seeds)"
-    rows = []
-    for spec in ARMS:
-        rs = r.get(spec.name)
-        lost = [str(x.nonfinite_step) for x in rs if x.nonfinite_step is not None]
-        kinds = sorted({str(e["kind"]) for x in rs for e in x.events})
-        rows.append(
-            (
-                spec.label,
-                _cell([x.final_loss for x in rs]),
-                _cell([x.test_accuracy for x in rs]),
-                _cell([x.early_peak for x in rs]),
-                _cell([x.transition_peak for x in rs]),
-                _cell([max(x.grad_norm) for x in rs]),
-                ", ".join(lost) or "never",
-                ", ".join(kinds) or ("none" if spec.guard else "(no guard)"),
-            )
-        )
-    return (
-        Table(
-            title=f"After {STEPS} steps" + spread,
-            columns=(
-                "arm",
-                "final train loss",
-                "test accuracy",
-                f"early peak (steps 1-{SPIKE_STEPS})",
-                f"peak, steps 1-{WARMUP + SPIKE_STEPS}",
-                "largest gradient norm",
-                "non-finite at step",
-                "guard events",
-            ),
-            rows=tuple(rows),
-            note="An unguarded arm stops at its first non-finite loss or gradient and is "
-            "evaluated as it is (NaN loss, chance accuracy). The early peak is the largest "
-            "batch loss of the first steps over the first batch loss (inf: non-finite).",
-        ),
-    )
-
-
-class OptimizersLrExperiment:
+class OptimizersLrExperiment(LabExperiment):
     """The ``optimizers-lr`` experiment (practitioners' guides)."""
 
     name = "optimizers-lr"
@@ -533,43 +382,128 @@ class OptimizersLrExperiment:
         f"Here: a {DEPTH} x {WIDTH} ReLU MLP (and its BN version) on 8x8 digits, {STEPS} "
         f"steps of {BATCH_SIZE} images."
     )
+    record_type = Run
 
-    def run(self, *, quick: bool, seed: int, progress: Progress | None = None) -> ExperimentResult:
-        """Train every arm; quick uses 1 seed, full :data:`FULL_SEEDS` seeds."""
-        seeds = seeds_for(seed, quick=quick, n_full=FULL_SEEDS)
-        grid = [(spec.name, s) for s in seeds for spec in ARMS]
-        runs: list[Run] = []
-        start = time.perf_counter()
-        with single_thread():
-            for done, (arm, s) in enumerate(grid, start=1):
-                runs.append(train(arm, s))
-                if progress is not None:
-                    progress(done, len(grid))
-        return ExperimentResult(
-            name=self.name,
-            title=self.title,
-            references=self.references,
-            setting=self.setting,
-            config={
-                "model": f"ReLU MLP 64-{WIDTH}x{DEPTH}-10, PyTorch default init",
-                "arms": [asdict(a) for a in ARMS],
-                "batch_size": BATCH_SIZE,
-                "steps": STEPS,
-                "clip": repr(NormClip(CLIP)),
-                "warmup_steps": WARMUP,
-                "schedule": "linear warm-up, then cosine decay to 0",
-                "spike_window": SPIKE_STEPS,
-                "guard": f"Guard(clip=NormClip({CLIP:g}), log_every={LOG_EVERY})",
-            },
-            seeds=seeds,
-            claims=claims(runs, seeds),
-            tables=tables(runs, seeds),
-            measurements=tuple(r.to_dict() for r in runs),
-            duration_s=time.perf_counter() - start,
+    def config(self, quick: bool) -> dict[str, Any]:
+        """The same for both variants."""
+        return {
+            "model": f"ReLU MLP 64-{WIDTH}x{DEPTH}-10, PyTorch default init",
+            "arms": [asdict(a) for a in ARMS],
+            "batch_size": BATCH_SIZE,
+            "steps": STEPS,
+            "clip": repr(NormClip(CLIP)),
+            "warmup_steps": WARMUP,
+            "schedule": "linear warm-up, then cosine decay to 0",
+            "spike_window": SPIKE_STEPS,
+            "guard": f"Guard(clip=NormClip({CLIP:g}), log_every={LOG_EVERY})",
+        }
+
+    def grid(self, quick: bool, seeds: tuple[int, ...]) -> list[Callable[[], Run]]:
+        """Every arm of every seed (``train`` looked up at call time)."""
+        return [partial(train, a.name, s) for s in seeds for a in ARMS]
+
+    def claims(self, records: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
+        """The LR claims, the adaptive optimizers' and the warm-up claims."""
+        r = BySeed(records, seeds, key=lambda x: (x.arm,))
+        adaptive = [
+            Claim(
+                id=f"{arm}-converges",
+                source=f"{source}; practitioners' guides",
+                statement=f"{ARM_BY_NAME[arm].label.split(',')[0]} at its usual LR trains the MLP.",
+                paper=paper + " (qualitative)",
+                measured_on=f"final train loss, {ARM_BY_NAME[arm].label}, "
+                f"{len(seeds)} seed(s), {STEPS} steps",
+                values=_final(r, arm),
+                criterion=Criterion(high=0.1),
+            )
+            for arm, (source, paper) in _ADAPTIVE.items()
+        ]
+        return (*_lr_claims(r), *adaptive, *_warmup_claims(r))
+
+    def tables(self, records: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Table, ...]:
+        """One table, a row per arm."""
+        r = BySeed(records, seeds, key=lambda x: (x.arm,))
+        rows = []
+        for spec in ARMS:
+            rs = r.get(spec.name)
+            lost = [str(x.nonfinite_step) for x in rs if x.nonfinite_step is not None]
+            kinds = sorted({str(e["kind"]) for x in rs for e in x.events})
+            rows.append(
+                (
+                    spec.label,
+                    _cell([x.final_loss for x in rs]),
+                    _cell([x.test_accuracy for x in rs]),
+                    _cell([x.early_peak for x in rs]),
+                    _cell([x.transition_peak for x in rs]),
+                    _cell([max(x.grad_norm) for x in rs]),
+                    ", ".join(lost) or "never",
+                    ", ".join(kinds) or ("none" if spec.guard else "(no guard)"),
+                )
+            )
+        spread = "" if len(seeds) == 1 else f" (mean [min, max] over {len(seeds)} seeds)"
+        return (
+            Table(
+                title=f"After {STEPS} steps" + spread,
+                columns=(
+                    "arm",
+                    "final train loss",
+                    "test accuracy",
+                    f"early peak (steps 1-{SPIKE_STEPS})",
+                    f"peak, steps 1-{WARMUP + SPIKE_STEPS}",
+                    "largest gradient norm",
+                    "non-finite at step",
+                    "guard events",
+                ),
+                rows=tuple(rows),
+                note="An unguarded arm stops at its first non-finite loss or gradient and is "
+                "evaluated as it is (NaN loss, chance accuracy). The early peak is the largest "
+                "batch loss of the first steps over the first batch loss (inf: non-finite).",
+            ),
         )
 
+    def figure(self, records: Sequence[Run], data: Mapping[str, Any]) -> Figure:
+        """Loss of every arm, gradient norms of the high-LR arms, the warm-up close-up (seed 1)."""
+        first_seed = min(x.seed for x in records)
+        chosen = {x.arm: x for x in records if x.seed == first_seed}
+        fig, (curves, norms, warm) = new_figure(1, 3, figsize=(16, 4.2))
+        for name in ("sgd", "sgd-high", "sgd-high-clip", "adam", "rmsprop", "adagrad"):
+            run = chosen[name]
+            smooth = block_means(run.loss)
+            xs = [10 * (i + 0.5) for i in range(len(smooth))]
+            curves.plot(xs, smooth, color=_COLORS[name], label=ARM_BY_NAME[name].label)
+            if run.nonfinite_step is not None:
+                curves.axvline(run.nonfinite_step, color=_COLORS[name], ls=":", lw=1)
+        curves.set(yscale="log", xlabel="step", ylabel="batch loss (mean of 10 steps)")
+        curves.set_title("MLP: loss (dotted: first non-finite step)", fontsize=10)
+        for name in ("sgd", "sgd-high", "sgd-high-clip"):
+            values = positive_or_nan(chosen[name].grad_norm)
+            norms.plot(range(1, len(values) + 1), values, color=_COLORS[name], lw=0.7)
+            norms.plot([], [], color=_COLORS[name], label=ARM_BY_NAME[name].label)
+        norms.axhline(CLIP, color="#1f77b4", ls="--", lw=0.8, label=f"clip threshold {CLIP:g}")
+        norms.set(yscale="log", xlabel="step", ylabel="global gradient norm (before clipping)")
+        norms.set_title("MLP: gradient norm", fontsize=10)
+        for ax in (curves, norms):
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend(fontsize=7)
+        span = 2 * WARMUP
+        for name in ("bn-constant", "bn-warmup"):
+            warm.plot(range(1, span + 1), chosen[name].loss[:span], color=_COLORS[name], lw=0.8)
+            warm.plot([], [], color=_COLORS[name], label=ARM_BY_NAME[name].label)
+        warm.axhline(chosen["bn-constant"].loss[0], color="#7f7f7f", ls=":", lw=0.8)
+        warm.set(xlabel="step", ylabel="batch loss")
+        warm.set_title(f"BN net at LR {BN_LR:g}: the first {span} steps", fontsize=10)
+        warm.grid(True, alpha=0.3)
+        lr_axis = warm.twinx()
+        lr = chosen["bn-warmup"].lr[:span]
+        lr_axis.plot(range(1, span + 1), lr, color="#1f77b4", ls="--", lw=0.8)
+        lr_axis.set_ylabel("warm-up LR (dashed)")
+        warm.legend(fontsize=7, loc="upper right")
+        fig.suptitle(
+            f"Learning rates, optimizers, warm-up and clipping on digits (seed {first_seed})"
+        )
+        fig.tight_layout()
+        return fig
 
-EXPERIMENT = OptimizersLrExperiment()
 
 _COLORS = {
     "sgd": "#7f7f7f",
@@ -582,74 +516,5 @@ _COLORS = {
     "bn-warmup": "#1f77b4",
 }
 
-
-def _smooth(values: Sequence[float], width: int = 10) -> list[float]:
-    """Mean over consecutive blocks of ``width`` steps (NaN where a block has none)."""
-    out = []
-    for i in range(0, len(values), width):
-        block = [v for v in values[i : i + width] if math.isfinite(v)]
-        out.append(statistics.fmean(block) if block else math.nan)
-    return out
-
-
-def plot(experiment_data: Mapping[str, Any], out_dir: Path) -> Path:
-    """Loss curves of every arm, gradient norms of the high-LR arms, the warm-up close-up.
-
-    Drawn from the ``results.json`` data alone (first seed).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [Run.from_dict(m) for m in experiment_data["measurements"]]
-    first_seed = min(r.seed for r in rows)
-    chosen = {r.arm: r for r in rows if r.seed == first_seed}
-    fig, (curves, norms, warm) = plt.subplots(1, 3, figsize=(16, 4.2))
-    for name in ("sgd", "sgd-high", "sgd-high-clip", "adam", "rmsprop", "adagrad"):
-        run = chosen[name]
-        smooth = _smooth(run.loss)
-        xs = [10 * (i + 0.5) for i in range(len(smooth))]
-        curves.plot(xs, smooth, color=_COLORS[name], label=ARM_BY_NAME[name].label)
-        if run.nonfinite_step is not None:
-            curves.axvline(run.nonfinite_step, color=_COLORS[name], ls=":", lw=1)
-    curves.set_yscale("log")
-    curves.set_xlabel("step")
-    curves.set_ylabel("batch loss (mean of 10 steps)")
-    curves.set_title("MLP: loss (dotted: first non-finite step)", fontsize=10)
-    curves.grid(True, which="major", alpha=0.3)
-    curves.legend(fontsize=7)
-    for name in ("sgd", "sgd-high", "sgd-high-clip"):
-        run = chosen[name]
-        values = [v if math.isfinite(v) and v > 0 else math.nan for v in run.grad_norm]
-        norms.plot(range(1, len(values) + 1), values, color=_COLORS[name], lw=0.7)
-        norms.plot([], [], color=_COLORS[name], label=ARM_BY_NAME[name].label)
-    norms.axhline(CLIP, color="#1f77b4", ls="--", lw=0.8, label=f"clip threshold {CLIP:g}")
-    norms.set_yscale("log")
-    norms.set_xlabel("step")
-    norms.set_ylabel("global gradient norm (before clipping)")
-    norms.set_title("MLP: gradient norm", fontsize=10)
-    norms.grid(True, which="major", alpha=0.3)
-    norms.legend(fontsize=7)
-    span = 2 * WARMUP
-    for name in ("bn-constant", "bn-warmup"):
-        run = chosen[name]
-        warm.plot(range(1, span + 1), run.loss[:span], color=_COLORS[name], lw=0.8)
-        warm.plot([], [], color=_COLORS[name], label=ARM_BY_NAME[name].label)
-    warm.axhline(chosen["bn-constant"].loss[0], color="#7f7f7f", ls=":", lw=0.8)
-    warm.set_xlabel("step")
-    warm.set_ylabel("batch loss")
-    warm.set_title(f"BN net at LR {BN_LR:g}: the first {span} steps", fontsize=10)
-    warm.grid(True, alpha=0.3)
-    lr_axis = warm.twinx()
-    lr_axis.plot(
-        range(1, span + 1), chosen["bn-warmup"].lr[:span], color="#1f77b4", ls="--", lw=0.8
-    )
-    lr_axis.set_ylabel("warm-up LR (dashed)")
-    warm.legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"Learning rates, optimizers, warm-up and clipping on digits (seed {first_seed})")
-    fig.tight_layout()
-    path = out_dir / "optimizers-lr.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+EXPERIMENT = OptimizersLrExperiment()
+claims = EXPERIMENT.claims

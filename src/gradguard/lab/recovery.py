@@ -2,67 +2,53 @@
 
 PaLM's 540B run spiked about 20 times despite gradient clipping; each time the authors
 restarted from a checkpoint about 100 steps before the spike and skipped the 200-500
-batches seen around it (Chowdhery et al. 2022, sec. 5.1). OPT-175B met its divergences by
-restarting from an earlier checkpoint with a lower learning rate (Zhang et al. 2022,
-sec. 2.5). :class:`gradguard.Rollback` does both automatically. This experiment causes a
-real divergence in a small run and measures what the guard alone and the guard with a
-rollback leave of it.
+batches around it (Chowdhery et al. 2022, sec. 5.1). OPT-175B restarted from an earlier
+checkpoint at a lower LR (Zhang et al. 2022, sec. 2.5). :class:`gradguard.Rollback` does
+both. This experiment causes a real divergence in a small run and measures what the guard
+alone and the guard with a rollback leave of it.
 
 Setup. A tanh MLP 8 → 64 → 64 → 1 (PyTorch's default init) regresses ``tanh(x·w)`` on
-1,024 synthetic points (``x`` and ``w`` standard normal, drawn from data seed
-``1000 + seed``), MSE loss, batches of 64 from a shuffled epoch, AdamW at LR 3e-3 with a
-cosine schedule over 1,200 optimizer steps, ``Guard(log_every=10)`` with the default
-detectors and no clip policy. The fault is
-``FaultInjector(at={500: "lr"}, lr_factor=100, lr_steps=10)``: the LR is multiplied by 100
-during optimizer steps 500-509. The weights themselves are wrecked while every gradient
-stays finite, so there is nothing for the guard to skip; and since Adam's update size is
-set by the LR, not by the gradient's norm, clipping would not stop it either. Three arms per
-seed, on the same data stream:
-
-* ``clean``: no fault;
-* ``guard``: the fault, ``Guard`` without recovery (its ``Divergence`` detector asks the
-  loop to stop; the experiment trains on to measure the damage);
-* ``rollback``: the fault, ``Guard(recovery=Rollback(every=50, cooldown=100))``.
+1,024 points (``x``, ``w`` standard normal, data seed ``1000 + seed``), MSE loss, batches
+of 64, AdamW at LR 3e-3 with a cosine schedule over 1,200 optimizer steps,
+``Guard(log_every=10)`` with the default detectors and no clip policy. The fault,
+``FaultInjector(at={500: "lr"}, lr_factor=100, lr_steps=10)``, multiplies the LR by 100 for
+steps 500-509: the weights are wrecked while every gradient stays finite (nothing to skip),
+and since Adam's update size is set by the LR, clipping would not stop it either. Arms, on
+the same data stream: ``clean`` (no fault); ``guard`` (the fault, no recovery: the
+``Divergence`` detector asks the loop to stop; it trains on to measure the damage);
+``rollback`` (the fault, ``Guard(recovery=Rollback(every=50, cooldown=100))``).
 
 Every arm trains until ``guard.step_count`` reaches 1,200: a rollback rewinds the counter,
-so the rollback arm draws more batches (the data loader moves on: the batches between the
-snapshot and the rollback are skipped, as in PaLM) for the same number of optimizer steps
-and the same full cosine schedule. Per step the loss and global gradient norm are recorded
-from the guard's drains (a sink, no extra sync); the final loss is the MSE on all 1,024
-points after training.
-
-The quick variant is the same run with one seed (a few seconds). A shorter run would not
-measure the recovery: in a 600-step run (fault at step 300) the 100-step half-LR cool-down
-is a sixth of the run, and the rolled-back run ended 16-33 % above the clean one over 5
-seeds. The cool-down is also what the 1,200-step run pays: with ``cooldown=0`` the
-rolled-back run ends within 0.05 % of the clean one (3 seeds; a side measurement).
+so the rollback arm draws more batches (those between snapshot and rollback are skipped, as
+in PaLM) for the same steps and schedule. The final loss is the MSE on all 1,024 points.
+The quick variant is the same run on one seed: in a 600-step run (fault at 300) the 100-step
+half-LR cool-down is a sixth of the run, and the rolled-back run ended 16-33 % above the
+clean one (5 seeds). The cool-down is also what the 1,200-step run pays: with
+``cooldown=0`` it ends within 0.05 % of the clean one (3 seeds; a side measurement).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from gradguard.guard import Guard
-from gradguard.lab._harness import data_generator, seeds_for, single_thread
-from gradguard.lab._records import (
-    Claim,
-    Criterion,
-    ExperimentResult,
-    Progress,
-    Table,
-    format_value,
-)
-from gradguard.records import Event, Window
+from gradguard.lab._figures import new_figure
+from gradguard.lab._harness import LabExperiment, data_generator
+from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, format_value
+from gradguard.lab._training import Recorder, index_batches
 from gradguard.recover import Rollback
 from gradguard.testing.faults import FaultInjector
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STEPS = 1200
 FAULT_STEP = 500
@@ -76,11 +62,8 @@ LR_STEPS = 10
 EVERY = 50
 COOLDOWN = 100
 LOG_EVERY = 10
-FULL_SEEDS = 3
 
 ARMS = ("clean", "guard", "rollback")
-"""The arms of each seed, in run order."""
-
 ARM_LABELS: Mapping[str, str] = {
     "clean": "clean (no fault)",
     "guard": "fault, Guard only",
@@ -97,16 +80,14 @@ class Regression:
     stream_state: Tensor
 
     def batches(self) -> Iterator[Tensor]:
-        """Yield index batches of :data:`BATCH_SIZE`, epoch after shuffled epoch, forever.
-
-        Every call starts the same stream, so every arm of a seed sees the same batches.
-        """
+        """Index batches, epoch after shuffled epoch; every call starts the same stream."""
         generator = torch.Generator()
         generator.set_state(self.stream_state)
-        while True:
-            order = torch.randperm(N_POINTS, generator=generator)
-            for start in range(0, N_POINTS, BATCH_SIZE):
-                yield order[start : start + BATCH_SIZE]
+        return index_batches(N_POINTS, BATCH_SIZE, generator, drop_last=False)
+
+    def loss(self, model: nn.Module, index: Tensor) -> Tensor:
+        """The MSE of ``model`` on the points at ``index``."""
+        return nn.functional.mse_loss(model(self.x[index]), self.y[index])
 
 
 def regression(seed: int) -> Regression:
@@ -118,10 +99,7 @@ def regression(seed: int) -> Regression:
 
 
 def build_model(seed: int) -> nn.Sequential:
-    """Return the 8 → 64 → 64 → 1 tanh MLP, PyTorch's default init under ``seed``.
-
-    The global RNG is forked, so building leaves it as it was.
-    """
+    """The 8 → 64 → 64 → 1 tanh MLP, PyTorch's default init under ``seed``; keeps the RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Sequential(
@@ -133,82 +111,29 @@ def build_model(seed: int) -> nn.Sequential:
         )
 
 
-class _Recorder:
-    """A sink that keeps every drained step and event in memory (records only)."""
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.loss: list[float] = []
-        self.grad_norm: list[float] = []
-        self.skipped = 0
-        self.events: list[Event] = []
-
-    def open(self, meta: Mapping[str, Any]) -> None:
-        """Nothing to set up."""
-
-    def write(self, window: Window, events: Sequence[Event]) -> None:
-        """Append the window's steps (a rollback makes the step numbers go back)."""
-        self.steps += window.steps.tolist()
-        self.loss += window.loss.tolist()
-        self.grad_norm += window.grad_norm.tolist()
-        self.skipped += int(window.skipped.sum())
-        self.events += events
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
 @dataclass(frozen=True)
-class Arm:
-    """One training run: its final loss, its per-step curves and its events.
-
-    Attributes:
-        arm: ``clean``, ``guard`` or ``rollback``.
-        seed: model seed (data seed ``1000 + seed``).
-        fault_step: the optimizer step of the LR fault's onset; None without a fault.
-        final_loss: MSE on all points after training.
-        optimizer_steps: ``guard.step_count`` at the end.
-        iterations: batches drawn (more than the steps when a rollback rewound).
-        skipped_steps: steps the guard skipped for non-finite gradients.
-        should_stop: whether the guard asked the loop to stop (``Divergence``).
-        snapshot_nbytes: CPU memory of the rollback's snapshots (0 without one).
-        steps: the guard's step number of every ``guard.step`` call, in call order.
-        loss: the batch loss of each call.
-        grad_norm: the global gradient norm of each call.
-        events: every event, as ``Event.to_dict()``.
-    """
+class Arm(Record):
+    """One training run (curves per ``guard.step`` call, in call order; events as dicts)."""
 
     arm: str
     seed: int
     fault_step: int | None
+    """The optimizer step of the LR fault's onset; None without a fault."""
     final_loss: float
+    """MSE on all points after training."""
     optimizer_steps: int
     iterations: int
+    """Batches drawn (more than the steps when a rollback rewound)."""
     skipped_steps: int
     should_stop: bool
+    """Whether the guard asked the loop to stop (``Divergence``)."""
     snapshot_nbytes: int
+    """CPU memory of the rollback's snapshots (0 without one)."""
     steps: tuple[int, ...]
+    """The guard's step number of every call (a rollback makes it go back)."""
     loss: tuple[float, ...]
     grad_norm: tuple[float, ...]
     events: tuple[dict[str, Any], ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dictionary."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> Arm:
-        """Rebuild an arm from :meth:`to_dict` output, e.g. one read back from results.json.
-
-        Non-finite numbers stored as ``"nan"``/``"inf"`` text are read back as floats.
-        """
-        fields = dict(record)
-        fields["final_loss"] = float(fields["final_loss"])
-        for key in ("loss", "grad_norm"):
-            fields[key] = tuple(float(v) for v in fields[key])
-        fields["steps"] = tuple(int(v) for v in fields["steps"])
-        fields["events"] = tuple(dict(e) for e in fields["events"])
-        return cls(**fields)
 
     def steps_of(self, kind: str, metric: str | None = None) -> list[int]:
         """Return the steps of this arm's events of ``kind`` (and ``metric``), in order."""
@@ -225,19 +150,12 @@ class Arm:
 
 
 def train(arm: str, seed: int, steps: int = STEPS, fault_step: int = FAULT_STEP) -> Arm:
-    """Train one arm for ``steps`` optimizer steps and return what it measured.
-
-    Args:
-        arm: ``clean``, ``guard`` or ``rollback`` (see the module docstring).
-        seed: model seed; the data come from seed ``1000 + seed``.
-        steps: optimizer steps, the length of the cosine schedule.
-        fault_step: the first optimizer step run at 100x the LR (ignored by ``clean``).
-    """
+    """Train ``steps`` optimizer steps (the cosine's length), faulty from ``fault_step``."""
     model = build_model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     rollback = Rollback(every=EVERY, cooldown=COOLDOWN) if arm == "rollback" else None
-    recorder = _Recorder()
+    recorder = Recorder()
     guard = Guard(
         model,
         optimizer,
@@ -264,7 +182,7 @@ def train(arm: str, seed: int, steps: int = STEPS, fault_step: int = FAULT_STEP)
         iterations += 1
         with injector.step():
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.mse_loss(model(data.x[index]), data.y[index])
+            loss = data.loss(model, index)
             loss.backward()  # type: ignore[no-untyped-call]
             guard.step(loss)
     guard.close()
@@ -283,25 +201,8 @@ def train(arm: str, seed: int, steps: int = STEPS, fault_step: int = FAULT_STEP)
         steps=tuple(recorder.steps),
         loss=tuple(recorder.loss),
         grad_norm=tuple(recorder.grad_norm),
-        events=tuple(e.to_dict() for e in recorder.events),
+        events=recorder.event_dicts(),
     )
-
-
-class _Arms:
-    """The arms of one run, indexed by (arm, seed)."""
-
-    def __init__(self, arms: Sequence[Arm], seeds: tuple[int, ...]) -> None:
-        self.by_key = {(a.arm, a.seed): a for a in arms}
-        self.seeds = seeds
-
-    def final(self, arm: str) -> list[float]:
-        """Return the final loss of ``arm`` for every seed."""
-        return [self.by_key[(arm, s)].final_loss for s in self.seeds]
-
-
-def _unrecovered_value(clean: float, hurt: float) -> float:
-    """Return clean / hurt final loss; a non-finite hurt loss counts as infinite (0)."""
-    return clean / hurt if math.isfinite(hurt) else 0.0
 
 
 def _restored_margin(arm: Arm) -> float:
@@ -312,150 +213,16 @@ def _restored_margin(arm: Arm) -> float:
     return min(arm.fault_step - r for r in restored)
 
 
-def claims(arms: Sequence[Arm], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
-    """Judge the three claims against the arms of every seed."""
-    a = _Arms(arms, seeds)
-    clean, hurt, recovered = a.final("clean"), a.final("guard"), a.final("rollback")
-    n = f"{len(seeds)} seed(s)"
-    rollbacks = [a.by_key[("rollback", s)] for s in seeds]
-    restored = ", ".join(
-        f"{r.restored_steps[0]:g}" if r.restored_steps else "none" for r in rollbacks
-    )
-    counts = ", ".join(str(len(r.restored_steps)) for r in rollbacks)
-    return (
-        Claim(
-            id="guard-alone-cannot-undo",
-            source="Chowdhery et al. 2022",
-            statement=(
-                "A real divergence (LR x100 for 10 steps) ruins the run when the guard can "
-                "only skip and warn: final loss NaN or at least 10x the clean run's."
-            ),
-            paper="~20 loss spikes in PaLM 540B despite gradient clipping, each handled "
-            "by a restart (the run without one is not reported)",
-            measured_on=(
-                f"clean / guard-only final loss, {n} (NaN counts as infinite: 0); pass: below 0.1"
-            ),
-            values=tuple(_unrecovered_value(c, h) for c, h in zip(clean, hurt, strict=True)),
-            criterion=Criterion(high=0.1),
-            note="guard-only final loss "
-            + ", ".join(
-                f"{format_value(h)} ({format_value(h / c)}x clean)"
-                for c, h in zip(clean, hurt, strict=True)
-            ),
-        ),
-        Claim(
-            id="rollback-recovers",
-            source="Chowdhery et al. 2022; Zhang et al. 2022",
-            statement=(
-                "Rolling back to a snapshot before the spike, skipping its batches and "
-                "halving the LR for 100 steps brings the run back to the clean run's loss."
-            ),
-            paper="PaLM: restart ~100 steps back, skip 200-500 batches, the spike does not "
-            "recur; OPT: restart earlier at a lower LR and training recovers",
-            measured_on=f"|rollback - clean| / clean final loss, {n}",
-            values=tuple(abs(r - c) / c for r, c in zip(recovered, clean, strict=True)),
-            criterion=Criterion(high=0.10),
-            note="signed "
-            + ", ".join(f"{r / c - 1:+.1%}" for r, c in zip(recovered, clean, strict=True)),
-        ),
-        Claim(
-            id="rollback-predates-fault",
-            source="Chowdhery et al. 2022",
-            statement="The rollback restores a snapshot taken before the fault's first step.",
-            paper="restart from a checkpoint roughly 100 steps before the spike started",
-            measured_on=(
-                f"fault step - restored snapshot step (every={EVERY}), {n}; NaN when no "
-                "rollback happened"
-            ),
-            values=tuple(_restored_margin(r) for r in rollbacks),
-            criterion=Criterion(low=0),
-            note=f"restored step {restored}; rollbacks per run {counts}",
-        ),
-    )
-
-
 def _first(values: Sequence[int]) -> str:
     return str(values[0]) if values else "none"
 
 
 def _final_row(label: str, clean: float, hurt: float, recovered: float) -> tuple[str, ...]:
-    return (
-        label,
-        format_value(clean),
-        format_value(hurt),
-        format_value(recovered),
-        format_value(hurt / clean),
-        f"{recovered / clean - 1:+.1%}",
-    )
+    losses = (format_value(clean), format_value(hurt), format_value(recovered))
+    return (label, *losses, format_value(hurt / clean), f"{recovered / clean - 1:+.1%}")
 
 
-def tables(arms: Sequence[Arm], seeds: tuple[int, ...]) -> tuple[Table, ...]:
-    """Return the final-loss table and the events table, one row per seed."""
-    a = _Arms(arms, seeds)
-    finals = [a.final(arm) for arm in ARMS]
-    final_rows = [_final_row(str(s), *(f[i] for f in finals)) for i, s in enumerate(seeds)]
-    if len(seeds) > 1:
-        final_rows.append(_final_row("mean", *(statistics.fmean(f) for f in finals)))
-    nbytes = a.by_key[("rollback", seeds[0])].snapshot_nbytes
-    event_rows = []
-    for s in seeds:
-        hurt, rolled = a.by_key[("guard", s)], a.by_key[("rollback", s)]
-        fault = rolled.fault_step
-        rollback_steps = rolled.steps_of("rollback")
-        restored = [
-            f"{rb} → {r:g}" for rb, r in zip(rollback_steps, rolled.restored_steps, strict=True)
-        ]
-        event_rows.append(
-            (
-                str(s),
-                f"{fault}-{(fault or 0) + LR_STEPS - 1}",
-                _first(rolled.steps_of("spike", "loss")),
-                _first(hurt.steps_of("divergence")),
-                ", ".join(restored) or "none",
-                _first(rolled.steps_of("cooldown")),
-                str(rolled.optimizer_steps),
-                str(rolled.iterations),
-            )
-        )
-    return (
-        Table(
-            title="Final loss (MSE on all 1,024 points)",
-            columns=(
-                "seed",
-                *(ARM_LABELS[arm] for arm in ARMS),
-                "guard only / clean",
-                "rollback vs clean",
-            ),
-            rows=tuple(final_rows),
-            note="The mean row holds the mean loss of each arm and the ratios of those means."
-            if len(seeds) > 1
-            else "",
-        ),
-        Table(
-            title="Events: the fault, detection, rollback and cool-down (optimizer steps)",
-            columns=(
-                "seed",
-                f"LR x{LR_FACTOR:g}",
-                "first loss spike",
-                "guard only: divergence onset",
-                "rollback at → restored",
-                "cool-down over",
-                "optimizer steps",
-                "batches drawn",
-            ),
-            rows=tuple(event_rows),
-            note=(
-                "A rollback fires at the drain (every 10 steps) after the spike; batches "
-                "drawn minus optimizer steps are the batches skipped. The guard-only arm "
-                "trains on after its divergence event asked the loop to stop. The Rollback "
-                f"held {nbytes:,} bytes of snapshots (keep=2: parameters, AdamW state and "
-                "the torch RNG state, twice)."
-            ),
-        ),
-    )
-
-
-class RecoveryExperiment:
+class RecoveryExperiment(LabExperiment):
     """The ``recovery`` experiment (Chowdhery et al. 2022, sec. 5.1)."""
 
     name = "recovery"
@@ -475,50 +242,242 @@ class RecoveryExperiment:
         f"synthetic points, {STEPS:,} AdamW steps, the LR x{LR_FACTOR:g} for {LR_STEPS} steps "
         f"at step {FAULT_STEP}, snapshots every {EVERY} steps."
     )
+    record_type = Arm
 
-    def run(self, *, quick: bool, seed: int, progress: Progress | None = None) -> ExperimentResult:
-        """Train the three arms per seed; quick uses 1 seed, full :data:`FULL_SEEDS` seeds.
+    def config(self, quick: bool) -> dict[str, Any]:
+        """The same for both variants: both train the full 1,200 steps."""
+        return {
+            "model": f"MLP {N_INPUTS}-{WIDTH}-{WIDTH}-1, tanh, PyTorch default init",
+            "data": f"{N_POINTS} points, x ~ N(0, 1)^{N_INPUTS}, y = tanh(x.w), w ~ N(0, 1)",
+            "loss": "mse",
+            "batch_size": BATCH_SIZE,
+            "optimizer": f"AdamW(lr={LR:g}), CosineAnnealingLR(T_max={STEPS})",
+            "steps": STEPS,
+            "fault": f"FaultInjector(at={{{FAULT_STEP}: 'lr'}}, lr_factor={LR_FACTOR:g}, "
+            f"lr_steps={LR_STEPS})",
+            "fault_step": FAULT_STEP,
+            "lr_factor": LR_FACTOR,
+            "lr_steps": LR_STEPS,
+            "guard": f"Guard(log_every={LOG_EVERY}, detectors='default', clip=None)",
+            "recovery": repr(Rollback(every=EVERY, cooldown=COOLDOWN)),
+            "every": EVERY,
+            "cooldown": COOLDOWN,
+            "arms": list(ARMS),
+        }
 
-        Both variants train the full 1,200 steps (see the module docstring for why).
-        """
-        seeds = seeds_for(seed, quick=quick, n_full=FULL_SEEDS)
-        grid = [(arm, s) for s in seeds for arm in ARMS]
-        arms: list[Arm] = []
-        start = time.perf_counter()
-        with single_thread():
-            for done, (arm, s) in enumerate(grid, start=1):
-                arms.append(train(arm, s))
-                if progress is not None:
-                    progress(done, len(grid))
-        return ExperimentResult(
-            name=self.name,
-            title=self.title,
-            references=self.references,
-            setting=self.setting,
-            config={
-                "model": f"MLP {N_INPUTS}-{WIDTH}-{WIDTH}-1, tanh, PyTorch default init",
-                "data": f"{N_POINTS} points, x ~ N(0, 1)^{N_INPUTS}, y = tanh(x.w), w ~ N(0, 1)",
-                "loss": "mse",
-                "batch_size": BATCH_SIZE,
-                "optimizer": f"AdamW(lr={LR:g}), CosineAnnealingLR(T_max={STEPS})",
-                "steps": STEPS,
-                "fault": f"FaultInjector(at={{{FAULT_STEP}: 'lr'}}, lr_factor={LR_FACTOR:g}, "
-                f"lr_steps={LR_STEPS})",
-                "fault_step": FAULT_STEP,
-                "lr_factor": LR_FACTOR,
-                "lr_steps": LR_STEPS,
-                "guard": f"Guard(log_every={LOG_EVERY}, detectors='default', clip=None)",
-                "recovery": repr(Rollback(every=EVERY, cooldown=COOLDOWN)),
-                "every": EVERY,
-                "cooldown": COOLDOWN,
-                "arms": list(ARMS),
-            },
-            seeds=seeds,
-            claims=claims(arms, seeds),
-            tables=tables(arms, seeds),
-            measurements=tuple(a.to_dict() for a in arms),
-            duration_s=time.perf_counter() - start,
+    def grid(self, quick: bool, seeds: tuple[int, ...]) -> list[Callable[[], Arm]]:
+        """The three arms of every seed."""
+        return [partial(train, a, s) for s in seeds for a in ARMS]
+
+    def claims(self, records: Sequence[Arm], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
+        """The guard alone cannot undo the fault; the rollback does, from before it."""
+        a = BySeed(records, seeds, key=lambda x: (x.arm,))
+        clean, hurt, recovered = ([x.final_loss for x in a.get(arm)] for arm in ARMS)
+        pairs = list(zip(clean, hurt, strict=True))
+        n = f"{len(seeds)} seed(s)"
+        rollbacks = a.get("rollback")
+        restored = ", ".join(
+            f"{r.restored_steps[0]:g}" if r.restored_steps else "none" for r in rollbacks
         )
+        counts = ", ".join(str(len(r.restored_steps)) for r in rollbacks)
+        return (
+            Claim(
+                id="guard-alone-cannot-undo",
+                source="Chowdhery et al. 2022",
+                statement="A real divergence (LR x100 for 10 steps) ruins the run when the guard "
+                "can only skip and warn: final loss NaN or at least 10x the clean run's.",
+                paper="~20 loss spikes in PaLM 540B despite gradient clipping, each handled "
+                "by a restart (the run without one is not reported)",
+                measured_on=f"clean / guard-only final loss, {n} (NaN counts as infinite: 0); "
+                "pass: below 0.1",
+                values=tuple(c / h if math.isfinite(h) else 0.0 for c, h in pairs),
+                criterion=Criterion(high=0.1),
+                note="guard-only final loss "
+                + ", ".join(f"{format_value(h)} ({format_value(h / c)}x clean)" for c, h in pairs),
+            ),
+            Claim(
+                id="rollback-recovers",
+                source="Chowdhery et al. 2022; Zhang et al. 2022",
+                statement="Rolling back to a snapshot before the spike, skipping its batches and "
+                "halving the LR for 100 steps brings the run back to the clean run's loss.",
+                paper="PaLM: restart ~100 steps back, skip 200-500 batches, the spike does not "
+                "recur; OPT: restart earlier at a lower LR and training recovers",
+                measured_on=f"|rollback - clean| / clean final loss, {n}",
+                values=tuple(abs(r - c) / c for r, c in zip(recovered, clean, strict=True)),
+                criterion=Criterion(high=0.10),
+                note="signed "
+                + ", ".join(f"{r / c - 1:+.1%}" for r, c in zip(recovered, clean, strict=True)),
+            ),
+            Claim(
+                id="rollback-predates-fault",
+                source="Chowdhery et al. 2022",
+                statement="The rollback restores a snapshot taken before the fault's first step.",
+                paper="restart from a checkpoint roughly 100 steps before the spike started",
+                measured_on=f"fault step - restored snapshot step (every={EVERY}), {n}; NaN when "
+                "no rollback happened",
+                values=tuple(_restored_margin(r) for r in rollbacks),
+                criterion=Criterion(low=0),
+                note=f"restored step {restored}; rollbacks per run {counts}",
+            ),
+        )
+
+    def tables(self, records: Sequence[Arm], seeds: tuple[int, ...]) -> tuple[Table, ...]:
+        """The final-loss table and the events table, one row per seed."""
+        a = BySeed(records, seeds, key=lambda x: (x.arm,))
+        finals = [[x.final_loss for x in a.get(arm)] for arm in ARMS]
+        final_rows = [_final_row(str(s), *(f[i] for f in finals)) for i, s in enumerate(seeds)]
+        if len(seeds) > 1:
+            final_rows.append(_final_row("mean", *(statistics.fmean(f) for f in finals)))
+        event_rows = []
+        for hurt, rolled in zip(a.get("guard"), a.get("rollback"), strict=True):
+            fault = rolled.fault_step
+            restored = zip(rolled.steps_of("rollback"), rolled.restored_steps, strict=True)
+            event_rows.append(
+                (
+                    str(rolled.seed),
+                    f"{fault}-{(fault or 0) + LR_STEPS - 1}",
+                    _first(rolled.steps_of("spike", "loss")),
+                    _first(hurt.steps_of("divergence")),
+                    ", ".join(f"{rb} → {r:g}" for rb, r in restored) or "none",
+                    _first(rolled.steps_of("cooldown")),
+                    str(rolled.optimizer_steps),
+                    str(rolled.iterations),
+                )
+            )
+        nbytes = a.get("rollback")[0].snapshot_nbytes
+        return (
+            Table(
+                title="Final loss (MSE on all 1,024 points)",
+                columns=(
+                    "seed",
+                    *(ARM_LABELS[arm] for arm in ARMS),
+                    "guard only / clean",
+                    "rollback vs clean",
+                ),
+                rows=tuple(final_rows),
+                note="The mean row holds the mean loss of each arm and the ratios of those means."
+                if len(seeds) > 1
+                else "",
+            ),
+            Table(
+                title="Events: the fault, detection, rollback and cool-down (optimizer steps)",
+                columns=(
+                    "seed",
+                    f"LR x{LR_FACTOR:g}",
+                    "first loss spike",
+                    "guard only: divergence onset",
+                    "rollback at → restored",
+                    "cool-down over",
+                    "optimizer steps",
+                    "batches drawn",
+                ),
+                rows=tuple(event_rows),
+                note="A rollback fires at the drain (every 10 steps) after the spike; batches "
+                "drawn minus optimizer steps are the batches skipped. The guard-only arm "
+                "trains on after its divergence event asked the loop to stop. The Rollback "
+                f"held {nbytes:,} bytes of snapshots (keep=2: parameters, AdamW state and "
+                "the torch RNG state, twice).",
+            ),
+        )
+
+    def figure(self, records: Sequence[Arm], data: Mapping[str, Any]) -> Figure:
+        """Loss and gradient norm per step of the three arms of the first seed.
+
+        Left the whole run, right a close-up of the fault. The fault window (LR x100) is
+        shaded; the rollback (an arrow from the step it fired at back to the snapshot it
+        restored) and the end of the cool-down are marked. Steps a rollback undid are dotted.
+        """
+        config = data["config"]
+        first_seed = min(x.seed for x in records)
+        arms = {x.arm: x for x in records if x.seed == first_seed}
+        fault, lr_steps = config["fault_step"], config["lr_steps"]
+        rolled = arms["rollback"]
+        marks = zip(rolled.steps_of("rollback"), rolled.restored_steps, strict=True)
+        rollbacks = [(s, r) for s, r in marks if math.isfinite(r)]
+        cooldowns = rolled.steps_of("cooldown")
+        fig, axes = new_figure(
+            2, 2, figsize=(12, 6.6), sharey="row", gridspec_kw={"width_ratios": (1.5, 1)}
+        )
+        for row_axes, field in zip(axes, ("loss", "grad_norm"), strict=True):
+            for ax in row_axes:
+                for name in ARMS:
+                    kept, abandoned = _kept_and_abandoned(
+                        list(arms[name].steps), list(getattr(arms[name], field))
+                    )
+                    color = _ARM_COLORS[name]
+                    ax.plot(
+                        list(kept), list(kept.values()), color=color, lw=0.8, label=ARM_LABELS[name]
+                    )
+                    for stretch in abandoned:
+                        xs, ys = zip(*stretch, strict=True)
+                        ax.plot(xs, ys, color=color, lw=1.0, ls=":", label="_undone")
+                ax.set_yscale("log")
+                ax.grid(True, which="major", alpha=0.3)
+                ax.axvspan(fault - 0.5, fault + lr_steps - 0.5, color="#ff7f0e", alpha=0.3, lw=0)
+                for fired, restored in rollbacks:
+                    ax.axvline(restored, color="#1f77b4", ls="--", lw=0.8)
+                    ax.axvline(fired, color="#1f77b4", ls="-.", lw=0.8)
+                for step in cooldowns:
+                    ax.axvline(step, color="#7f7f7f", ls="--", lw=0.8)
+            row_axes[1].set_xlim(fault - 2 * config["every"], fault + 2 * config["cooldown"])
+        zoom = axes[0][1]
+        on_x = zoom.get_xaxis_transform()
+        for fired, restored in rollbacks:
+            zoom.annotate(
+                f"rollback {fired} → {restored:g}",
+                xy=(restored, 0.93),
+                xytext=(fired + 5, 0.93),
+                xycoords=on_x,
+                textcoords=on_x,
+                arrowprops={"arrowstyle": "->", "color": "#1f77b4"},
+                va="center",
+                fontsize=8,
+                color="#1f77b4",
+            )
+        for step in cooldowns:
+            zoom.text(step + 3, 0.8, "cool-down over", transform=on_x, fontsize=8, color="#4d4d4d")
+        factor = f"LR x{config['lr_factor']:g}"
+        zoom.text(fault - 3, 0.05, factor, ha="right", transform=on_x, fontsize=8, color="#c85a00")
+        axes[0][0].set_ylabel("batch loss (MSE)")
+        axes[1][0].set_ylabel("gradient norm")
+        for ax in axes[1]:
+            ax.set_xlabel("optimizer step (a rollback rewinds it)")
+        axes[0][0].set_title("whole run", fontsize=10)
+        zoom.set_title("around the fault (dotted: steps the rollback undid)", fontsize=10)
+        axes[0][0].legend(fontsize=8, loc="lower left")
+        fig.suptitle(
+            f"A real divergence, with and without rollback (seed {first_seed}, "
+            f"{factor} for steps {fault}-{fault + lr_steps - 1})"
+        )
+        fig.tight_layout()
+        return fig
+
+
+_ARM_COLORS = {"clean": "#2ca02c", "guard": "#d62728", "rollback": "#1f77b4"}
+
+
+def _kept_and_abandoned(
+    steps: list[int], values: list[float]
+) -> tuple[dict[int, float], list[list[tuple[int, float]]]]:
+    """Split one arm's calls into the path kept and the stretches a rollback abandoned.
+
+    A rollback makes the step numbers go back; the calls it undid form an abandoned
+    stretch, and for each step the last value recorded is the one the run kept.
+    """
+    kept: dict[int, float] = {}
+    stretches: list[list[tuple[int, float]]] = [[]]
+    for i, (step, value) in enumerate(zip(steps, values, strict=True)):
+        if i and step <= steps[i - 1]:
+            stretches.append([])
+        stretches[-1].append((step, value))
+        kept[step] = value
+    # Every stretch but the last was cut short by a rollback: keep its undone part only.
+    abandoned = [
+        [(s, v) for s, v in stretch if s >= nxt[0][0]]
+        for stretch, nxt in zip(stretches, stretches[1:], strict=False)
+    ]
+    return kept, abandoned
 
 
 EXPERIMENT = RecoveryExperiment()
+claims = EXPERIMENT.claims

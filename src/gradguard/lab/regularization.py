@@ -1,102 +1,81 @@
 """Experiment ``regularization``: what L2 weight decay and dropout do to weights and gradients.
 
-Practitioners' guides say that regularization (L2 weight decay, dropout)
-penalizes large weights and so keeps the gradients from becoming too large, besides
-improving generalization. The published claims behind them: Krogh & Hertz (1992) showed
-that weight decay suppresses weight components the data does not need and improves
-generalization; Srivastava et al. (2014) that dropout reduces overfitting (lower test
-error on MNIST, CIFAR, ImageNet...); Soudry et al. (2018) that, on separable data and
-without regularization, gradient descent on the cross-entropy lets the weight norm grow
-without bound (logarithmically). This experiment measures the weight norm, the gradient
-norm and the train/test gap with and without them on the bundled digits.
+Practitioners' guides say that regularization (L2 weight decay, dropout) penalizes large
+weights and so keeps the gradients from becoming too large, besides improving
+generalization. The published claims behind them: weight decay suppresses weight components
+the data does not need and improves generalization (Krogh & Hertz 1992); dropout reduces
+overfitting (Srivastava et al. 2014: lower test error on MNIST, CIFAR, ImageNet...); without
+regularization, gradient descent on the cross-entropy of separable data grows the weight
+norm without bound, logarithmically (Soudry et al. 2018).
 
 Setup. A ReLU MLP 64 → 256 → 256 → 10 with PyTorch's default init, cross-entropy, SGD with
 momentum 0.9 at LR 0.05, batches of 64 from shuffled epochs (data seed ``1000 + seed``),
-1,500 steps (67 epochs: long enough to fit the 1,437 training images). Three arms:
+1,500 steps (67 epochs: long enough to fit the 1,437 training images). Arms: ``none``;
+``l2``, weight decay λ = 5e-4 on every parameter (SGD's ``weight_decay``: the objective is
+L + λ/2·||θ||²; Krizhevsky et al. 2012's value); ``dropout``, p = 0.5 after each hidden ReLU
+(Srivastava et al.'s value for hidden units), no weight decay. Per step: the batch loss and
+the global gradient norm of the data loss L (:func:`gradguard.grad_stats`, read before the
+optimizer adds the decay); every 10 steps ||θ|| over all parameters. After training:
+cross-entropy and accuracy on both splits (eval mode) and ||∇L|| on the whole training split.
 
-* ``none``: no regularization;
-* ``l2``: L2 weight decay λ = 5e-4 on every parameter (SGD's ``weight_decay``, i.e. the
-  gradient of λ/2·||θ||² added to each step: the objective is L + λ/2·||θ||²), the value
-  of Krizhevsky et al. 2012;
-* ``dropout``: dropout p = 0.5 after each hidden ReLU (Srivastava et al.'s value for
-  hidden units), no weight decay.
-
-Per step the batch loss and the global gradient norm of the data loss L (from
-:func:`gradguard.grad_stats`; weight decay is added inside the optimizer step, after the
-measurement) are kept, and every 10 steps the norm of all parameters ||θ||. After
-training: cross-entropy and accuracy on both splits (eval mode, no dropout) and, for the
-stationarity check, the gradient norm of L on the whole training split.
-
-Two measures, fixed before the lab's seeds were run: the late gradient norm is the mean
-global gradient norm over the last 10 % of the steps; the generalization gap is test minus
-train cross-entropy. At a minimum of L + λ/2·||θ||² the data gradient is ∇L = -λθ, so
-||∇L|| = λ||θ||: weight decay holds the gradient up, where without it the gradient of a
-fitted net decays toward 0.
+Measures, fixed before the lab's seeds were run: the late gradient norm is the mean global
+gradient norm over the last 10 % of the steps; the generalization gap is test minus train
+cross-entropy. At a minimum of L + λ/2·||θ||², ∇L = -λθ, so ||∇L|| = λ||θ||: weight decay
+holds the gradient up, where without it the gradient of a fitted net decays toward 0.
 
 Results on seeds 0-8, every seed alike: the weight claims hold (growth 1.26x without
 regularization, L2's final norm 0.77x, ||∇L|| / λ||θ|| 0.72-0.74); L2 narrows the gap
 (0.58-0.67x). Three seed-text claims do not reproduce: the late gradient norm is 4.2-4.4x
-*higher* with L2 and 56-122x with dropout than without regularization, whose gradient
-decays as the net fits the data (there is no gradient growth for regularization to
-restrain at this scale); and dropout widens the cross-entropy gap (0.95-2.5x) while its
-test accuracy is equal or higher: its errors are more confident.
+*higher* with L2 and 56-122x with dropout than without regularization, whose gradient decays
+as the net fits the data (no gradient growth to restrain at this scale); and dropout widens
+the cross-entropy gap (0.95-2.5x) while its test accuracy is equal or higher: its errors are
+more confident.
 
-Revised (2026-12-05), the claims above kept. The guides' claim is about gradients
-"becoming too large", which needs a regime where the unregularized gradient grows. Added
-arms ``noisy-*``: a 6 x 128 ReLU MLP (default init) trained for 600 steps, same optimizer,
-λ and p, on training labels of which 30 % are redrawn at random (seed ``2000 + seed``): the
-loss cannot reach 0, the weights grow and the gradient with them. Added claims, criteria
-fixed before the held-out seeds 10-15 were run: the unregularized late / early gradient
-norm is above 2 (precondition); L2 and dropout keep the late gradient norm below 0.8x the
-unregularized run's; dropout narrows the train - test *accuracy* gap (the paper's measure)
-below 1x. Seeds 0-2 / 10-15: growth 11-14x (3/3, 6/6); L2 0.90-1.05x (0/3, 0/6); dropout
-0.77-1.05x (0/3, 1/6); accuracy gap 0.58-0.89x (3/3, 6/6).
+Revised (2026-12-05), the claims above kept. The guides' claim needs a regime where the
+unregularized gradient grows. Added arms ``noisy-*``: a 6 x 128 ReLU MLP (default init),
+600 steps, same optimizer, λ and p, on training labels of which 30 % are redrawn at random
+(seed ``2000 + seed``): the loss cannot reach 0, the weights grow and the gradient with them.
+Added claims, criteria fixed before the held-out seeds 10-15 were run: the unregularized late
+/ early gradient norm is above 2 (precondition); L2 and dropout keep the late gradient norm
+below 0.8x the unregularized run's; dropout narrows the train - test *accuracy* gap (the
+paper's measure) below 1x. Seeds 0-2 / 10-15: growth 11-14x (3/3, 6/6); L2 0.90-1.05x (0/3,
+0/6); dropout 0.77-1.05x (0/3, 1/6); accuracy gap 0.58-0.89x (3/3, 6/6).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from gradguard.lab._harness import data_generator, seeds_for, single_thread
-from gradguard.lab._records import (
-    Claim,
-    Criterion,
-    ExperimentResult,
-    Progress,
-    Table,
-    format_value,
-)
+from gradguard.lab._figures import block_means, new_figure
+from gradguard.lab._harness import LabExperiment
+from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, cell, listed
+from gradguard.lab._training import digit_batches, train_loop
 from gradguard.lab.data import N_CLASSES, N_FEATURES, N_TRAIN, load_digits
 from gradguard.stats import grad_stats
 
-WIDTH = 256
-DEPTH = 2
-BATCH_SIZE = 64
-LR = 0.05
-MOMENTUM = 0.9
-STEPS = 1500
-WEIGHT_DECAY = 5e-4
-DROPOUT = 0.5
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+WIDTH, DEPTH = 256, 2
+BATCH_SIZE, LR, MOMENTUM, STEPS = 64, 0.05, 0.9, 1500
+WEIGHT_DECAY, DROPOUT = 5e-4, 0.5
 NORM_EVERY = 10
+"""||θ|| is measured every this many steps."""
 LATE_FRACTION = 0.1
-FULL_SEEDS = 3
+"""The late (early) gradient norm is the mean over the last (first) tenth of the steps."""
 # The gradient-growth regime (added after the first version, see the module docstring).
-GROWTH_DEPTH = 6
-GROWTH_WIDTH = 128
-GROWTH_STEPS = 600
-LABEL_NOISE = 0.3
-LABEL_NOISE_SEED_OFFSET = 2000
-GROWTH_MIN = 2.0
-RESTRAIN_MAX = 0.8
+GROWTH_DEPTH, GROWTH_WIDTH, GROWTH_STEPS = 6, 128, 600
+LABEL_NOISE, LABEL_NOISE_SEED_OFFSET = 0.3, 2000
+GROWTH_MIN, RESTRAIN_MAX = 2.0, 0.8
+"""Criteria: unregularized late / early gradient norm above, regularized / unregularized below."""
 
 CLEAN_ARMS = ("none", "l2", "dropout")
 NOISY_ARMS = ("noisy-none", "noisy-l2", "noisy-dropout")
@@ -141,10 +120,9 @@ def noisy_labels(seed: int) -> Tensor:
 
 
 def build_model(arm: str, seed: int) -> nn.Sequential:
-    """Return the arm's MLP (with dropout for the dropout arms), default init under ``seed``.
+    """Return the arm's MLP (2 x 256, or 6 x 128 for the noisy-label arms), default init.
 
-    The clean arms get the 2 x 256 MLP, the noisy-label arms the 6 x 128 one. The global RNG
-    is forked, so building leaves it as it was.
+    Dropout arms get dropout after each hidden ReLU; the global RNG is forked and kept.
     """
     depth, width = (GROWTH_DEPTH, GROWTH_WIDTH) if is_noisy(arm) else (DEPTH, WIDTH)
     with torch.random.fork_rng(devices=[]):
@@ -160,15 +138,6 @@ def build_model(arm: str, seed: int) -> nn.Sequential:
         return nn.Sequential(*layers)
 
 
-def batches(seed: int) -> Iterator[Tensor]:
-    """Yield index batches of the training split, shuffled epoch after epoch (seed 1000+s)."""
-    generator = data_generator(seed)
-    while True:
-        order = torch.randperm(N_TRAIN, generator=generator)
-        for start in range(0, N_TRAIN - BATCH_SIZE + 1, BATCH_SIZE):
-            yield order[start : start + BATCH_SIZE]
-
-
 def parameter_norm(model: nn.Module) -> float:
     """Return ||θ||, the L2 norm over every parameter (weights and biases)."""
     with torch.no_grad():
@@ -176,54 +145,30 @@ def parameter_norm(model: nn.Module) -> float:
 
 
 @dataclass(frozen=True)
-class Run:
-    """One arm of one seed.
-
-    Attributes:
-        arm: a name in :data:`ARMS`.
-        seed: model seed (data seed ``1000 + seed``; dropout masks draw from it too).
-        train_loss: cross-entropy on the training split after training (eval mode).
-        test_loss: cross-entropy on the test split after training.
-        train_accuracy: accuracy on the training split.
-        test_accuracy: accuracy on the test split.
-        late_grad_norm: mean global gradient norm of the last 10 % of the steps.
-        early_grad_norm: mean global gradient norm of the first 10 % of the steps.
-        full_grad_norm: gradient norm of the data loss on the whole training split, at the end.
-        loss: the batch loss of every step.
-        grad_norm: the global gradient norm of every step (data loss only).
-        norm_steps: the steps of ``param_norm`` (0 is the initialization).
-        param_norm: ||θ|| at those steps.
-    """
+class Run(Record):
+    """One arm of one seed."""
 
     arm: str
+    """A name in :data:`ARMS`."""
     seed: int
+    """Model seed (data seed ``1000 + seed``; dropout masks draw from it too)."""
     train_loss: float
+    """Cross-entropy on the training split after training (eval mode, true labels)."""
     test_loss: float
     train_accuracy: float
     test_accuracy: float
     late_grad_norm: float
+    """Mean global gradient norm of the last 10 % of the steps."""
     early_grad_norm: float
+    """Mean global gradient norm of the first 10 % of the steps."""
     full_grad_norm: float
+    """Gradient norm of the data loss on the whole training split, at the end."""
     loss: tuple[float, ...]
     grad_norm: tuple[float, ...]
+    """The global gradient norm of every step (data loss only)."""
     norm_steps: tuple[int, ...]
+    """The steps of ``param_norm`` (0 is the initialization)."""
     param_norm: tuple[float, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dictionary."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> Run:
-        """Rebuild a run from :meth:`to_dict` output (non-finite numbers may be text)."""
-        fields = dict(record)
-        for key in ("loss", "grad_norm", "param_norm"):
-            fields[key] = tuple(float(v) for v in fields[key])
-        fields["norm_steps"] = tuple(int(v) for v in fields["norm_steps"])
-        for key, value in fields.items():
-            if key not in ("arm", "seed") and not isinstance(value, tuple):
-                fields[key] = float(value)
-        return cls(**fields)
 
     @property
     def gap(self) -> float:
@@ -252,11 +197,7 @@ class Run:
 
 
 def _evaluate(model: nn.Module, labels: Tensor) -> dict[str, float]:
-    """Losses and accuracies on both splits in eval mode, and the full-batch gradient norm.
-
-    Losses and accuracies use the true labels; the gradient norm uses ``labels``, the ones
-    the arm was trained on.
-    """
+    """Eval-mode losses and accuracies (true labels), and ``full_grad_norm`` on ``labels``."""
     digits = load_digits()
     model.eval()
     with torch.no_grad():
@@ -284,23 +225,25 @@ def train(arm: str, seed: int) -> Run:
     labels = noisy_labels(seed) if is_noisy(arm) else digits.y_train
     decay = WEIGHT_DECAY if regularizer(arm) == "l2" else 0.0
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=decay)
-    stream = batches(seed)
     losses: list[float] = []
     norms: list[float] = []
     param_norms = [parameter_norm(model)]
+    # The data loss's gradient, read before the step adds the decay (CPU: reading costs no sync).
+    optimizer.register_step_pre_hook(lambda *_: norms.append(float(grad_stats(model).total)))
+
+    def after(step: int, loss: Tensor, report: object) -> None:
+        losses.append(loss.item())
+        if step % NORM_EVERY == 0:
+            param_norms.append(parameter_norm(model))
+
+    def loss_of(model: nn.Module, index: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(model(digits.x_train[index]), labels[index])
+
+    batches = digit_batches(seed, BATCH_SIZE)
     # Dropout masks come from the global RNG: fork it and seed it with the data stream's seed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1000 + seed)
-        for step in range(1, steps + 1):
-            index = next(stream)
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(digits.x_train[index]), labels[index])
-            loss.backward()  # type: ignore[no-untyped-call]
-            norms.append(float(grad_stats(model).total))  # CPU: reading it costs no sync
-            optimizer.step()
-            losses.append(loss.item())
-            if step % NORM_EVERY == 0:
-                param_norms.append(parameter_norm(model))
+        train_loop(model, optimizer, batches, loss_of, steps, after_step=after)
     window = int(steps * LATE_FRACTION)
     return Run(
         arm=arm,
@@ -315,40 +258,39 @@ def train(arm: str, seed: int) -> Run:
     )
 
 
-class _Runs:
-    """The runs of one experiment, indexed by (arm, seed)."""
+def claims(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
+    """Judge the claims against the runs of every arm and seed."""
+    r = BySeed(runs, seeds, key=lambda x: (x.arm,))
 
-    def __init__(self, runs: Sequence[Run], seeds: tuple[int, ...]) -> None:
-        self.by_key = {(r.arm, r.seed): r for r in runs}
-        self.seeds = seeds
+    def ratio(arm: str, field: str, base: str = "none") -> tuple[float, ...]:
+        """``field`` of ``arm`` over that of ``base``, per seed (NaN where it is 0)."""
+        pairs = zip(r.get(arm), r.get(base), strict=True)
+        return tuple(_divide(getattr(a, field), getattr(b, field)) for a, b in pairs)
 
-    def get(self, arm: str) -> list[Run]:
-        """Return the runs of ``arm``, one per seed."""
-        return [self.by_key[(arm, s)] for s in self.seeds]
+    def versus(arm: str, text: Callable[[Run], str]) -> str:
+        pairs = zip(r.get(arm), r.get("none"), strict=True)
+        return ", ".join(f"{text(a)} vs {text(b)}" for a, b in pairs)
 
-    def ratio(self, arm: str, field: str, base: str = "none") -> tuple[float, ...]:
-        """Return ``field`` of ``arm`` over ``field`` of the ``base`` run, per seed."""
-        return tuple(
-            _divide(float(getattr(a, field)), float(getattr(b, field)))
-            for a, b in zip(self.get(arm), self.get(base), strict=True)
-        )
-
-
-def _divide(a: float, b: float) -> float:
-    """Return a / b, NaN where b is 0 (a claim on it then fails rather than crashing)."""
-    return a / b if b != 0 else math.nan
-
-
-def _weight_claims(r: _Runs) -> list[Claim]:
-    n = f"{len(r.seeds)} seed(s), {STEPS} steps"
-    l2 = r.get("l2")
-    return [
+    n = f"{len(seeds)} seed(s)"
+    late = f"mean gradient norm over the last {LATE_FRACTION:.0%} of steps"
+    guides = "regularization 'helps prevent the gradients from becoming too large' (no number)"
+    regime = f"{LABEL_NOISE:.0%} noisy labels, {GROWTH_DEPTH} x {GROWTH_WIDTH} MLP"
+    growth = listed([x.gradient_growth for x in r.get("noisy-none")])
+    gap_sources = {
+        "l2": ("Krogh & Hertz 1992", "weight decay improves generalization"),
+        "dropout": (
+            "Srivastava et al. 2014",
+            "dropout reduces overfitting: lower test error on every benchmark tried "
+            "(MNIST, CIFAR, ImageNet, ...; qualitative here)",
+        ),
+    }
+    return (
         Claim(
             id="weights-grow-without-regularization",
             source="Soudry et al. 2018; practitioners' guides",
             statement="Without regularization the parameter norm grows during training.",
             paper="on separable data GD on the cross-entropy grows ||w|| like log t",
-            measured_on=f"||θ|| final / at init, no regularization, {n}",
+            measured_on=f"||θ|| final / at init, no regularization, {n}, {STEPS} steps",
             values=tuple(x.weight_growth for x in r.get("none")),
             criterion=Criterion(low=1.05),
         ),
@@ -358,8 +300,8 @@ def _weight_claims(r: _Runs) -> list[Claim]:
             statement="With L2 weight decay the final parameter norm is below 0.9x the "
             "unregularized run's.",
             paper="weight decay suppresses weight components the data does not need",
-            measured_on=f"final ||θ||, L2 / none, λ = {WEIGHT_DECAY:g}, {n}",
-            values=r.ratio("l2", "final_param_norm"),
+            measured_on=f"final ||θ||, L2 / none, λ = {WEIGHT_DECAY:g}, {n}, {STEPS} steps",
+            values=ratio("l2", "final_param_norm"),
             criterion=Criterion(high=0.9),
         ),
         Claim(
@@ -368,101 +310,62 @@ def _weight_claims(r: _Runs) -> list[Claim]:
             statement="With L2 the data gradient settles where it balances the decay: "
             "||∇L|| = λ||θ|| within a factor 2.",
             paper="the minimum of L + λ/2 ||θ||² has ∇L = -λθ (the objective's definition)",
-            measured_on=f"||∇L|| on the full training split / (λ ||θ||) at the end, {n}",
-            values=tuple(x.full_grad_norm / (WEIGHT_DECAY * x.param_norm[-1]) for x in l2),
+            measured_on=f"||∇L|| on the full training split / (λ ||θ||) at the end, {n}, "
+            f"{STEPS} steps",
+            values=tuple(x.full_grad_norm / (WEIGHT_DECAY * x.param_norm[-1]) for x in r.get("l2")),
             criterion=Criterion(low=0.5, high=2.0),
         ),
-    ]
-
-
-def _gradient_claims(r: _Runs) -> list[Claim]:
-    n = f"{len(r.seeds)} seed(s)"
-    late = f"mean gradient norm over the last {LATE_FRACTION:.0%} of steps"
-    none = ", ".join(format_value(x.late_grad_norm) for x in r.get("none"))
-    return [
-        Claim(
-            id=f"{arm}-restrains-gradient-norm",
-            source="practitioners' guides",
-            statement=f"With {ARM_LABELS[arm]} the late-training gradient norm is lower than "
-            "without regularization.",
-            paper="regularization 'helps prevent the gradients from becoming too large' "
-            "(no number)",
-            measured_on=f"{late}, {ARM_LABELS[arm]} / none, {n}",
-            values=r.ratio(arm, "late_grad_norm"),
-            criterion=Criterion(high=1.0),
-            note=f"unregularized late norm {none}",
-        )
-        for arm in ("l2", "dropout")
-    ]
-
-
-def _gap_claims(r: _Runs) -> list[Claim]:
-    n = f"{len(r.seeds)} seed(s)"
-    none = ", ".join(format_value(x.gap) for x in r.get("none"))
-    sources = {
-        "l2": ("Krogh & Hertz 1992", "weight decay improves generalization"),
-        "dropout": (
-            "Srivastava et al. 2014",
-            "dropout reduces overfitting: lower test error on every benchmark tried "
-            "(MNIST, CIFAR, ImageNet, ...; qualitative here)",
-        ),
-    }
-    return [
-        Claim(
-            id=f"{arm}-narrows-generalization-gap",
-            source=f"{source}; practitioners' guides",
-            statement=f"{ARM_LABELS[arm].capitalize()} narrows the train/test cross-entropy "
-            "gap to below 0.8x the unregularized one.",
-            paper=paper,
-            measured_on=f"(test - train cross-entropy), {ARM_LABELS[arm]} / none, {n}",
-            values=r.ratio(arm, "gap"),
-            criterion=Criterion(high=0.8),
-            note=f"unregularized gap {none}; test accuracy "
-            + ", ".join(
-                f"{x.test_accuracy:.3f} vs {y.test_accuracy:.3f}"
-                for x, y in zip(r.get(arm), r.get("none"), strict=True)
+        *(
+            Claim(
+                id=f"{arm}-restrains-gradient-norm",
+                source="practitioners' guides",
+                statement=f"With {ARM_LABELS[arm]} the late-training gradient norm is lower "
+                "than without regularization.",
+                paper=guides,
+                measured_on=f"{late}, {ARM_LABELS[arm]} / none, {n}",
+                values=ratio(arm, "late_grad_norm"),
+                criterion=Criterion(high=1.0),
+                note=f"unregularized late norm {listed([x.late_grad_norm for x in r.get('none')])}",
             )
-            + " (this arm vs none)",
-        )
-        for arm, (source, paper) in sources.items()
-    ]
-
-
-def _accuracy_gap_claim(r: _Runs) -> Claim:
-    n = f"{len(r.seeds)} seed(s)"
-    return Claim(
-        id="dropout-narrows-accuracy-gap",
-        source="Srivastava et al. 2014; practitioners' guides",
-        statement="Dropout narrows the train/test accuracy gap (the paper's measure: "
-        "classification error).",
-        paper="dropout lowers the test error at equal training error (MNIST 1.60 % -> "
-        "1.25 %, ...; qualitative here)",
-        measured_on=f"(train - test accuracy), {ARM_LABELS['dropout']} / none, {n}",
-        values=r.ratio("dropout", "accuracy_gap"),
-        criterion=Criterion(high=1.0),
-        note="train / test accuracy "
-        + ", ".join(
-            f"{x.train_accuracy:.3f}/{x.test_accuracy:.3f} vs "
-            f"{y.train_accuracy:.3f}/{y.test_accuracy:.3f}"
-            for x, y in zip(r.get("dropout"), r.get("none"), strict=True)
-        )
-        + " (dropout vs none)",
-    )
-
-
-def _growth_claims(r: _Runs) -> list[Claim]:
-    n = f"{len(r.seeds)} seed(s), {GROWTH_STEPS} steps"
-    regime = f"{LABEL_NOISE:.0%} noisy labels, {GROWTH_DEPTH} x {GROWTH_WIDTH} MLP"
-    window = f"mean gradient norm over the last {LATE_FRACTION:.0%} of steps"
-    growth = ", ".join(format_value(x.gradient_growth) for x in r.get("noisy-none"))
-    return [
+            for arm in ("l2", "dropout")
+        ),
+        *(
+            Claim(
+                id=f"{arm}-narrows-generalization-gap",
+                source=f"{source}; practitioners' guides",
+                statement=f"{ARM_LABELS[arm].capitalize()} narrows the train/test "
+                "cross-entropy gap to below 0.8x the unregularized one.",
+                paper=paper,
+                measured_on=f"(test - train cross-entropy), {ARM_LABELS[arm]} / none, {n}",
+                values=ratio(arm, "gap"),
+                criterion=Criterion(high=0.8),
+                note=f"unregularized gap {listed([x.gap for x in r.get('none')])}; test "
+                f"accuracy {versus(arm, lambda x: f'{x.test_accuracy:.3f}')} (this arm vs none)",
+            )
+            for arm, (source, paper) in gap_sources.items()
+        ),
+        Claim(
+            id="dropout-narrows-accuracy-gap",
+            source="Srivastava et al. 2014; practitioners' guides",
+            statement="Dropout narrows the train/test accuracy gap (the paper's measure: "
+            "classification error).",
+            paper="dropout lowers the test error at equal training error (MNIST 1.60 % -> "
+            "1.25 %, ...; qualitative here)",
+            measured_on=f"(train - test accuracy), {ARM_LABELS['dropout']} / none, {n}",
+            values=ratio("dropout", "accuracy_gap"),
+            criterion=Criterion(high=1.0),
+            note="train / test accuracy "
+            + versus("dropout", lambda x: f"{x.train_accuracy:.3f}/{x.test_accuracy:.3f}")
+            + " (dropout vs none)",
+        ),
         Claim(
             id="gradient-grows-without-regularization",
             source="precondition of the two claims below",
             statement=f"With {regime} and no regularization the training gradient norm grows: "
             f"late over early is above {GROWTH_MIN:g}.",
             paper="(the regime the guides' claim is about: gradients 'becoming too large')",
-            measured_on=f"{window} / the first {LATE_FRACTION:.0%}'s, {regime}, none, {n}",
+            measured_on=f"{late} / the first {LATE_FRACTION:.0%}'s, {regime}, none, {n}, "
+            f"{GROWTH_STEPS} steps",
             values=tuple(x.gradient_growth for x in r.get("noisy-none")),
             criterion=Criterion(low=GROWTH_MIN),
         ),
@@ -472,85 +375,39 @@ def _growth_claims(r: _Runs) -> list[Claim]:
                 source="practitioners' guides",
                 statement=f"Where the gradient grows, {ARM_LABELS[arm]} keeps the late "
                 f"gradient norm below {RESTRAIN_MAX:g}x the unregularized run's.",
-                paper="regularization 'helps prevent the gradients from becoming too large' "
-                "(no number)",
-                measured_on=f"{window}, {regime}, {ARM_LABELS[arm]} / none, {n}",
-                values=r.ratio(f"noisy-{arm}", "late_grad_norm", base="noisy-none"),
+                paper=guides,
+                measured_on=f"{late}, {regime}, {ARM_LABELS[arm]} / none, {n}, "
+                f"{GROWTH_STEPS} steps",
+                values=ratio(f"noisy-{arm}", "late_grad_norm", base="noisy-none"),
                 criterion=Criterion(high=RESTRAIN_MAX),
                 note=f"unregularized growth (late / early) {growth}; this arm's "
-                + ", ".join(format_value(x.gradient_growth) for x in r.get(f"noisy-{arm}")),
+                + listed([x.gradient_growth for x in r.get(f"noisy-{arm}")]),
             )
             for arm in ("l2", "dropout")
         ),
-    ]
-
-
-def claims(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
-    """Judge the claims against the runs of every arm and seed."""
-    r = _Runs(runs, seeds)
-    return (
-        *_weight_claims(r),
-        *_gradient_claims(r),
-        *_gap_claims(r),
-        _accuracy_gap_claim(r),
-        *_growth_claims(r),
     )
 
 
-def _cell(values: Sequence[float]) -> str:
-    if len(values) == 1:
-        return format_value(values[0])
-    low, high = format_value(min(values)), format_value(max(values))
-    return f"{format_value(statistics.fmean(values))} [{low}, {high}]"
+def _divide(a: float, b: float) -> float:
+    """Return a / b, NaN where b is 0 (a claim on it then fails rather than crashing)."""
+    return a / b if b != 0 else math.nan
 
 
-def tables(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Table, ...]:
-    """Return one table, a row per arm: norms, losses, accuracies and gaps."""
-    r = _Runs(runs, seeds)
-    spread = "" if len(seeds) == 1 else f" (mean [min, max] over {len(seeds)} seeds)"
-    rows = []
-    for arm in ARMS:
-        rs = r.get(arm)
-        rows.append(
-            (
-                ARM_LABELS[arm],
-                _cell([x.param_norm[0] for x in rs]),
-                _cell([x.param_norm[-1] for x in rs]),
-                _cell([x.early_grad_norm for x in rs]),
-                _cell([x.late_grad_norm for x in rs]),
-                _cell([x.train_loss for x in rs]),
-                _cell([x.test_loss for x in rs]),
-                _cell([x.train_accuracy for x in rs]),
-                _cell([x.test_accuracy for x in rs]),
-            )
-        )
-    return (
-        Table(
-            title=f"After {STEPS} steps (noisy-label arms: {GROWTH_STEPS})" + spread,
-            columns=(
-                "arm",
-                "||θ|| init",
-                "||θ|| final",
-                "grad norm, first 10 %",
-                "grad norm, last 10 %",
-                "train CE",
-                "test CE",
-                "train acc",
-                "test acc",
-            ),
-            rows=tuple(rows),
-            note="Gradient norms are of the data loss's minibatch gradient (the optimizer "
-            "adds weight decay after the measurement). Without regularization the net "
-            "fits the training set, its weights keep growing and its gradient decays "
-            "toward 0; weight decay holds it at λ||θ||, dropout's noise keeps it high. "
-            f"The noisy-label arms train a {GROWTH_DEPTH} x {GROWTH_WIDTH} MLP on labels "
-            f"{LABEL_NOISE:.0%} redrawn at random: the loss cannot reach 0 and the "
-            "gradient grows with the weights; their CE and accuracy use the true labels.",
-        ),
-    )
+_COLUMNS: tuple[tuple[str, Callable[[Run], float]], ...] = (
+    ("||θ|| init", lambda x: x.param_norm[0]),
+    ("||θ|| final", lambda x: x.param_norm[-1]),
+    ("grad norm, first 10 %", lambda x: x.early_grad_norm),
+    ("grad norm, last 10 %", lambda x: x.late_grad_norm),
+    ("train CE", lambda x: x.train_loss),
+    ("test CE", lambda x: x.test_loss),
+    ("train acc", lambda x: x.train_accuracy),
+    ("test acc", lambda x: x.test_accuracy),
+)
+"""The columns of the table after the arm's name, and what each shows of a run."""
+_COLORS = {"none": "#d62728", "l2": "#1f77b4", "dropout": "#2ca02c"}
 
 
-class RegularizationExperiment:
+class RegularizationExperiment(LabExperiment):
     """The ``regularization`` experiment (practitioners' guides; Krogh & Hertz; Srivastava)."""
 
     name = "regularization"
@@ -569,119 +426,103 @@ class RegularizationExperiment:
         f"{GROWTH_DEPTH} x {GROWTH_WIDTH} one on {LABEL_NOISE:.0%} noisy labels, "
         f"{GROWTH_STEPS} steps."
     )
+    record_type = Run
 
-    def run(self, *, quick: bool, seed: int, progress: Progress | None = None) -> ExperimentResult:
-        """Train every arm; quick uses 1 seed, full :data:`FULL_SEEDS` seeds."""
-        seeds = seeds_for(seed, quick=quick, n_full=FULL_SEEDS)
-        grid = [(arm, s) for s in seeds for arm in ARMS]
-        runs: list[Run] = []
-        start = time.perf_counter()
-        with single_thread():
-            for done, (arm, s) in enumerate(grid, start=1):
-                runs.append(train(arm, s))
-                if progress is not None:
-                    progress(done, len(grid))
-        return ExperimentResult(
-            name=self.name,
-            title=self.title,
-            references=self.references,
-            setting=self.setting,
-            config={
-                "model": f"ReLU MLP 64-{WIDTH}x{DEPTH}-10, PyTorch default init",
-                "optimizer": f"SGD(lr={LR:g}, momentum={MOMENTUM:g})",
-                "weight_decay": WEIGHT_DECAY,
-                "dropout": DROPOUT,
-                "batch_size": BATCH_SIZE,
-                "steps": STEPS,
-                "growth_regime": {
-                    "model": f"ReLU MLP 64-{GROWTH_WIDTH}x{GROWTH_DEPTH}-10, PyTorch default init",
-                    "label_noise": LABEL_NOISE,
-                    "label_noise_seed": f"{LABEL_NOISE_SEED_OFFSET} + seed",
-                    "steps": GROWTH_STEPS,
-                    "growth_min": GROWTH_MIN,
-                    "restrain_max": RESTRAIN_MAX,
-                },
-                "late_fraction": LATE_FRACTION,
-                "param_norm_every": NORM_EVERY,
+    def config(self, quick: bool) -> dict[str, Any]:
+        """The same settings in both variants (quick runs one seed)."""
+        return {
+            "model": f"ReLU MLP 64-{WIDTH}x{DEPTH}-10, PyTorch default init",
+            "optimizer": f"SGD(lr={LR:g}, momentum={MOMENTUM:g})",
+            "weight_decay": WEIGHT_DECAY,
+            "dropout": DROPOUT,
+            "batch_size": BATCH_SIZE,
+            "steps": STEPS,
+            "growth_regime": {
+                "model": f"ReLU MLP 64-{GROWTH_WIDTH}x{GROWTH_DEPTH}-10, PyTorch default init",
+                "label_noise": LABEL_NOISE,
+                "label_noise_seed": f"{LABEL_NOISE_SEED_OFFSET} + seed",
+                "steps": GROWTH_STEPS,
+                "growth_min": GROWTH_MIN,
+                "restrain_max": RESTRAIN_MAX,
             },
-            seeds=seeds,
-            claims=claims(runs, seeds),
-            tables=tables(runs, seeds),
-            measurements=tuple(r.to_dict() for r in runs),
-            duration_s=time.perf_counter() - start,
+            "late_fraction": LATE_FRACTION,
+            "param_norm_every": NORM_EVERY,
+        }
+
+    def grid(self, quick: bool, seeds: tuple[int, ...]) -> list[Callable[[], Run]]:
+        """One training per seed and arm."""
+        return [partial(train, arm, s) for s in seeds for arm in ARMS]
+
+    def claims(self, records: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
+        """See :func:`claims`."""
+        return claims(records, seeds)
+
+    def tables(self, records: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Table, ...]:
+        """One row per arm: norms, losses, accuracies."""
+        r = BySeed(records, seeds, key=lambda x: (x.arm,))
+        rows = tuple(
+            (ARM_LABELS[arm], *(cell([f(x) for x in r.get(arm)]) for _, f in _COLUMNS))
+            for arm in ARMS
         )
+        spread = "" if len(seeds) == 1 else f" (mean [min, max] over {len(seeds)} seeds)"
+        return (
+            Table(
+                title=f"After {STEPS} steps (noisy-label arms: {GROWTH_STEPS})" + spread,
+                columns=("arm", *(name for name, _ in _COLUMNS)),
+                rows=rows,
+                note="Gradient norms are of the data loss's minibatch gradient (the optimizer "
+                "adds weight decay after the measurement). Without regularization the net "
+                "fits the training set, its weights keep growing and its gradient decays "
+                "toward 0; weight decay holds it at λ||θ||, dropout's noise keeps it high. "
+                f"The noisy-label arms train a {GROWTH_DEPTH} x {GROWTH_WIDTH} MLP on labels "
+                f"{LABEL_NOISE:.0%} redrawn at random: the loss cannot reach 0 and the "
+                "gradient grows with the weights; their CE and accuracy use the true labels.",
+            ),
+        )
+
+    def figure(self, records: Sequence[Run], data: Mapping[str, Any]) -> Figure:
+        """Parameter norm, gradient norm and batch loss over training, per arm (first seed)."""
+        first_seed = min(r.seed for r in records)
+        chosen = {r.arm: r for r in records if r.seed == first_seed}
+        fig, (weights, grads, losses, growth) = new_figure(1, 4, figsize=(20, 4))
+        smooth = 25
+
+        def steps(values: Sequence[float]) -> list[float]:
+            return [smooth * (i + 0.5) for i in range(len(values))]
+
+        for arm in CLEAN_ARMS:
+            run, color = chosen[arm], _COLORS[arm]
+            label = f"{ARM_LABELS[arm]} (test CE {run.test_loss:.3f}, acc {run.test_accuracy:.3f})"
+            weights.plot(run.norm_steps, run.param_norm, color=color, label=label)
+            grad = block_means(run.grad_norm, smooth)
+            grads.plot(steps(grad), grad, color=color, label=ARM_LABELS[arm])
+            loss = block_means(run.loss, smooth)
+            losses.plot(steps(loss), loss, color=color, label=ARM_LABELS[arm])
+            if arm == "l2":
+                full = "full-batch ||∇L|| at the end"
+                grads.plot([STEPS], [run.full_grad_norm], "o", color=color, label=full)
+                equilibrium = WEIGHT_DECAY * run.param_norm[-1]
+                grads.axhline(equilibrium, color=color, ls=":", lw=0.8, label="λ||θ||")
+        for arm in NOISY_ARMS:
+            grad = block_means(chosen[arm].grad_norm, smooth)
+            growth.plot(steps(grad), grad, color=_COLORS[regularizer(arm)], label=ARM_LABELS[arm])
+        grad_label = "global gradient norm (mean of 25 steps)"
+        weights.set(ylabel="||θ|| (all parameters)")
+        grads.set(ylabel=grad_label, yscale="log")
+        losses.set(ylabel="batch loss (mean of 25 steps)", yscale="log")
+        growth.set(ylabel=grad_label, yscale="log")
+        weights.set_title("parameter norm", fontsize=10)
+        grads.set_title("gradient norm of the data loss", fontsize=10)
+        losses.set_title("training loss", fontsize=10)
+        regime = f"{LABEL_NOISE:.0%} noisy labels, {GROWTH_DEPTH} x {GROWTH_WIDTH} MLP"
+        growth.set_title(f"gradient growth: {regime}", fontsize=10)
+        for ax in (weights, grads, losses, growth):
+            ax.set_xlabel("SGD step")
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"L2 weight decay and dropout on a digits MLP (seed {first_seed})")
+        fig.tight_layout()
+        return fig
 
 
 EXPERIMENT = RegularizationExperiment()
-
-_COLORS = {"none": "#d62728", "l2": "#1f77b4", "dropout": "#2ca02c"}
-
-
-def _smooth(values: Sequence[float], width: int = 25) -> list[float]:
-    """Mean over consecutive blocks of ``width`` steps."""
-    return [statistics.fmean(values[i : i + width]) for i in range(0, len(values), width)]
-
-
-def plot(experiment_data: Mapping[str, Any], out_dir: Path) -> Path:
-    """Parameter norm, gradient norm and batch loss over training, one line per arm.
-
-    Drawn from the ``results.json`` data alone (first seed).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [Run.from_dict(m) for m in experiment_data["measurements"]]
-    first_seed = min(r.seed for r in rows)
-    chosen = {r.arm: r for r in rows if r.seed == first_seed}
-    fig, (weights, grads, losses, growth) = plt.subplots(1, 4, figsize=(20, 4))
-    for arm in CLEAN_ARMS:
-        run = chosen[arm]
-        color = _COLORS[arm]
-        label = f"{ARM_LABELS[arm]} (test CE {run.test_loss:.3f}, acc {run.test_accuracy:.3f})"
-        weights.plot(run.norm_steps, run.param_norm, color=color, label=label)
-        smooth = _smooth(run.grad_norm)
-        xs = [25 * (i + 0.5) for i in range(len(smooth))]
-        grads.plot(xs, smooth, color=color, label=ARM_LABELS[arm])
-        losses.plot(xs, _smooth(run.loss), color=color, label=ARM_LABELS[arm])
-        if arm == "l2":
-            grads.plot(
-                [STEPS],
-                [run.full_grad_norm],
-                marker="o",
-                color=color,
-                ls="",
-                label="full-batch ||∇L|| at the end",
-            )
-            grads.axhline(
-                WEIGHT_DECAY * run.param_norm[-1], color=color, ls=":", lw=0.8, label="λ||θ||"
-            )
-    for arm in NOISY_ARMS:
-        run = chosen[arm]
-        smooth = _smooth(run.grad_norm)
-        xs = [25 * (i + 0.5) for i in range(len(smooth))]
-        growth.plot(xs, smooth, color=_COLORS[regularizer(arm)], label=ARM_LABELS[arm])
-    growth.set_ylabel("global gradient norm (mean of 25 steps)")
-    growth.set_title(
-        f"gradient growth: {LABEL_NOISE:.0%} noisy labels, {GROWTH_DEPTH} x {GROWTH_WIDTH} MLP",
-        fontsize=10,
-    )
-    weights.set_ylabel("||θ|| (all parameters)")
-    weights.set_title("parameter norm", fontsize=10)
-    grads.set_ylabel("global gradient norm (mean of 25 steps)")
-    grads.set_title("gradient norm of the data loss", fontsize=10)
-    losses.set_ylabel("batch loss (mean of 25 steps)")
-    losses.set_title("training loss", fontsize=10)
-    for ax in (grads, losses, growth):
-        ax.set_yscale("log")
-    for ax in (weights, grads, losses, growth):
-        ax.set_xlabel("SGD step")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"L2 weight decay and dropout on a digits MLP (seed {first_seed})")
-    fig.tight_layout()
-    path = out_dir / "regularization.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -11,7 +11,25 @@ from gradguard.report._data import META_FILE, METRICS_FILE, ReadingNotes, number
 from gradguard.report._html import definitions, esc, fmt, image, page, table
 
 RESULTS_FILE = "results.json"
-_CLAIM_COLUMNS = ("claim", "source", "statement", "paper", "measured", "criterion", "passed")
+_CLAIM_COLUMNS = ("claim", "source", "statement", "paper", "measured", "criterion", "outcome")
+_OUTCOME_CLASS = {"reproduced": "pass", "refuted": "warn", "not reproduced at this scale": "fail"}
+
+
+def _outcome(claim: Mapping[str, Any]) -> str:
+    """The claim's outcome; a results file older than outcomes has only ``passed``."""
+    outcome = claim.get("outcome")
+    if outcome in _OUTCOME_CLASS:
+        return str(outcome)
+    return "reproduced" if claim.get("passed") else "not reproduced at this scale"
+
+
+def _elsewhere(claim: Mapping[str, Any], where: str, notes: ReadingNotes) -> str:
+    """The claim's results at the other scales on record, as text."""
+    parts = []
+    for other in _objects(claim.get("elsewhere"), f"{where}.elsewhere", notes):
+        mark = "reproduced" if other.get("passed") else "not reproduced"
+        parts.append(f"{other.get('variant', '?')}: {other.get('measured', '?')}, {mark}")
+    return "; ".join(parts)
 
 
 def _list(value: Any, where: str, notes: ReadingNotes) -> list[Any]:
@@ -65,8 +83,10 @@ def _claims(claims: Sequence[Mapping[str, Any]], where: str, notes: ReadingNotes
         return '<p class="note">No claims.</p>'
     rows, classes = [], {}
     for i, claim in enumerate(claims):
-        passed = bool(claim.get("passed"))
-        classes[(i, 6)] = "pass" if passed else "fail"
+        outcome = _outcome(claim)
+        classes[(i, 6)] = _OUTCOME_CLASS[outcome]
+        counted = f"{claim.get('n_passed', '?')}/{claim.get('n', '?')} pass"
+        beside = _elsewhere(claim, f"{where}[{i}]", notes)
         rows.append(
             (
                 claim.get("id", ""),
@@ -75,9 +95,8 @@ def _claims(claims: Sequence[Mapping[str, Any]], where: str, notes: ReadingNotes
                 claim.get("paper", ""),
                 _measured(claim, f"{where}[{i}]", notes),
                 claim.get("criterion", ""),
-                f"yes ({claim.get('n_passed', '?')}/{claim.get('n', '?')})"
-                if passed
-                else f"NO ({claim.get('n_passed', '?')}/{claim.get('n', '?')})",
+                f"{outcome} ({counted})"
+                + (f"; {beside}" if beside and outcome != "reproduced" else ""),
             )
         )
     return table(_CLAIM_COLUMNS, rows, cell_class=classes)
@@ -125,7 +144,8 @@ def _experiment(
     refs = "".join(f"<li>{esc(r)}</li>" for r in references)
     claims = _objects(experiment.get("claims"), f"{where}.claims", notes)
     tables = _objects(experiment.get("tables"), f"{where}.tables", notes)
-    status = "all claims reproduced" if experiment.get("all_passed") else "NOT all reproduced"
+    outcomes = [_outcome(c) for c in claims]
+    status = ", ".join(f"{outcomes.count(o)} {o}" for o in _OUTCOME_CLASS if o in outcomes)
     duration = number(experiment.get("duration_s"))
     config = json.dumps(experiment.get("config", {}), indent=1, ensure_ascii=False)
     return (
@@ -165,15 +185,20 @@ def build_lab_report(lab_dir: Path, results: Mapping[str, Any]) -> str:
     experiments = _objects(results.get("experiments"), "experiments", notes)
     quiet = ReadingNotes()  # for the verdict; each experiment's section notes its problems
     claims = [c for e in experiments for c in _objects(e.get("claims"), "claims", quiet)]
-    failed = [str(c.get("id")) for c in claims if not c.get("passed")]
+    by_outcome: dict[str, list[str]] = {o: [] for o in _OUTCOME_CLASS}
+    for claim in claims:
+        by_outcome[_outcome(claim)].append(str(claim.get("id")))
+    small, refuted = by_outcome["not reproduced at this scale"], by_outcome["refuted"]
     if not claims:
         level, sentence = "warn", "No claims checked in this run."
-    elif failed:
-        level = "bad"
-        sentence = (
-            f"{len(claims) - len(failed)} of {len(claims)} claims reproduced; not reproduced: "
-            f"{', '.join(failed)}."
-        )
+    elif small or refuted:
+        level = "bad" if small else "warn"
+        sentence = f"{len(by_outcome['reproduced'])} of {len(claims)} claims reproduced"
+        if refuted:
+            sentence += f"; refuted at every scale tried (a finding): {', '.join(refuted)}"
+        if small:
+            sentence += f"; not reproduced at this scale: {', '.join(small)}"
+        sentence += "."
     else:
         level, sentence = "ok", f"All {len(claims)} claims reproduced."
     names = [str(e.get("name", "")) for e in experiments]
