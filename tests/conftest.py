@@ -10,13 +10,27 @@ import pytest
 import torch
 from torch import nn
 
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def mlp(*widths: int, activations: tuple[str, ...] = ("tanh",), seed: int = 0) -> nn.Sequential:
+    """A seeded MLP through ``widths``; hidden layer ``i`` uses ``activations[i % len]``.
+
+    ``mlp(5, 16, 16, 1, activations=("tanh", "relu"))`` is
+    ``Linear(5, 16), Tanh, Linear(16, 16), ReLU, Linear(16, 1)`` under ``manual_seed(0)``.
+    """
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        if i:
+            layers.append(ACTIVATIONS[activations[(i - 1) % len(activations)]]())
+        layers.append(nn.Linear(fan_in, fan_out))
+    return nn.Sequential(*layers)
+
 
 def make_model(seed: int = 0) -> nn.Module:
     """A 3-layer tanh MLP (6 -> 16 -> 16 -> 1), seeded: the model the sink tests log."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)
-    )
+    return mlp(6, 16, 16, 1, seed=seed)
 
 
 class LabRuns:

@@ -16,15 +16,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradguard as gg
+from conftest import mlp
 from gradguard.clip import unitwise_norm
 from gradguard.errors import ConfigError
 
 
 def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
-    ).to(dtype)
+    model = mlp(6, 16, 16, 3, activations=("tanh", "relu"), seed=seed).to(dtype)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 3
     return model

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
+from conftest import mlp
 from gradguard.errors import ConfigError, GradGuardError
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
@@ -35,10 +36,7 @@ CASES = [
 
 
 def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
-    )
+    return mlp(5, 16, 16, 1, activations=("tanh", "relu"), seed=seed)
 
 
 def make_optimizer(model: nn.Module, name: str, impl: str) -> torch.optim.Optimizer:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
+from conftest import mlp
 from gradguard.errors import ConfigError, GradGuardError
 from gradguard.records import SAMPLE_COLUMNS
 
@@ -20,8 +21,7 @@ NAN_STEP, NAN_MICRO_BATCH = 3, 2
 
 
 def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
+    return mlp(5, 16, 1)
 
 
 def micro_batch(i: int, nan: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

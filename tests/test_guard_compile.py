@@ -13,6 +13,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import gradguard as gg
+from conftest import mlp
 from gradguard.stats import grad_stats, own_name, uncompiled
 
 # Dynamo reads the loss's .grad when it resumes after the backward() graph break: its own
@@ -26,10 +27,7 @@ STEPS = 12
 
 
 def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
-    )
+    return mlp(6, 16, 16, 1, activations=("tanh", "relu"))
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from conftest import mlp
 from gradguard import lab
 from gradguard.guard import Guard
 from gradguard.lab._figures import block_means, new_figure, positive_or_nan
@@ -208,8 +209,7 @@ def test_index_batches_cover_each_epoch_once_and_drop_the_short_batch() -> None:
 
 
 def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    return mlp(4, 8, 1, seed=seed)
 
 
 X, Y = torch.randn(32, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(32, 1)

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 import gradguard as gg
+from conftest import mlp
 from gradguard.errors import ConfigError, GradGuardError
 from gradguard.sinks import JsonlSink, TensorBoardSink
 
 
 def _model(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    return mlp(4, 8, 1, activations=("relu",), seed=seed)
 
 
 def _backward(model: nn.Module, nan_in: nn.Parameter | None = None) -> torch.Tensor:
