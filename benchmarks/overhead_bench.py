@@ -527,9 +527,11 @@ them with the floor. On the MLP, 1,000 tensors make per-tensor launches and Pyth
 dominate. On the CPU, where reading a value back costs nothing, gradguard (like the
 zclip package) skips the in-place multiply when the scale is exactly 1 and runs ZClip's
 scalar rule on Python floats; on an accelerator it always multiplies and keeps every
-number on the device, so it never waits for it. On a GPU each `.item()` of the package
-and of the per-parameter logger is a host-device sync, which these CPU tables do not
-measure.
+number on the device, so it never waits for it. These two CPU shortcuts are the only ones
+kept: `python benchmarks/clip_paths.py` times each host path against the device path it
+replaces (NormClip's and AutoClip's host decision saved under 1 % and went). On a GPU each
+`.item()` of the package and of the per-parameter logger is a host-device sync, which
+these CPU tables do not measure.
 
 **Reproduce.** From a checkout: `make bench` or `python benchmarks/overhead.py` (rewrites
 this file; about {_round_up(result.elapsed_s)} s here); `gradguard bench` prints the same tables.
