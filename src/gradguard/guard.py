@@ -275,9 +275,11 @@ class Guard(StepPaths):
             self._state_primed = prime_fused_state(self.optimizer, self.device)
         no_sync = self.fused and self.nonfinite == "skip" and self._state_primed
         self._steps.on_device.append(no_sync)
-        # The LR this step uses, read before the scheduler steps (in place, for a tensor LR).
+        # The LR this step uses, read before the guard's scheduler steps it; a scheduler
+        # updates a tensor LR in place, so that one is copied (one small kernel, no sync).
         lr = self.optimizer.param_groups[0]["lr"]
-        lr = lr.clone() if isinstance(lr, Tensor) else lr
+        if self.scheduler is not None and isinstance(lr, Tensor):
+            lr = lr.clone()
         if no_sync:
             skipped, scale = self._step_on_device(stats)
         else:

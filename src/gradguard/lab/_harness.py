@@ -10,7 +10,6 @@ times them and assembles the :class:`ExperimentResult`; ``plot`` rebuilds the re
 from __future__ import annotations
 
 import contextlib
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -152,11 +151,12 @@ class LabExperiment(ABC):
     ) -> ExperimentResult:
         """Measure, judge and tabulate: one seed when quick, else ``seeds`` or :attr:`full_seeds`.
 
+        The runner times the whole call (``duration_s``).
+
         Everything is measured on one intra-op thread, so a run is bit-identical on one
         machine.
         """
         chosen = seeds_for(seed, quick=quick, n_full=self.full_seeds if seeds is None else seeds)
-        start = time.perf_counter()
         with single_thread(), flush_denormals() if self.denormals else contextlib.nullcontext():
             records = self.measure(quick, chosen, Ticker(progress, self.units(quick, chosen)))
         return ExperimentResult(
@@ -169,7 +169,6 @@ class LabExperiment(ABC):
             claims=self.claims(records, chosen),
             tables=self.tables(records, chosen),
             measurements=tuple(r.to_dict() for r in records),
-            duration_s=time.perf_counter() - start,
         )
 
     def records_from(self, data: Mapping[str, Any]) -> list[Any]:

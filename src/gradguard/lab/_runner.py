@@ -85,9 +85,8 @@ def run(
             results = _run_in_processes(experiments, quick, seed, seeds, workers, bar, run_dir)
         else:
             for experiment in experiments:
-                done = _run_one(experiment, quick=quick, seed=seed, seeds=seeds, bar=bar)
-                _draw(done, run_dir)
-                results.append(done)
+                progress_of = _bar_progress(bar, experiment.name)
+                results.append(_measure(experiment, quick, seed, seeds, progress_of, run_dir))
     result = LabResult(
         run_dir=run_dir,
         experiments=tuple(results),
@@ -135,7 +134,7 @@ def _draw(result: ExperimentResult, run_dir: Path) -> None:
 def _run_in_worker(
     name: str, quick: bool, seed: int, seeds: int | None, run_dir: Path
 ) -> ExperimentResult:
-    """Run one registered experiment and draw its figure in a worker process.
+    """:func:`_measure` a registered experiment in a worker process.
 
     Progress goes to the parent through the queue the worker was started with.
     """
@@ -144,11 +143,7 @@ def _run_in_worker(
     def forward(done: int, total: int) -> None:
         _updates.put((name, done, total))
 
-    start = time.perf_counter()
-    result = EXPERIMENTS[name].run(quick=quick, seed=seed, progress=forward, seeds=seeds)
-    result = with_reference(replace(result, duration_s=time.perf_counter() - start), quick)
-    _draw(result, run_dir)
-    return result
+    return _measure(EXPERIMENTS[name], quick, seed, seeds, forward, run_dir)
 
 
 def _run_in_processes(
@@ -193,19 +188,32 @@ def _show_updates(
         return
 
 
-def _run_one(
-    experiment: Experiment, *, quick: bool, seed: int, seeds: int | None, bar: RichProgress | None
+def _measure(
+    experiment: Experiment,
+    quick: bool,
+    seed: int,
+    seeds: int | None,
+    progress: Progress | None,
+    run_dir: Path,
 ) -> ExperimentResult:
-    callback: Progress | None = None
-    if bar is not None:
-        task = bar.add_task(experiment.name, total=None)
-
-        def callback(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
+    """Run one experiment, time it, attach the other scale's record and draw its figure."""
     start = time.perf_counter()
-    result = experiment.run(quick=quick, seed=seed, progress=callback, seeds=seeds)
-    return with_reference(replace(result, duration_s=time.perf_counter() - start), quick)
+    result = experiment.run(quick=quick, seed=seed, progress=progress, seeds=seeds)
+    result = with_reference(replace(result, duration_s=time.perf_counter() - start), quick)
+    _draw(result, run_dir)
+    return result
+
+
+def _bar_progress(bar: RichProgress | None, name: str) -> Progress | None:
+    """A progress callback that moves a new bar named ``name``; None without a bar."""
+    if bar is None:
+        return None
+    task = bar.add_task(name, total=None)
+
+    def callback(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return callback
 
 
 @contextlib.contextmanager
