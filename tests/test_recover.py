@@ -241,10 +241,42 @@ def test_sigkill_during_a_disk_snapshot_leaves_the_previous_one_loadable(tmp_pat
         process.stdout.close()
         finished = sorted(directory.glob("snapshot-*.pt"))
         assert finished, "at least the first snapshot was complete"
-        assert len(finished) <= 2
+        # keep=2; the oldest goes only after the newest is renamed in, so a kill between
+        # the two leaves three, always the three newest steps in a row.
+        steps = [int(file.stem.split("-")[1]) for file in finished]
+        assert len(steps) <= 3
+        assert steps == list(range(steps[0], steps[0] + 10 * len(steps), 10))
         newest = torch.load(finished[-1], weights_only=False)
         assert set(newest) == {"model", "optimizer", "scheduler", "scaler", "guard", "rng"}
         assert newest["guard"]["step_count"] == int(finished[-1].stem.split("-")[1])
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_a_disk_snapshot_is_deleted_only_after_its_successor_is_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: int
+) -> None:
+    model = tanh_mlp(width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    rollback = gg.Rollback(every=10, keep=keep, storage="disk", path=tmp_path)
+    guard = gg.Guard(model, optimizer, recovery=rollback, log_every=10)
+    finished_when_deleting: list[list[str]] = []
+    unlink = Path.unlink
+
+    def recording_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.suffix == ".pt":
+            finished_when_deleting.append(sorted(f.name for f in tmp_path.glob("*.pt")))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", recording_unlink)
+    for step in range(10, 50, 10):
+        guard.step_count = step
+        rollback.snapshot()
+    assert len(finished_when_deleting) == 5 - keep  # the guard's first snapshot is at step 0
+    for index, names in enumerate(finished_when_deleting):
+        newest = f"snapshot-{10 * (index + keep):09d}.pt"
+        assert names[-1] == newest
+        assert len(names) == keep + 1
+    assert sorted(f.name for f in tmp_path.glob("*.pt"))[0] == f"snapshot-{10 * (5 - keep):09d}.pt"
 
 
 def test_disk_rollback_restores_and_keeps_only_keep_files(tmp_path: Path) -> None:
