@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -43,3 +43,16 @@ def block_means(values: Sequence[float], width: int = 10) -> list[float]:
         block = [v for v in values[i : i + width] if math.isfinite(v)]
         out.append(statistics.fmean(block) if block else math.nan)
     return out
+
+
+def finish(
+    fig: Figure, title: str, axes: Iterable[Any] = (), legend: float | None = None
+) -> Figure:
+    """Grid ``axes`` (with legends of font size ``legend`` if given), title and lay out ``fig``."""
+    for ax in axes:
+        ax.grid(True, which="major", alpha=0.3)
+        if legend is not None:
+            ax.legend(fontsize=legend)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -452,3 +452,22 @@ class BySeed(Generic[R]):
     def get(self, *key: Any) -> list[R]:
         """The records of configuration ``key``, one per seed, in seed order."""
         return [self.by_key[(*key, s)] for s in self.seeds]
+
+
+@dataclass(frozen=True)
+class TracedRun(Record):
+    """Base of the record of one arm of one seed: its per-step traces and the guard's events.
+
+    Attributes:
+        arm: the arm's name.
+        seed: the model seed.
+        loss: the batch loss of every step taken.
+        grad_norm: the global gradient norm of every step taken (before clipping).
+        events: every guard event, as ``Event.to_dict()`` (none unguarded).
+    """
+
+    arm: str
+    seed: int
+    loss: tuple[float, ...]
+    grad_norm: tuple[float, ...]
+    events: tuple[dict[str, Any], ...]

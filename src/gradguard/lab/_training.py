@@ -9,7 +9,9 @@ drains through :class:`Recorder`, so recording adds no host sync of its own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 from gradguard.guard import Guard
 from gradguard.lab._harness import data_generator
+from gradguard.lab._records import Record
 from gradguard.lab.data import N_TRAIN, load_digits
 from gradguard.records import Event, StepReport, Window
 
@@ -150,3 +153,56 @@ def train_loop(
         if after_step is not None and after_step(step, loss, report):
             break
     return step
+
+
+@dataclass(frozen=True)
+class DigitsRun(Record):
+    """The fields every record of a net trained on the digits has."""
+
+    seed: int
+    """Model seed (data seed ``1000 + seed``)."""
+    train_loss: float
+    """Cross-entropy on the training split after training."""
+    test_accuracy: float
+    loss: tuple[float, ...]
+    """The batch loss of every step."""
+    grad_norm: tuple[float, ...]
+    """The global gradient norm of every step."""
+
+
+@dataclass(frozen=True)
+class GuardedRun(DigitsRun):
+    """A :class:`DigitsRun` trained through a measuring guard (:func:`train_guarded`)."""
+
+    init_ratio: float
+    """First layer's (or block's) gradient norm over the last one's, at initialization."""
+    events: tuple[dict[str, Any], ...]
+    """The guard's detector events, as ``Event.to_dict()``."""
+
+
+def train_guarded(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+    *,
+    batch_size: int,
+    steps: int,
+    log_every: int,
+    after_step: StepHook | None = None,
+) -> tuple[Recorder, float, float]:
+    """Train on the digits through a Guard that only measures (default detectors, no clip).
+
+    Returns the guard's :class:`Recorder`, then the test accuracy and the training loss
+    after training (:func:`evaluate_digits`).
+    """
+    recorder = Recorder()
+    guard = Guard(model, optimizer, log_every=log_every, sinks=[recorder])
+    batches = digit_batches(seed, batch_size)
+    train_loop(model, optimizer, batches, digits_loss, steps, guard=guard, after_step=after_step)
+    guard.close()
+    return (recorder, *evaluate_digits(model))
+
+
+def first_over_last(norms: Sequence[float]) -> float:
+    """The first norm over the last one; NaN when the last is not positive."""
+    return norms[0] / norms[-1] if norms[-1] > 0 else math.nan

@@ -1,33 +1,8 @@
 """Experiment ``clipping-rnn``: gradient clipping widens the range of learning rates an RNN takes.
 
-Pascanu, Mikolov & Bengio (2013) explained exploding gradients in RNNs as cliffs in the
-loss surface and rescaled the gradient when its norm exceeds a threshold (Algorithm 1,
-``NormClip`` here); their Fig. 7 shows clipped SGD solving the temporal-order task at least
-as often as plain SGD wherever vanishing is not the limit. A small enough learning rate
-trains the unclipped network too, so the claim measured is that clipping widens the range
-of learning rates that work.
-
-Setup. Pascanu's temporal-order generator (6 one-hot symbols; A or B in [L/10, 2L/10) and
-again in [5L/10, 6L/10), distractors elsewhere; 4 classes at the last step). A tanh
-``nn.RNN`` with 50 hidden units and a linear readout (PyTorch's init, ``W_hh`` ~ N(0, 1/H)
-at spectral radius 1.0), batches of 20, plain SGD, at most 1,000 steps. Policies: none,
-``NormClip(1.0)`` (Algorithm 1's default), ``ValueClip(0.1)`` (Mikolov's element-wise
-clipping: norm ≤ 0.1·√3104 ≈ 5.6), ``AutoClip(10)``, ``ZClip()`` (the paper's defaults).
-A run is *solved*, and stops as in Pascanu's code, when its accuracy on 1,000 held-out
-sequences reaches 99 %: checked every 50 steps for the runs whose training accuracy over
-those 50 batches reached 95 %, and for every run at the end. A learning rate *works* for a
-policy when at least 2/3 of the seeds solve.
-
-Grid. Length 20: all policies at lr 0.01-0.3; length 40: none and ``NormClip`` (SGD vs
-SGD-C) at 0.03-0.3; quick: length 20 at 0.03-0.3, one seed. At lr 1.0 no policy solved a
-run in development (length 20, seeds 0-2), so the grid stops at 0.3. A seed's batches
-(data seed ``1000 + seed``) are shared by all its runs.
-
-Speed. The runs of one length train together through one batched recurrence
-(:func:`elman_last_state`, backward through time by hand, checked against ``nn.RNN``);
-each run's gradient is measured by :func:`gradguard.grad_stats` and clipped by its
-policy's ``clip_`` (the halves of ``Guard.step``; a ``Guard`` per run costs 30 % more), and
-the SGD updates are one ``torch._foreach`` call.
+A tanh RNN learns Pascanu's temporal-order task by SGD over a grid of learning rates, with
+no clipping, NormClip, ValueClip, AutoClip or ZClip (Pascanu, Mikolov & Bengio 2013, Fig. 7).
+See docs/lab/clipping-rnn.md for the setup, the papers' numbers and the criteria.
 """
 
 from __future__ import annotations
@@ -68,7 +43,10 @@ TRACE_EVERY = 10
 FULL_SEEDS = 3
 WORKS_FRACTION = 2 / 3
 
-_POLICIES: Mapping[str, tuple[str, Callable[[], ClipPolicy | None]]] = {
+Policies = Mapping[str, tuple[str, Callable[[], ClipPolicy | None]]]
+"""Clipping policies by method: their label and a factory of fresh ones."""
+
+_POLICIES: Policies = {
     "none": ("no clipping", lambda: None),
     "norm": ("NormClip(1.0)", lambda: NormClip(1.0)),
     "value": ("ValueClip(0.1)", lambda: ValueClip(0.1)),
@@ -95,15 +73,15 @@ FULL_PLAN = (
 QUICK_PLAN = (Population(20, METHODS, (0.03, 0.1, 0.3)),)
 
 
-def make_policy(method: str) -> ClipPolicy | None:
-    """Return a fresh clipping policy for ``method`` (None for ``none``).
+def make_policy(method: str, policies: Policies = _POLICIES) -> ClipPolicy | None:
+    """Return a fresh clipping policy for ``method`` of ``policies`` (None for ``none``).
 
     Raises:
         ConfigError: an unknown method.
     """
-    if method not in _POLICIES:
-        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
-    return _POLICIES[method][1]()
+    if method not in policies:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(policies)}.")
+    return policies[method][1]()
 
 
 # --- the task and the model ----------------------------------------------------------------
@@ -216,7 +194,13 @@ def train_population(
     steps: int = STEPS,
     tick: Callable[[], None] = lambda: None,
 ) -> list[_Run]:
-    """Train every (method, lr, seed) run of ``population``; ``tick()`` once per check."""
+    """Train every (method, lr, seed) run of ``population``; ``tick()`` once per check.
+
+    The runs train together through one batched recurrence (:func:`elman_last_state`); each
+    run's gradient is measured by :func:`gradguard.grad_stats` and clipped by its policy's
+    ``clip_`` (the halves of ``Guard.step``: a ``Guard`` per run costs 30 % more), and the
+    SGD updates are one ``torch._foreach`` call.
+    """
     length = population.length
     runs = [
         _Run(m, lr, s, length, build_model(s), make_policy(m))
@@ -645,16 +629,14 @@ class ClippingRNNExperiment(LabExperiment):
                     ax.text(j, i, grid.count(length, m, lr), ha="center", va="center", fontsize=9)
             ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
             ax.set_yticks(range(len(methods)), [METHOD_LABELS[m] for m in methods])
-            ax.set_xlabel("SGD learning rate")
-            ax.set_title(f"solved runs, L={length}")
+            ax.set(xlabel="SGD learning rate", title=f"solved runs, L={length}")
         ax, length, lr = axes[-1], min(grid.lengths), 0.3
         for r in records:
             if (r.seed, r.length, r.lr) == (seeds[0], length, lr) and r.trace_steps:
                 ax.plot(r.trace_steps, r.trace_max_norm, lw=0.9, label=METHOD_LABELS[r.method])
-        ax.set_yscale("log")
-        ax.set_xlabel("SGD step")
-        ax.set_ylabel("largest gradient norm per 10 steps (before clipping)")
-        ax.set_title(f"L={length}, lr {lr:g}, seed {seeds[0]} (a run ends when solved)")
+        ax.set(yscale="log", xlabel="SGD step")
+        ax.set(ylabel="largest gradient norm per 10 steps (before clipping)")
+        ax.set(title=f"L={length}, lr {lr:g}, seed {seeds[0]} (a run ends when solved)")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
         fig.suptitle(

@@ -1,31 +1,9 @@
 """Experiment ``depth-activation``: gradient flow at initialization, by depth, activation and init.
 
-Glorot & Bengio (2010) showed that with the "standard" init U(±1/√n) the back-propagated
-gradient of sigmoid and tanh networks shrinks toward the input, and proposed the normalized
-(Xavier) init that keeps it roughly constant; He et al. (2015) derived the √(2/n) init that
-does the same for rectifiers.
-
-Setup. MLPs 64 → depth × 128 → 10 for depth 5, 10, 20 and 30, with sigmoid, tanh, ReLU,
-LeakyReLU (slope 0.01), ELU and SELU. Width 128 is wide enough that the measured per-layer
-decay matches the variance argument to about 2 % on average (10 % at worst over 100 seeds)
-and small enough for the full variant's 240 probes to take about 3 s. Two inits each:
-
-* ``default``: PyTorch's ``nn.Linear`` init, weights and biases U(±1/√fan_in) (weight
-  variance 1/(3n), Glorot's "standard" init, but with non-zero biases);
-* ``matched``: the scheme made for the activation, biases 0: Xavier uniform (gain 1) for
-  sigmoid and tanh, He normal (fan-in) for the ReLU family and ELU, LeCun normal for SELU.
-
-One forward/backward pass with cross-entropy on a fixed batch of 256 training images. The
-headline number is the first layer's gradient norm over the output layer's (weight and bias,
-from :func:`gradguard.stats.grad_stats`). The output layer's bias gradient is the softmax
-error itself (order 1 at any depth), so the ratio tracks the back-propagated dC/ds that
-Glorot & Bengio plotted. (With zero biases the standard init's *weight* gradients stay
-roughly flat, their observation (iii), because the shrinking activations compensate;
-PyTorch's non-zero biases hold the activations up, so here they shrink as well.)
-
-Gradients below about 1e-19 have fp32 squares below the normal range, so their norm (here as
-in ``torch.linalg.vector_norm``) loses precision and, below about 1e-23, reads 0; such layers
-are listed under ``underflow_layers``.
+Under the standard init sigmoid, tanh and ReLU nets lose their gradient toward the input;
+the init made for the activation (Xavier, He, LeCun) keeps it flat (Glorot & Bengio 2010;
+He et al. 2015). See docs/lab/depth-activation.md for the setup, the papers' numbers and
+the criteria.
 """
 
 from __future__ import annotations
@@ -40,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.errors import ConfigError
-from gradguard.lab._figures import new_figure, positive_or_nan
+from gradguard.lab._figures import finish, new_figure, positive_or_nan
 from gradguard.lab._harness import LabExperiment, data_generator
 from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, cell
 from gradguard.lab._stacked import mlp_layers
@@ -293,90 +271,103 @@ UNDERFLOW_NOTE = (
 )
 
 
-def _vanishing_claims(p: _Probes) -> list[Claim]:
-    deepest = max(DEPTHS)
-    at_depth = f"depth {deepest}, {len(p.seeds)} seed(s)"
-    return [
-        Claim(
-            "sigmoid-standard-vanishes",
-            "Glorot & Bengio 2010",
-            "Sigmoid, standard init: the gradient vanishes toward the input.",
-            "back-propagated gradients shrink toward the input (qualitative, 5 layers)",
-            f"sigmoid, default init, {at_depth}",
-            p.ratios(["sigmoid"], "default", [deepest]),
-            Criterion(high=1e-3),
-            UNDERFLOW_NOTE if p.first_layer_underflows("sigmoid", "default", deepest) else "",
-        ),
-        Claim(
-            "sigmoid-normalized-still-vanishes",
-            "Glorot & Bengio 2010",
-            "The normalized init does not rescue sigmoid: its gradient still vanishes.",
-            "sigmoid (mean 0.5) should be avoided with small random init",
-            f"sigmoid, Xavier init, {at_depth}",
-            p.ratios(["sigmoid"], "matched", [deepest]),
-            Criterion(high=1e-3),
-        ),
-        Claim(
-            "tanh-standard-vanishes",
-            "Glorot & Bengio 2010",
-            "Tanh, standard init: the gradient shrinks toward the input.",
-            "dC/ds variance ×1/3 per layer in the linear regime; shrinks toward the input",
-            f"tanh, default init, {at_depth}",
-            p.ratios(["tanh"], "default", [deepest]),
-            Criterion(high=1e-3),
-        ),
-        Claim(
-            "relu-default-vanishes",
-            "He et al. 2015",
-            "ReLU nets with a fan-in variance below 2/n lose gradient with depth.",
-            "variance ×n·Var[w]/2 per layer; 30-layer 'Xavier' net stalls (Fig. 3)",
-            f"ReLU, default init (×1/6 per layer), {at_depth}",
-            p.ratios(["relu"], "default", [deepest]),
-            Criterion(high=1e-3),
-        ),
-    ]
+_GLOROT, _HE, _KLAMBAUER = "Glorot & Bengio 2010", "He et al. 2015", "Klambauer et al. 2017"
+_DEEPEST = (max(DEPTHS),)
+_VANISHED = Criterion(high=1e-3)
+_RATIO_CLAIMS: tuple[
+    tuple[str, str, str, str, str, tuple[tuple[str, ...] | None, str, tuple[int, ...], Criterion]],
+    ...,
+] = (
+    (
+        "sigmoid-standard-vanishes",
+        _GLOROT,
+        "Sigmoid, standard init: the gradient vanishes toward the input.",
+        "back-propagated gradients shrink toward the input (qualitative, 5 layers)",
+        "sigmoid, default init",
+        (("sigmoid",), "default", _DEEPEST, _VANISHED),
+    ),
+    (
+        "sigmoid-normalized-still-vanishes",
+        _GLOROT,
+        "The normalized init does not rescue sigmoid: its gradient still vanishes.",
+        "sigmoid (mean 0.5) should be avoided with small random init",
+        "sigmoid, Xavier init",
+        (("sigmoid",), "matched", _DEEPEST, _VANISHED),
+    ),
+    (
+        "tanh-standard-vanishes",
+        _GLOROT,
+        "Tanh, standard init: the gradient shrinks toward the input.",
+        "dC/ds variance ×1/3 per layer in the linear regime; shrinks toward the input",
+        "tanh, default init",
+        (("tanh",), "default", _DEEPEST, _VANISHED),
+    ),
+    (
+        "relu-default-vanishes",
+        _HE,
+        "ReLU nets with a fan-in variance below 2/n lose gradient with depth.",
+        "variance ×n·Var[w]/2 per layer; 30-layer 'Xavier' net stalls (Fig. 3)",
+        "ReLU, default init (×1/6 per layer)",
+        (("relu",), "default", _DEEPEST, _VANISHED),
+    ),
+    (
+        "tanh-normalized-flat",
+        _GLOROT,
+        "Tanh under the normalized init keeps the gradient ratio near 1.",
+        "back-propagated gradient variance roughly constant across layers",
+        "tanh, Xavier init",
+        (("tanh",), "matched", DEPTHS, Criterion(low=0.5, high=2.0)),
+    ),
+    (
+        "relu-he-flat",
+        _HE,
+        "He init keeps the ReLU family's ratio within an order of magnitude of 1.",
+        "Var[w] = 2/n keeps variance constant; 30-layer net converges (Fig. 3)",
+        "ReLU, LeakyReLU, ELU (extension), He init",
+        (("relu", "leaky_relu", "elu"), "matched", DEPTHS, Criterion(low=0.1, high=10.0)),
+    ),
+    (
+        "selu-lecun-unit-variance",
+        _KLAMBAUER,
+        "SELU with LeCun init self-normalizes: activations keep unit variance.",
+        "(mean 0, var 1) is a stable fixed point of the layer map",
+        "SELU, LeCun init, last hidden layer variance",
+        (None, "matched", DEPTHS, Criterion(low=0.5, high=2.0)),
+    ),
+    (
+        "selu-lecun-flat",
+        _KLAMBAUER,
+        "SELU with LeCun init: the gradient neither vanishes nor explodes.",
+        "variance bounds make vanishing and exploding gradients impossible",
+        "SELU, LeCun init",
+        (("selu",), "matched", DEPTHS, Criterion(low=0.1, high=10.0)),
+    ),
+)
+"""id, source, statement, paper, what is measured, the activations whose gradient ratios are
+judged (None: SELU's last hidden layer variance), init, depths, criterion."""
 
 
-def _stable_claims(p: _Probes) -> list[Claim]:
-    all_depths = f"depths {'/'.join(map(str, DEPTHS))}, {len(p.seeds)} seed(s)"
-    return [
-        Claim(
-            "tanh-normalized-flat",
-            "Glorot & Bengio 2010",
-            "Tanh under the normalized init keeps the gradient ratio near 1.",
-            "back-propagated gradient variance roughly constant across layers",
-            f"tanh, Xavier init, {all_depths}",
-            p.ratios(["tanh"], "matched", DEPTHS),
-            Criterion(low=0.5, high=2.0),
-        ),
-        Claim(
-            "relu-he-flat",
-            "He et al. 2015",
-            "He init keeps the ReLU family's ratio within an order of magnitude of 1.",
-            "Var[w] = 2/n keeps variance constant; 30-layer net converges (Fig. 3)",
-            f"ReLU, LeakyReLU, ELU (extension), He init, {all_depths}",
-            p.ratios(["relu", "leaky_relu", "elu"], "matched", DEPTHS),
-            Criterion(low=0.1, high=10.0),
-        ),
-        Claim(
-            "selu-lecun-unit-variance",
-            "Klambauer et al. 2017",
-            "SELU with LeCun init self-normalizes: activations keep unit variance.",
-            "(mean 0, var 1) is a stable fixed point of the layer map",
-            f"SELU, LeCun init, last hidden layer variance, {all_depths}",
-            tuple(x.activation_std[-1] ** 2 for d in DEPTHS for x in p.get("selu", "matched", d)),
-            Criterion(low=0.5, high=2.0),
-        ),
-        Claim(
-            "selu-lecun-flat",
-            "Klambauer et al. 2017",
-            "SELU with LeCun init: the gradient neither vanishes nor explodes.",
-            "variance bounds make vanishing and exploding gradients impossible",
-            f"SELU, LeCun init, {all_depths}",
-            p.ratios(["selu"], "matched", DEPTHS),
-            Criterion(low=0.1, high=10.0),
-        ),
-    ]
+def _ratio_claims(p: _Probes) -> list[Claim]:
+    """Vanishing under the standard init (deepest net), stable under the matched one."""
+    found = []
+    for claim_id, source, statement, paper, on, spec in _RATIO_CLAIMS:
+        activations, init, depths, criterion = spec
+        at = f"depth {depths[0]}" if len(depths) == 1 else f"depths {'/'.join(map(str, depths))}"
+        if activations is None:
+            values = tuple(
+                x.activation_std[-1] ** 2 for d in depths for x in p.get("selu", init, d)
+            )
+        else:
+            values = p.ratios(activations, init, depths)
+        underflow = claim_id == "sigmoid-standard-vanishes" and p.first_layer_underflows(
+            "sigmoid", init, depths[0]
+        )
+        note = UNDERFLOW_NOTE if underflow else ""
+        measured_on = f"{on}, {at}, {len(p.seeds)} seed(s)"
+        found.append(
+            Claim(claim_id, source, statement, paper, measured_on, values, criterion, note)
+        )
+    return found
 
 
 def _decay_claim(p: _Probes) -> Claim:
@@ -450,7 +441,7 @@ class DepthActivation(LabExperiment):
     def claims(self, records: Sequence[Probe], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
         """Vanishing under the standard init, stable under the matched one, the decay rate."""
         p = _Probes(records, seeds)
-        return (*_vanishing_claims(p), *_stable_claims(p), _decay_claim(p))
+        return (*_ratio_claims(p), _decay_claim(p))
 
     def tables(self, records: Sequence[Probe], seeds: tuple[int, ...]) -> tuple[Table, ...]:
         """The ratio table and the last hidden layer's activation std, by depth."""
@@ -505,12 +496,9 @@ class DepthActivation(LabExperiment):
             ax.set_title(
                 "PyTorch default init U(±1/√n)" if init == "default" else "matching init scheme"
             )
-            ax.grid(True, which="major", alpha=0.3)
-            ax.legend(fontsize=8)
         axes[0].set_ylabel("gradient norm at initialization")
-        fig.suptitle(f"Gradient flow through a {depth}-layer MLP on digits (seed {first_seed})")
-        fig.tight_layout()
-        return fig
+        title = f"Gradient flow through a {depth}-layer MLP on digits (seed {first_seed})"
+        return finish(fig, title, axes, legend=8)
 
 
 EXPERIMENT = DepthActivation()

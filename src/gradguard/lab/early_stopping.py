@@ -1,34 +1,8 @@
 """Experiment ``early-stopping``: the Divergence detector stops a run before it reaches NaN.
 
-Practitioners' guides recommend "regularly monitoring training metrics and employing
-early stopping" to catch gradient explosion "before [it] escalates".
-:class:`gradguard.detect.Divergence` applies Prechelt's (1998) criterion GL_α to the
-training loss: stop once the loss has stayed above (1 + α) times its best for a while.
-Smith's (2017) LR range test raises the LR until the loss runs away: a run headed to NaN.
-Measured: whether the default detectors stop it before its loss or gradient goes
-non-finite, how many steps before, and that they stay quiet on a healthy run.
-
-Setup. The ``recovery`` experiment's tanh MLP and data (``tanh(x·w)`` on 1,024 synthetic
-points), MSE loss, batches of 64, plain SGD; the squared error grows geometrically once a
-step overshoots, so the run heads to NaN over tens of steps. Every arm runs through
-``Guard(log_every=10)`` with the default detectors (``Divergence``: a loss above twice its
-best for five log intervals) and no clip policy, which steps the optimizer exactly as an
-unguarded loop would (a test checks it). ``ramp``: LR 0.1 + 0.002 (t - 1) at step t (a
-range test, or a warm-up that never ends), trained past ``should_stop`` to its first
-non-finite step to measure how far NaN was. ``healthy``: LR 0.1 (no stop expected).
-``abrupt`` (no claim): LR 2.0 goes to NaN within a few steps, faster than five log
-intervals; the guard then skips the non-finite steps rather than stopping first.
-
-Pilots (seeds 100-107) chose the model and the ramp; the detectors were not changed. On
-seeds 0-10 the detector stopped 9 of 11 range tests before NaN, 22-141 steps early, and
-never fired on a healthy run; on seeds 6 and 9 the loss rose, came back near its best
-within five intervals, then blew up in under 50 steps. The claim holds on the full
-variant's seeds 0-4: it is about runs headed to NaN slowly, not a guarantee. Nor is the
-smooth healthy control (MSE around 1e-3) one against false alarms: near a loss of 0, twice
-the best is within the batch noise (the ``residual`` experiment's BN nets wobble at
-0.004-0.17 against bests of 0.0004-0.04). The default margin of 5 % of the starting loss
-(``start_fraction``) absorbs that, and a loss that climbs at three drains in a row is
-stopped without waiting for the full patience.
+An LR range test heads to NaN; the guard's default detectors ask it to stop first and stay
+quiet on a healthy run (Prechelt 1998; Smith 2017). See docs/lab/early-stopping.md for the
+setup, the papers' numbers and the criteria.
 """
 
 from __future__ import annotations
@@ -45,9 +19,9 @@ from torch import Tensor
 from gradguard.guard import Guard
 from gradguard.lab._figures import new_figure, positive_or_nan
 from gradguard.lab._harness import LabExperiment
-from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, format_value
+from gradguard.lab._records import BySeed, Claim, Criterion, Table, TracedRun, format_value
 from gradguard.lab._training import Recorder, train_loop
-from gradguard.lab.recovery import BATCH_SIZE, N_INPUTS, N_POINTS, WIDTH, build_model, regression
+from gradguard.lab.recovery import MODEL_TEXT, TASK_CONFIG, build_model, regression
 from gradguard.records import StepReport
 
 if TYPE_CHECKING:
@@ -81,11 +55,9 @@ def lr_at(arm: str, step: int) -> float:
 
 
 @dataclass(frozen=True)
-class Run(Record):
-    """One arm of one seed (``events``: every guard event, as ``Event.to_dict()``)."""
+class Run(TracedRun):
+    """One arm of one seed."""
 
-    arm: str
-    seed: int
     stop_step: int | None
     """The step after which ``guard.should_stop`` was first True, or None."""
     divergence_onset: int | None
@@ -94,10 +66,7 @@ class Run(Record):
     """The first step whose loss or gradient (norm) was not finite (overflows come earlier)."""
     best_loss: float
     """The lowest batch loss before the stop (or the end)."""
-    loss: tuple[float, ...]
-    grad_norm: tuple[float, ...]
     lr: tuple[float, ...]
-    events: tuple[dict[str, Any], ...]
 
     @property
     def lead(self) -> float:
@@ -186,8 +155,7 @@ class EarlyStoppingExperiment(LabExperiment):
     )
     setting = (
         "Papers: validation-loss early stopping on small benchmark nets (Prechelt), CIFAR "
-        f"nets (Smith). Here: an {N_INPUTS} → {WIDTH} → {WIDTH} → 1 tanh MLP on {N_POINTS:,} "
-        "synthetic points under a linearly rising LR."
+        f"nets (Smith). Here: {MODEL_TEXT} under a linearly rising LR."
     )
     full_seeds = 5
     record_type = Run
@@ -195,10 +163,7 @@ class EarlyStoppingExperiment(LabExperiment):
     def config(self, quick: bool) -> dict[str, Any]:
         """The same for both variants."""
         return {
-            "model": f"MLP {N_INPUTS}-{WIDTH}-{WIDTH}-1, tanh, PyTorch default init",
-            "data": f"{N_POINTS} points, x ~ N(0, 1)^{N_INPUTS}, y = tanh(x.w), w ~ N(0, 1)",
-            "loss": "mse",
-            "batch_size": BATCH_SIZE,
+            **TASK_CONFIG,
             "optimizer": "SGD (no momentum)",
             "lr": {arm: ARM_LABELS[arm] for arm in ARMS},
             "max_steps": MAX_STEPS,

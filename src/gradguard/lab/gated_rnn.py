@@ -1,33 +1,9 @@
 """Experiment ``gated-rnn``: the adding problem, vanilla RNN vs LSTM and GRU.
 
-Bengio, Simard & Frasconi (1994) showed that a recurrent network that stores information
-robustly must see the gradient of a distant input vanish exponentially with the time lag;
-Hochreiter & Schmidhuber (1997) built the LSTM's gated, additive cell state to carry error
-back unchanged and solved their "adding problem" at lags where back-propagation through
-time in a plain RNN fails (Experiment 4). The GRU (Cho et al. 2014) gates the same way.
-
-Task. The modern adding problem (Le et al. 2015, Arjovsky et al. 2016): at each of T steps
-a value U(0, 1) and a marker, one marker per half; the target is the sum of the two marked
-values. Predicting the mean, 1.0, scores an MSE of 2/12 ≈ 0.167, the trivial baseline;
-Hochreiter's criterion, an absolute error below 0.04 in his units (0.16 here), is reported
-next to the MSE.
-
-Setup. T = 50; a single-layer ``nn.RNN`` (tanh), ``nn.LSTM`` or ``nn.GRU`` with 32 hidden
-units (PyTorch's init) read out by ``nn.Linear(32, 1)`` at the last step; Adam at 3e-3,
-batches of 64, ``Guard(clip=NormClip(1.0))``, at most :data:`STEPS` steps. A control trains
-the vanilla RNN at T = 10: the failure at T = 50 comes from the lag, not the capacity.
-Every 100 steps the MSE on 1,000 validation sequences (seed 7) is measured; a model is
-solved, and stops, below 0.01. The reported MSE is on 1,000 test sequences (seed 99).
-Each seed's batches (data seed ``1000 + seed``) are shared by every model.
-
-Gradient through time. At initialization and after training, :func:`gradguard.diagnose`
-measures ``‖∂(u · h_T)/∂x_t‖`` for every input step t (u a fixed random direction) on 16
-validation sequences, and its ``decay`` (first step over last), flagged below 1e-3.
-
-Speed. The vanilla RNNs of all seeds train together through
-:func:`gradguard.lab._rnn.elman_last_state`, each with its own module, optimizer
-and ``Guard``; LSTMs and GRUs train one by one (``nn.GRU``: about 9 ms a step). The quick
-variant trains only the vanilla RNN and the LSTM at T = 50, one seed.
+At a lag of 50 steps a vanilla tanh RNN stays at the trivial baseline while an LSTM and a
+GRU solve the task (Hochreiter & Schmidhuber 1997); ``gradguard.diagnose`` measures the
+gradient through time. See docs/lab/gated-rnn.md for the setup, the papers' numbers and the
+criteria.
 """
 
 from __future__ import annotations
@@ -175,7 +151,11 @@ def _mse(model: AddingNet, x: Tensor, y: Tensor) -> tuple[float, float]:
 
 
 def train_arm(arm: Arm, seeds: Sequence[int], steps: int = STEPS) -> list[_Run]:
-    """Train one arm for every seed (vanilla RNNs together); return the finished runs."""
+    """Train one arm for every seed; return the finished runs.
+
+    The vanilla RNNs of all seeds train as one batched recurrence (:func:`predict_all`), each
+    with its own module, optimizer and ``Guard``; LSTMs and GRUs one by one.
+    """
     runs = []
     for seed in seeds:
         model = build_model(arm.cell, seed)
@@ -484,14 +464,11 @@ class GatedRNNExperiment(LabExperiment):
                 steps, r.grad_through_time_init, "--", lw=0.8, color=color, label=init_label
             )
         ax_loss.axhline(BASELINE_MSE, color="#7f7f7f", ls="--", lw=0.8, label="predict the mean")
-        ax_loss.set_yscale("log")
-        ax_loss.set_xlabel("Adam step")
-        ax_loss.set_ylabel("validation MSE")
+        ax_loss.set(yscale="log", xlabel="Adam step", ylabel="validation MSE")
         ax_loss.set_title("learning curves (a run stops when solved)", fontsize=10)
-        ax_time.set_yscale("log")
-        ax_time.set_xlabel("input step t")
-        ax_time.set_ylabel("‖∂(u·h_T)/∂x_t‖ (gradguard.diagnose)")
-        ax_time.set_title(f"gradient through time, T={LENGTH}: trained (solid), init (dashed)")
+        ax_time.set(yscale="log", xlabel="input step t")
+        ax_time.set(ylabel="‖∂(u·h_T)/∂x_t‖ (gradguard.diagnose)")
+        ax_time.set(title=f"gradient through time, T={LENGTH}: trained (solid), init (dashed)")
         for ax in (ax_loss, ax_time):
             ax.grid(True, which="major", alpha=0.3)
             ax.legend(fontsize=8)

@@ -1,39 +1,8 @@
 """Experiment ``initialization``: a 30-layer ReLU MLP under seven initializations.
 
-He et al. (2015) derived that a ReLU layer multiplies the variance of the signal by
-``½ · n · Var[w]`` (forward, ``n`` the fan-in; backward likewise with the fan-out), so only
-``Var[w] = 2/n`` keeps a deep rectifier net alive: their 30-layer net stalled under the
-"Xavier" scale ``1/n`` and trained under ``2/n`` (Fig. 3). Gaussian weights of a fixed std
-0.01 made nets deeper than about 8 layers fail to converge (Simonyan & Zisserman 2015, quoted
-by He et al.). Mishkin & Matas (2016) proposed LSUV: orthonormal weights, then each layer
-rescaled on one batch until its output has unit variance.
-
-Setup. 64 → 30 × [Linear(64), ReLU] → Linear(10) (31 weight layers), biases 0,
-cross-entropy, SGD with momentum 0.9 at LR 0.005 (at 0.02 the He net was unstable), batches
-of 64 from data seed ``1000 + seed``, 600 steps, weights drawn from model seed ``seed``:
-
-* ``normal-0.01``: N(0, 0.01²) (×0.0032 per layer in variance: the signal underflows);
-* ``normal-1``: N(0, 1) (×32 per layer: std 1e22 after 30 layers; the first update
-  overflows);
-* ``xavier``, ``he``, ``orthogonal``: ``gradguard.init.initialize(model, scheme)``: Xavier
-  uniform gain 1 (×½), N(0, 2/n) (×1), orthogonal with the rectifier's gain √2 (×1);
-* ``orthogonal-unit``: orthogonal with gain 1 (×½), LSUV's starting point;
-* ``lsuv``: ``gradguard.init.lsuv(model, batch)`` on 256 training images, the paper's
-  ``Tol_var = 0.1`` and ``T_max = 10``.
-
-Before training :func:`gradguard.diagnose.diagnose` probes each network on the same 256
-images: verdict, gradient ratio first/last layer output, per-layer activation statistics,
-Jacobian. A control at depth 10 and LR 0.02 (Xavier and He) shows that Xavier's stall is a
-matter of depth. A net "stalls" when its final training loss stays above 2.2 (chance is
-ln 10 = 2.303) and "trains" when more than half of the seeds end below 1.0.
-
-The networks of one run train side by side (:mod:`gradguard.lab._stacked`): layer ``i`` of
-every network is one ``(K, in, out)`` tensor, the forward pass a batched matrix product,
-each network on its own batch. The loss is the sum of the networks' losses, so each
-network's slice of the gradient is its own, and SGD with momentum acts element by element:
-the K runs are independent (a network that turns NaN leaves the others alone). Subnormal
-floats are flushed to zero: the N(0, 0.01²) network computes with them, and x86 CPUs do so
-tens of times slower.
+Inits off He's 2/n vanish or explode; He, orthogonal with gain √2 and LSUV train (He et
+al. 2015; Mishkin & Matas 2016). See docs/lab/initialization.md for the setup, the papers'
+numbers and the criteria.
 """
 
 from __future__ import annotations
@@ -49,7 +18,7 @@ from torch import Tensor, nn
 from gradguard import init as gg_init
 from gradguard.diagnose import diagnose
 from gradguard.errors import ConfigError
-from gradguard.lab._figures import new_figure, positive_or_nan
+from gradguard.lab._figures import finish, new_figure, positive_or_nan
 from gradguard.lab._harness import LabExperiment, Ticker
 from gradguard.lab._harness import flush_denormals as flush_denormals  # for the tests
 from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, cell, listed, share
@@ -61,6 +30,7 @@ from gradguard.lab._stacked import (
     MOMENTUM,
     PROBE_SIZE,
     TICK_EVERY,
+    Trace,
     data_stream,
     linears,
     mlp_layers,
@@ -160,8 +130,8 @@ def _number(value: float | None) -> float:
 
 
 @dataclass(frozen=True)
-class Run(Record):
-    """One network: its probe at initialization (see :func:`probe`) and its :class:`Trace`."""
+class Run(Trace, Record):
+    """One network: its :class:`Trace` and its probe at initialization (see :func:`probe`)."""
 
     activation: str
     init: str
@@ -179,14 +149,6 @@ class Run(Record):
     lsuv_std: tuple[float, ...]
     """Output std of each layer after LSUV (empty for other inits)."""
     lsuv_iterations: tuple[int, ...]
-    final_loss: float
-    test_accuracy: float
-    first_nonfinite: int | None
-    log_steps: tuple[int, ...]
-    loss: tuple[float, ...]
-    grad_norm: tuple[float, ...]
-    layer_log_steps: tuple[int, ...]
-    layer_grad_norms: tuple[tuple[float, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -243,6 +205,19 @@ def run_setting(
             keys, probes, lsuv_records, traces, strict=True
         )
     ]
+
+
+def stacked_config(setting: Setting) -> dict[str, Any]:
+    """The config entries of ``setting``'s networks and their side-by-side training."""
+    return {
+        "depth": setting.depth,
+        "width": WIDTH,
+        "lr": setting.lr,
+        "momentum": MOMENTUM,
+        "batch_size": BATCH_SIZE,
+        "steps": setting.steps,
+        "probe_size": PROBE_SIZE,
+    }
 
 
 def progress_units(setting: Setting, n_seeds: int) -> int:
@@ -462,13 +437,7 @@ class Initialization(LabExperiment):
     def config(self, quick: bool) -> dict[str, Any]:
         """Both variants run every init and the control: the networks train side by side."""
         return {
-            "depth": DEPTH,
-            "width": WIDTH,
-            "lr": LR,
-            "momentum": MOMENTUM,
-            "batch_size": BATCH_SIZE,
-            "steps": STEPS,
-            "probe_size": PROBE_SIZE,
+            **stacked_config(MAIN),
             "inits": {i: INIT_LABELS[i] for i in INITS},
             "control": {"depth": CONTROL_DEPTH, "lr": CONTROL_LR, "inits": CONTROL_INITS},
             "lsuv": {"tol": 0.1, "max_iter": 10},
@@ -537,14 +506,10 @@ class Initialization(LabExperiment):
         norm_ax.set(xlabel="step", ylabel="global gradient norm")
         for ax in axes.flat:
             ax.set_yscale("log")
-            ax.grid(True, which="major", alpha=0.3)
         loss_ax.axhline(CHANCE_LOSS, color="#7f7f7f", ls="--", lw=0.8)
         std_ax.legend(fontsize=8)
-        fig.suptitle(
-            f"{DEPTH}-layer ReLU MLP on digits under seven initializations (seed {first_seed})"
-        )
-        fig.tight_layout()
-        return fig
+        title = f"{DEPTH}-layer ReLU MLP on digits under seven initializations (seed {first_seed})"
+        return finish(fig, title, axes.flat)
 
 
 EXPERIMENT = Initialization()

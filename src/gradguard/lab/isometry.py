@@ -1,38 +1,8 @@
 """Experiment ``isometry``: Jacobian spectra of deep nets, and depth-free learning in linear nets.
 
-Pennington, Schoenholz & Ganguli (2017) computed the singular value spectrum of a deep
-net's input-output Jacobian ``J = Π D_l W_l`` with free probability. At criticality
-(``χ = σ_w²·E[φ'(h)²] = 1``) its mean squared singular value is 1, but its *spread* grows
-with depth for Gaussian weights, and for ReLU whatever the weights; only orthogonal weights
-with tanh at a small pre-activation variance ``q*`` keep the spread O(1) at any depth
-("dynamical isometry"), and such nets trained much faster. Saxe, McClelland & Ganguli
-(2014) found the linear case: a deep *linear* net with orthogonal weights is an exact
-isometry, and its learning time does not grow with depth, where scaled Gaussian weights
-slow down.
-
-Part 1, spectra. Networks of ``L`` layers ``x_l = φ(W_l x_{l-1} + b_l)`` of width N = 256,
-for L = 4, 16, 64 (the first L layers of one 64-layer net), weights N(0, σ_w²/N) or σ_w
-times a random orthogonal matrix, biases N(0, σ_b²), input x ~ N(0, q* I) (data seed
-``1000 + seed``). Seven networks: linear Gaussian and orthogonal (σ_w = 1); tanh Gaussian
-and orthogonal on the critical line at q* = 1/64, and orthogonal at q* = 1 ((σ_w, σ_b)
-solved by Gauss-Hermite quadrature from ``σ_w² E[φ'(√q* z)²] = 1`` and
-``q* = σ_w² E[φ(√q* z)²] + σ_b²``); ReLU He-Gaussian and ReLU orthogonal × √2. The
-singular values of ``J`` at one input come from :func:`gradguard._jacobian.estimate`, the
-estimator behind :func:`gradguard.diagnose.diagnose`, in its exact mode (``top = N``: J is
-formed from N basis vectors and passed to ``svdvals``). ``diagnose`` itself, with its
-default randomized estimate (subspace iteration, 20 iterations), is run on the 64-layer
-nets and compared with the exact σ_max.
-
-Part 2, learning time (Saxe et al.). A deep linear net 64 → D × 64 → 10 without biases
-maps the standardized digits to one-hot targets; the loss is the squared error summed over
-the 10 outputs and averaged over the 1,437 training images (least-squares optimum 0.407;
-1.0 at a zero output). Full-batch gradient descent at LR 0.005 runs until the loss is below
-0.5 (at most 1,000 steps; a loss above 10⁶ or non-finite is a divergence), for D = 1, 8, 32
-hidden layers, weights orthogonal (``gradguard.init.initialize(net, "orthogonal")``: gain 1
-in a linear net) or N(0, 1/n) (``"lecun"``). Full-batch GD sees the data only through
-``XᵀX`` and ``XᵀY``, so each step uses the thin QR factorization ``X = QR``:
-``‖X Wᵀ - Y‖² = ‖R Wᵀ - QᵀY‖² + ‖Y‖² - ‖QᵀY‖²``, the same loss and gradient from a 64-row
-problem, about 20 times cheaper.
+Orthogonal tanh nets are isometric at any depth, Gaussian and ReLU nets are not; deep
+orthogonal linear nets learn as fast as shallow ones (Pennington et al. 2017; Saxe et al.
+2014). See docs/lab/isometry.md for the setup, the papers' numbers and the criteria.
 """
 
 from __future__ import annotations
@@ -48,7 +18,7 @@ from torch import Tensor, nn
 
 from gradguard import init as gg_init
 from gradguard.diagnose import diagnose
-from gradguard.lab._figures import new_figure
+from gradguard.lab._figures import finish, new_figure
 from gradguard.lab._harness import LabExperiment, Ticker
 from gradguard.lab._records import Claim, Criterion, Record, Table, cell, share
 from gradguard.lab._spectra import (
@@ -159,7 +129,12 @@ def measure_spectra(network: Network, seed: int) -> list[Spectrum]:
 
 @dataclass(frozen=True)
 class Regression:
-    """The digits regression as a 64-row least-squares problem (see the module docstring)."""
+    """The digits regression as a 64-row least-squares problem.
+
+    Full-batch GD sees the data only through ``XᵀX`` and ``XᵀY``, so with the thin QR
+    factorization ``X = QR``, ``‖X Wᵀ - Y‖² = ‖R Wᵀ - QᵀY‖² + ‖Y‖² - ‖QᵀY‖²``: the same loss
+    and gradient from 64 rows instead of 1,437, about 20 times cheaper.
+    """
 
     r: Tensor  # (64, 64): X = QR
     target: Tensor  # (64, 10): QᵀY
@@ -558,12 +533,8 @@ class Isometry(LabExperiment):
         fig, axes = new_figure(2, 2, figsize=(12, 8.5))
         _plot_spectra(axes[0][0], axes[0][1], [r for r in records if isinstance(r, Spectrum)])
         _plot_linear(axes[1][0], axes[1][1], [r for r in records if isinstance(r, LinearRun)])
-        for ax in axes.flat:
-            ax.grid(True, which="major", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle("Dynamical isometry: Jacobian spectra (top) and deep linear nets (bottom)")
-        fig.tight_layout()
-        return fig
+        title = "Dynamical isometry: Jacobian spectra (top) and deep linear nets (bottom)"
+        return finish(fig, title, axes.flat, legend=7)
 
 
 EXPERIMENT = Isometry()

@@ -1,44 +1,13 @@
 """Experiment ``normalization``: BatchNorm and LayerNorm let sigmoid MLPs train.
 
-Ioffe & Szegedy (2015) trained a 3 × 100 sigmoid MLP on MNIST with and without Batch
-Normalization (sec. 4.1: the BN net reaches a higher test accuracy, and the inputs of its
-sigmoids keep a stable distribution), and an Inception network with sigmoid activations:
-with BN and 5× the learning rate it reached 69.8 % top-1, while without BN it stayed at
-chance accuracy (sec. 4.2.2). They argue that BN stops the sigmoids from saturating and so
-lets higher learning rates be used (sec. 3.3). Ba, Kiros & Hinton (2016) normalize over the
-units of a layer instead of over the batch (LayerNorm) and report faster training than
-without normalization.
-
-Setup. Sigmoid MLPs 64 → 100 → … → 100 → 10 with PyTorch's default init (weights and
-biases U(±1/√fan_in), Glorot's "standard" init), cross-entropy, plain SGD, batches of 60
-from shuffled epochs (data seed ``1000 + seed``), 500 steps: the reference setup. Three
-variants of each net: ``none``; ``batch``, a ``BatchNorm1d`` between every hidden Linear
-and its sigmoid; ``layer``, a ``LayerNorm`` there instead. Three settings:
-
-* depth 3 at LR 0.1, the paper's MNIST net (its width, its depth);
-* depth 3 at LR 2.5, 25× higher: BN's "higher learning rates" (the paper went up to 30×);
-* depth 10 at LR 0.5: the analog of sigmoid Inception, a net too deep for sigmoids.
-
-Every step goes through a :class:`gradguard.Guard` with its default detectors and no clip
-policy (it only measures: the optimizer steps exactly as without it), which records the
-loss, the global gradient norm and every Linear layer's gradient norm. Step 1's norms are
-those at initialization: their first-layer over last-layer ratio is Glorot & Bengio's
-vanishing-gradient measure. Test accuracy and training loss are measured on the full
-splits after training (BN in eval mode, running statistics).
-
-LayerNorm at depth 10 is tabulated but judged by no claim (no paper makes one). We expected
-it to rescue the deep net as BN does; it does not (see ``LN_NOTE``): it stays at chance and
-its first layer's gradient at init is about 1e-4 of the last's.
-
-The criteria come from the reference setup, fixed before the runs. Every claim held on each
-of the seeds 0-8 (the full variant's 0-2 and six more); the smallest margins were BN at
-depth 10 (test accuracy 0.906 against > 0.85) and LN at depth 3 (0.939 against > 0.9).
+Sigmoid MLPs at chance without normalization train with BatchNorm, also at a 25x higher
+LR and at depth 10 (Ioffe & Szegedy 2015; Ba et al. 2016). See docs/lab/normalization.md
+for the setup, the papers' numbers and the criteria.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -47,17 +16,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gradguard.guard import Guard
-from gradguard.lab._figures import block_means, new_figure, positive_or_nan
+from gradguard.lab._figures import block_means, finish, new_figure, positive_or_nan
 from gradguard.lab._harness import LabExperiment
-from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, cell
-from gradguard.lab._training import (
-    Recorder,
-    digit_batches,
-    digits_loss,
-    evaluate_digits,
-    train_loop,
-)
+from gradguard.lab._records import BySeed, Claim, Criterion, Table, cell
+from gradguard.lab._training import GuardedRun, first_over_last, train_guarded
 from gradguard.lab.data import N_CLASSES, N_FEATURES
 
 if TYPE_CHECKING:
@@ -118,34 +80,22 @@ def build_model(depth: int, norm: str, seed: int) -> nn.Sequential:
 
 
 @dataclass(frozen=True)
-class Run(Record):
-    """One trained net: its outcome, its curves and its gradient flow."""
+class Run(GuardedRun):
+    """One trained net: its outcome, its curves and its gradient flow (Linear layers)."""
 
     setting: str
     """A key of :data:`SETTING_BY_KEY`."""
     norm: str
     """``none``, ``batch`` or ``layer``."""
-    seed: int
-    """Model seed (data seed ``1000 + seed``)."""
     depth: int
     lr: float
-    test_accuracy: float
-    """On the 360 test images after training."""
-    train_loss: float
-    """Cross-entropy on the 1,437 training images after training."""
-    init_ratio: float
-    """First Linear's gradient norm over the last's, at initialization."""
     linear_names: tuple[str, ...]
     """The Linear layers, input to output."""
     init_norms: tuple[float, ...]
     """Their gradient norms at initialization (step 1)."""
-    loss: tuple[float, ...]
-    grad_norm: tuple[float, ...]
     layer_steps: tuple[int, ...]
     """The steps of ``layer_norms`` (every :data:`LOG_EVERY` steps)."""
     layer_norms: tuple[tuple[float, ...], ...]
-    events: tuple[dict[str, Any], ...]
-    """The guard's detector events, as ``Event.to_dict()``."""
 
     def event_kinds(self) -> list[str]:
         """The distinct kinds of the guard's events, in order of first appearance."""
@@ -156,14 +106,11 @@ def train(setting: Setting, norm: str, seed: int) -> Run:
     """Train one net of ``setting`` with normalization ``norm`` and return its measurements."""
     model = build_model(setting.depth, norm, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=setting.lr)
-    recorder = Recorder()
-    guard = Guard(model, optimizer, log_every=LOG_EVERY, sinks=[recorder])
-    train_loop(model, optimizer, digit_batches(seed, BATCH_SIZE), digits_loss, STEPS, guard=guard)
-    guard.close()
-    accuracy, train_loss = evaluate_digits(model)
+    recorder, accuracy, train_loss = train_guarded(
+        model, optimizer, seed, batch_size=BATCH_SIZE, steps=STEPS, log_every=LOG_EVERY
+    )
     linear_names = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
     per_linear = recorder.layer_columns(linear_names)
-    init_norms = per_linear[0]
     return Run(
         setting=setting.key,
         norm=norm,
@@ -172,9 +119,9 @@ def train(setting: Setting, norm: str, seed: int) -> Run:
         lr=setting.lr,
         test_accuracy=accuracy,
         train_loss=train_loss,
-        init_ratio=init_norms[0] / init_norms[-1] if init_norms[-1] > 0 else math.nan,
+        init_ratio=first_over_last(per_linear[0]),
         linear_names=linear_names,
-        init_norms=init_norms,
+        init_norms=per_linear[0],
         loss=tuple(recorder.loss),
         grad_norm=tuple(recorder.grad_norm),
         layer_steps=tuple(range(1, STEPS + 1, LOG_EVERY)),
@@ -187,94 +134,97 @@ def _index(runs: Sequence[Run], seeds: tuple[int, ...]) -> BySeed[Run]:
     return BySeed(runs, seeds, key=lambda r: (r.setting, r.norm))
 
 
+_IOFFE = "Ioffe & Szegedy 2015"
+_ACCURACY = ("test accuracy", "test_accuracy")
+_RATIO = ("first / last Linear gradient norm at init", "init_ratio")
+_CLAIMS = (
+    (
+        "sigmoid-plateau-without-bn",
+        _IOFFE,
+        "Without normalization the shallow sigmoid MLP is still at chance "
+        "after 500 steps at LR 0.1 (the plateau BN removes).",
+        "baseline net trains more slowly (Fig. 1a; qualitative at this length)",
+        ("shallow", "none", _ACCURACY),
+        Criterion(high=0.2),
+    ),
+    (
+        "bn-lifts-sigmoid-plateau",
+        _IOFFE,
+        "With BatchNorm the same net at the same LR trains.",
+        "MNIST 3 x 100 sigmoid: BN net more accurate, sigmoid inputs stable (Fig. 1)",
+        ("shallow", "batch", _ACCURACY),
+        Criterion(low=0.9),
+    ),
+    (
+        "ln-lifts-sigmoid-plateau",
+        "Ba, Kiros & Hinton 2016",
+        "LayerNorm, which needs no batch statistics, also trains it.",
+        "LN speeds up training compared with no normalization (qualitative)",
+        ("shallow", "layer", _ACCURACY),
+        Criterion(low=0.9),
+    ),
+    (
+        "bn-tolerates-high-lr",
+        _IOFFE,
+        "BN trains at a 25x higher learning rate.",
+        "BN-x5 / BN-x30 Inception train at 5x / 30x the LR; 14x fewer steps",
+        ("high-lr", "batch", _ACCURACY),
+        Criterion(low=0.9),
+    ),
+    (
+        "deep-sigmoid-at-chance-without-bn",
+        _IOFFE,
+        "A sigmoid net too deep for sigmoids stays at chance without normalization.",
+        "Inception with sigmoid, no BN: stays at chance accuracy",
+        ("deep", "none", _ACCURACY),
+        Criterion(high=0.15),
+    ),
+    (
+        "bn-trains-deep-sigmoid",
+        _IOFFE,
+        "With BatchNorm the deep sigmoid net trains.",
+        "BN-x5-Sigmoid Inception: 69.8 % top-1",
+        ("deep", "batch", _ACCURACY),
+        Criterion(low=0.85),
+    ),
+    (
+        "deep-sigmoid-gradient-vanishes",
+        "Glorot & Bengio 2010",
+        "At initialization the deep sigmoid net's gradient vanishes toward the input.",
+        "back-propagated gradients shrink toward the input (qualitative)",
+        ("deep", "none", _RATIO),
+        Criterion(high=1e-3),
+    ),
+    (
+        "bn-restores-gradient-flow",
+        _IOFFE,
+        "With BatchNorm the first layer's gradient is within a factor 100 of the last's.",
+        "BN keeps sigmoids out of saturation and gradients from vanishing (sec. 3.3, qualitative)",
+        ("deep", "batch", _RATIO),
+        Criterion(low=1e-2, high=1e2),
+    ),
+)
+"""id, source, statement, paper, (setting, norm, (measure, field)), criterion of every claim."""
+
+
 def claims(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
     """Judge the claims against the runs of every setting, normalization and seed."""
     r = _index(runs, seeds)
-
-    def on(setting: str, norm: str, measure: str, field: str) -> dict[str, Any]:
+    found = []
+    for claim_id, source, statement, paper, (setting, norm, (measure, field)), crit in _CLAIMS:
         label = f"{SETTING_BY_KEY[setting].label}, {NORM_LABELS[norm]}"
-        return {
-            "measured_on": f"{label}, {len(seeds)} seed(s); {measure}",
-            "values": tuple(getattr(x, field) for x in r.get(setting, norm)),
-        }
-
-    def accuracy(setting: str, norm: str) -> dict[str, Any]:
-        return on(setting, norm, "test accuracy", "test_accuracy")
-
-    def ratio(norm: str) -> dict[str, Any]:
-        return on("deep", norm, "first / last Linear gradient norm at init", "init_ratio")
-
-    ioffe = "Ioffe & Szegedy 2015"
-    return (
-        Claim(
-            id="sigmoid-plateau-without-bn",
-            source=ioffe,
-            statement="Without normalization the shallow sigmoid MLP is still at chance "
-            "after 500 steps at LR 0.1 (the plateau BN removes).",
-            paper="baseline net trains more slowly (Fig. 1a; qualitative at this length)",
-            **accuracy("shallow", "none"),
-            criterion=Criterion(high=0.2),
-        ),
-        Claim(
-            id="bn-lifts-sigmoid-plateau",
-            source=ioffe,
-            statement="With BatchNorm the same net at the same LR trains.",
-            paper="MNIST 3 x 100 sigmoid: BN net more accurate, sigmoid inputs stable (Fig. 1)",
-            **accuracy("shallow", "batch"),
-            criterion=Criterion(low=0.9),
-        ),
-        Claim(
-            id="ln-lifts-sigmoid-plateau",
-            source="Ba, Kiros & Hinton 2016",
-            statement="LayerNorm, which needs no batch statistics, also trains it.",
-            paper="LN speeds up training compared with no normalization (qualitative)",
-            **accuracy("shallow", "layer"),
-            criterion=Criterion(low=0.9),
-        ),
-        Claim(
-            id="bn-tolerates-high-lr",
-            source=ioffe,
-            statement="BN trains at a 25x higher learning rate.",
-            paper="BN-x5 / BN-x30 Inception train at 5x / 30x the LR; 14x fewer steps",
-            **accuracy("high-lr", "batch"),
-            criterion=Criterion(low=0.9),
-        ),
-        Claim(
-            id="deep-sigmoid-at-chance-without-bn",
-            source=ioffe,
-            statement="A sigmoid net too deep for sigmoids stays at chance without normalization.",
-            paper="Inception with sigmoid, no BN: stays at chance accuracy",
-            **accuracy("deep", "none"),
-            criterion=Criterion(high=0.15),
-        ),
-        Claim(
-            id="bn-trains-deep-sigmoid",
-            source=ioffe,
-            statement="With BatchNorm the deep sigmoid net trains.",
-            paper="BN-x5-Sigmoid Inception: 69.8 % top-1",
-            **accuracy("deep", "batch"),
-            criterion=Criterion(low=0.85),
-        ),
-        Claim(
-            id="deep-sigmoid-gradient-vanishes",
-            source="Glorot & Bengio 2010",
-            statement="At initialization the deep sigmoid net's gradient vanishes toward "
-            "the input.",
-            paper="back-propagated gradients shrink toward the input (qualitative)",
-            **ratio("none"),
-            criterion=Criterion(high=1e-3),
-        ),
-        Claim(
-            id="bn-restores-gradient-flow",
-            source=ioffe,
-            statement="With BatchNorm the first layer's gradient is within a factor 100 "
-            "of the last's.",
-            paper="BN keeps sigmoids out of saturation and gradients from vanishing "
-            "(sec. 3.3, qualitative)",
-            **ratio("batch"),
-            criterion=Criterion(low=1e-2, high=1e2),
-        ),
-    )
+        found.append(
+            Claim(
+                claim_id,
+                source,
+                statement,
+                paper,
+                f"{label}, {len(seeds)} seed(s); {measure}",
+                tuple(getattr(x, field) for x in r.get(setting, norm)),
+                crit,
+            )
+        )
+    return tuple(found)
 
 
 _NORM_COLORS = {"none": "#d62728", "batch": "#1f77b4", "layer": "#2ca02c"}
@@ -378,11 +328,8 @@ class NormalizationExperiment(LabExperiment):
             yscale="log", xlabel="Linear layer (input → output)", ylabel="gradient norm at init"
         )
         flow.set_title("depth 10: gradient flow at init", fontsize=10)
-        flow.grid(True, which="major", alpha=0.3)
-        flow.legend(fontsize=7)
-        fig.suptitle(f"Sigmoid MLPs on digits with and without normalization (seed {first_seed})")
-        fig.tight_layout()
-        return fig
+        title = f"Sigmoid MLPs on digits with and without normalization (seed {first_seed})"
+        return finish(fig, title, [flow], legend=7)
 
 
 EXPERIMENT = NormalizationExperiment()

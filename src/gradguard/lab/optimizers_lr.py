@@ -1,39 +1,8 @@
 """Experiment ``optimizers-lr``: learning rates, adaptive optimizers, warm-up and clipping.
 
-Practitioners' guides claim that plain SGD at a too-high learning rate blows up; that Adam
-(Kingma & Ba 2015), RMSprop (Tieleman & Hinton 2012) and AdaGrad (Duchi, Hazan & Singer
-2011) at their usual learning rates train stably; that warm-up and decay remove the early
-instability (Goyal et al. 2017); and that norm clipping (Pascanu, Mikolov & Bengio 2013)
-stabilizes a run that would otherwise explode.
-
-Setup. A ReLU MLP 64 → 128 → 128 → 128 → 10 (PyTorch's default init), cross-entropy,
-batches of 64 (data seed ``1000 + seed``), 600 steps. Arms: ``sgd`` (LR 0.1, the control);
-``sgd-high`` (LR 2.0, unguarded, stopped at its first non-finite loss); ``sgd-high-clip``
-(LR 2.0 through ``Guard(clip=NormClip(1.0))``, about the largest gradient norm at LR 0.1);
-``adam`` (LR 1e-3, the paper's default), ``rmsprop`` (LR 1e-3, Keras'), ``adagrad`` (LR
-1e-2, PyTorch's). Warm-up is measured on the MLP with a ``BatchNorm1d`` before every ReLU
-at SGD LR 5.0, Goyal et al.'s setting: a BN net's effective LR is LR / ||w||², so a too-large
-first step spikes the loss, grows ||w|| and the net recovers by itself. Pilots (seeds
-100-108) chose LR 5: at 2.0 the spike is lost in the noise on some seeds, and a BN net never
-goes non-finite. ``bn-constant`` runs LR 5.0 throughout; ``bn-warmup`` warms up linearly
-from 5/100 to 5.0 over 100 steps (4.5 epochs; Goyal et al.: 5), then decays by a cosine to 0.
-
-The early peak is the largest batch loss of steps 1-50 over that of step 1 (about ln 10 =
-2.3, chance); the final loss is the cross-entropy on the whole training split (BN in eval
-mode). Criteria, fixed before the lab's seeds ran: converged is a final loss below 0.1, a
-spike a peak above 2x the initial loss, no spike below 1.5x. On seeds 0-8 every claim held
-on every seed but the warm-up spike on seeds 0 and 4 (1.68x and 1.67x at steps 47 and 34,
-LR 2.35 and 1.70, against 2.4-6.7x at steps 2-4 at constant LR): warm-up makes the spike
-later and smaller but does not always remove it.
-
-Revised (2026-12-05). The warmed-up spikes are chaotic in the last bits of the arithmetic
-(on another machine seed 0 peaks at 1.04x; seed 4 at 1.67x on both), and steps 1-50 end
-halfway up the ramp (LR 2.5), before the move to the full LR that Goyal et al.'s spike is
-about (Sec. 2.2). Added, criterion fixed before held-out seeds ran:
-``warmup-no-spike-at-transition`` (steps 1-150 below 1.5x). Pilots (seeds 0-2; target LRs
-2.5-5, 100-300 warm-up steps, momentum) found no setting without sporadic spikes. Old / new
-claim: seeds 0-2 pass 3/3 / 3/3; held-out seeds 10-15 6/6 / 5/6 (seed 14: 2.47x); seeds
-20-25 6/6 / 5/6 (seed 24: 1.95x).
+On a digits MLP: high-LR SGD blows up, Guard + NormClip rescues it, Adam, RMSprop and
+AdaGrad train at their usual LRs, and warm-up tames a BN net's early spike (Goyal et al.
+2017). See docs/lab/optimizers-lr.md for the setup, the papers' numbers and the criteria.
 """
 
 from __future__ import annotations
@@ -52,7 +21,7 @@ from gradguard.clip import NormClip
 from gradguard.guard import Guard
 from gradguard.lab._figures import block_means, new_figure, positive_or_nan
 from gradguard.lab._harness import LabExperiment
-from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, format_value
+from gradguard.lab._records import BySeed, Claim, Criterion, Table, TracedRun, format_value
 from gradguard.lab._training import digit_batches, digits_loss, evaluate_digits, train_loop
 from gradguard.lab.data import N_CLASSES, N_FEATURES
 from gradguard.records import StepReport
@@ -150,11 +119,9 @@ def warmup_cosine(step: int) -> float:
 
 
 @dataclass(frozen=True)
-class Run(Record):
-    """One arm of one seed (``events`` as ``Event.to_dict()``, none unguarded)."""
+class Run(TracedRun):
+    """One arm of one seed."""
 
-    arm: str
-    seed: int
     final_loss: float
     """Cross-entropy on the training split after training (NaN if lost)."""
     test_accuracy: float
@@ -166,11 +133,7 @@ class Run(Record):
     """Largest batch loss of steps 1-150 (warm-up, reaching the target LR, 50 more) / step 1."""
     clipped_fraction: float
     """Share of steps the clip policy scaled down (0 without one)."""
-    loss: tuple[float, ...]
-    grad_norm: tuple[float, ...]
-    """The global gradient norm of every step taken (before clipping)."""
     lr: tuple[float, ...]
-    events: tuple[dict[str, Any], ...]
 
 
 def train(arm: str, seed: int) -> Run:

@@ -1,30 +1,8 @@
 """Experiment ``recovery``: recovering from a loss spike by rollback and an LR cool-down.
 
-PaLM's 540B run spiked about 20 times despite gradient clipping; each time the authors
-restarted from a checkpoint about 100 steps before the spike and skipped the 200-500
-batches around it (Chowdhery et al. 2022, sec. 5.1). OPT-175B restarted from an earlier
-checkpoint at a lower LR (Zhang et al. 2022, sec. 2.5). :class:`gradguard.Rollback` does
-both. This experiment causes a real divergence in a small run and measures what the guard
-alone and the guard with a rollback leave of it.
-
-Setup. A tanh MLP 8 → 64 → 64 → 1 (PyTorch's default init) regresses ``tanh(x·w)`` on
-1,024 points (``x``, ``w`` standard normal, data seed ``1000 + seed``), MSE loss, batches
-of 64, AdamW at LR 3e-3 with a cosine schedule over 1,200 optimizer steps,
-``Guard(log_every=10)`` with the default detectors and no clip policy. The fault,
-``FaultInjector(at={500: "lr"}, lr_factor=100, lr_steps=10)``, multiplies the LR by 100 for
-steps 500-509: the weights are wrecked while every gradient stays finite (nothing to skip),
-and since Adam's update size is set by the LR, clipping would not stop it either. Arms, on
-the same data stream: ``clean`` (no fault); ``guard`` (the fault, no recovery: the
-``Divergence`` detector asks the loop to stop; it trains on to measure the damage);
-``rollback`` (the fault, ``Guard(recovery=Rollback(every=50, cooldown=100))``).
-
-Every arm trains until ``guard.step_count`` reaches 1,200: a rollback rewinds the counter,
-so the rollback arm draws more batches (those between snapshot and rollback are skipped, as
-in PaLM) for the same steps and schedule. The final loss is the MSE on all 1,024 points.
-The quick variant is the same run on one seed: in a 600-step run (fault at 300) the 100-step
-half-LR cool-down is a sixth of the run, and the rolled-back run ended 16-33 % above the
-clean one (5 seeds). The cool-down is also what the 1,200-step run pays: with
-``cooldown=0`` it ends within 0.05 % of the clean one (3 seeds; a side measurement).
+A x100 LR burst wrecks a small regression run; the guard alone cannot undo it, and
+``Rollback`` brings the run back (the PaLM recipe, Chowdhery et al. 2022 sec. 5.1). See
+docs/lab/recovery.md for the setup, the papers' numbers and the criteria.
 """
 
 from __future__ import annotations
@@ -42,7 +20,7 @@ from torch import Tensor, nn
 from gradguard.guard import Guard
 from gradguard.lab._figures import new_figure
 from gradguard.lab._harness import LabExperiment, data_generator
-from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, format_value
+from gradguard.lab._records import BySeed, Claim, Criterion, Table, TracedRun, format_value
 from gradguard.lab._training import Recorder, index_batches
 from gradguard.recover import Rollback
 from gradguard.testing.faults import FaultInjector
@@ -62,6 +40,15 @@ LR_STEPS = 10
 EVERY = 50
 COOLDOWN = 100
 LOG_EVERY = 10
+
+MODEL_TEXT = f"an {N_INPUTS} → {WIDTH} → {WIDTH} → 1 tanh MLP on {N_POINTS:,} synthetic points"
+TASK_CONFIG: Mapping[str, Any] = {
+    "model": f"MLP {N_INPUTS}-{WIDTH}-{WIDTH}-1, tanh, PyTorch default init",
+    "data": f"{N_POINTS} points, x ~ N(0, 1)^{N_INPUTS}, y = tanh(x.w), w ~ N(0, 1)",
+    "loss": "mse",
+    "batch_size": BATCH_SIZE,
+}
+"""The model and data in words and in the config (``early-stopping`` shares them)."""
 
 ARMS = ("clean", "guard", "rollback")
 ARM_LABELS: Mapping[str, str] = {
@@ -112,11 +99,9 @@ def build_model(seed: int) -> nn.Sequential:
 
 
 @dataclass(frozen=True)
-class Arm(Record):
-    """One training run (curves per ``guard.step`` call, in call order; events as dicts)."""
+class Arm(TracedRun):
+    """One training run (traces per ``guard.step`` call, in call order)."""
 
-    arm: str
-    seed: int
     fault_step: int | None
     """The optimizer step of the LR fault's onset; None without a fault."""
     final_loss: float
@@ -131,9 +116,6 @@ class Arm(Record):
     """CPU memory of the rollback's snapshots (0 without one)."""
     steps: tuple[int, ...]
     """The guard's step number of every call (a rollback makes it go back)."""
-    loss: tuple[float, ...]
-    grad_norm: tuple[float, ...]
-    events: tuple[dict[str, Any], ...]
 
     def steps_of(self, kind: str, metric: str | None = None) -> list[int]:
         """Return the steps of this arm's events of ``kind`` (and ``metric``), in order."""
@@ -238,19 +220,15 @@ class RecoveryExperiment(LabExperiment):
     )
     setting = (
         "Papers: PaLM 540B on 6,144 TPU v4 chips, ~20 spikes, restart ~100 steps back; "
-        f"OPT-175B. Here: an {N_INPUTS} → {WIDTH} → {WIDTH} → 1 tanh MLP on {N_POINTS:,} "
-        f"synthetic points, {STEPS:,} AdamW steps, the LR x{LR_FACTOR:g} for {LR_STEPS} steps "
-        f"at step {FAULT_STEP}, snapshots every {EVERY} steps."
+        f"OPT-175B. Here: {MODEL_TEXT}, {STEPS:,} AdamW steps, the LR x{LR_FACTOR:g} for "
+        f"{LR_STEPS} steps at step {FAULT_STEP}, snapshots every {EVERY} steps."
     )
     record_type = Arm
 
     def config(self, quick: bool) -> dict[str, Any]:
         """The same for both variants: both train the full 1,200 steps."""
         return {
-            "model": f"MLP {N_INPUTS}-{WIDTH}-{WIDTH}-1, tanh, PyTorch default init",
-            "data": f"{N_POINTS} points, x ~ N(0, 1)^{N_INPUTS}, y = tanh(x.w), w ~ N(0, 1)",
-            "loss": "mse",
-            "batch_size": BATCH_SIZE,
+            **TASK_CONFIG,
             "optimizer": f"AdamW(lr={LR:g}), CosineAnnealingLR(T_max={STEPS})",
             "steps": STEPS,
             "fault": f"FaultInjector(at={{{FAULT_STEP}: 'lr'}}, lr_factor={LR_FACTOR:g}, "

@@ -1,45 +1,8 @@
 """Experiment ``regularization``: what L2 weight decay and dropout do to weights and gradients.
 
-Practitioners' guides say that regularization (L2 weight decay, dropout) penalizes large
-weights and so keeps the gradients from becoming too large, besides improving
-generalization. The published claims behind them: weight decay suppresses weight components
-the data does not need and improves generalization (Krogh & Hertz 1992); dropout reduces
-overfitting (Srivastava et al. 2014: lower test error on MNIST, CIFAR, ImageNet...); without
-regularization, gradient descent on the cross-entropy of separable data grows the weight
-norm without bound, logarithmically (Soudry et al. 2018).
-
-Setup. A ReLU MLP 64 → 256 → 256 → 10 with PyTorch's default init, cross-entropy, SGD with
-momentum 0.9 at LR 0.05, batches of 64 from shuffled epochs (data seed ``1000 + seed``),
-1,500 steps (67 epochs: long enough to fit the 1,437 training images). Arms: ``none``;
-``l2``, weight decay λ = 5e-4 on every parameter (SGD's ``weight_decay``: the objective is
-L + λ/2·||θ||²; Krizhevsky et al. 2012's value); ``dropout``, p = 0.5 after each hidden ReLU
-(Srivastava et al.'s value for hidden units), no weight decay. Per step: the batch loss and
-the global gradient norm of the data loss L (:func:`gradguard.grad_stats`, read before the
-optimizer adds the decay); every 10 steps ||θ|| over all parameters. After training:
-cross-entropy and accuracy on both splits (eval mode) and ||∇L|| on the whole training split.
-
-Measures, fixed before the lab's seeds were run: the late gradient norm is the mean global
-gradient norm over the last 10 % of the steps; the generalization gap is test minus train
-cross-entropy. At a minimum of L + λ/2·||θ||², ∇L = -λθ, so ||∇L|| = λ||θ||: weight decay
-holds the gradient up, where without it the gradient of a fitted net decays toward 0.
-
-Results on seeds 0-8, every seed alike: the weight claims hold (growth 1.26x without
-regularization, L2's final norm 0.77x, ||∇L|| / λ||θ|| 0.72-0.74); L2 narrows the gap
-(0.58-0.67x). Three seed-text claims do not reproduce: the late gradient norm is 4.2-4.4x
-*higher* with L2 and 56-122x with dropout than without regularization, whose gradient decays
-as the net fits the data (no gradient growth to restrain at this scale); and dropout widens
-the cross-entropy gap (0.95-2.5x) while its test accuracy is equal or higher: its errors are
-more confident.
-
-Revised (2026-12-05), the claims above kept. The guides' claim needs a regime where the
-unregularized gradient grows. Added arms ``noisy-*``: a 6 x 128 ReLU MLP (default init),
-600 steps, same optimizer, λ and p, on training labels of which 30 % are redrawn at random
-(seed ``2000 + seed``): the loss cannot reach 0, the weights grow and the gradient with them.
-Added claims, criteria fixed before the held-out seeds 10-15 were run: the unregularized late
-/ early gradient norm is above 2 (precondition); L2 and dropout keep the late gradient norm
-below 0.8x the unregularized run's; dropout narrows the train - test *accuracy* gap (the
-paper's measure) below 1x. Seeds 0-2 / 10-15: growth 11-14x (3/3, 6/6); L2 0.90-1.05x (0/3,
-0/6); dropout 0.77-1.05x (0/3, 1/6); accuracy gap 0.58-0.89x (3/3, 6/6).
+Tests the guides' "regularization keeps gradients from growing" next to Krogh & Hertz 1992
+and Srivastava et al. 2014, on clean and on noisy labels. See docs/lab/regularization.md
+for the setup, the papers' numbers and the criteria.
 """
 
 from __future__ import annotations
@@ -54,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from gradguard.lab._figures import block_means, new_figure
+from gradguard.lab._figures import block_means, finish, new_figure
 from gradguard.lab._harness import LabExperiment
-from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, cell, listed
-from gradguard.lab._training import digit_batches, train_loop
+from gradguard.lab._records import BySeed, Claim, Criterion, Table, cell, listed
+from gradguard.lab._training import DigitsRun, digit_batches, train_loop
 from gradguard.lab.data import N_CLASSES, N_FEATURES, N_TRAIN, load_digits
 from gradguard.stats import grad_stats
 
@@ -71,7 +34,7 @@ NORM_EVERY = 10
 """||θ|| is measured every this many steps."""
 LATE_FRACTION = 0.1
 """The late (early) gradient norm is the mean over the last (first) tenth of the steps."""
-# The gradient-growth regime (added after the first version, see the module docstring).
+# The gradient-growth regime: noisy labels (see docs/lab/regularization.md).
 GROWTH_DEPTH, GROWTH_WIDTH, GROWTH_STEPS = 6, 128, 600
 LABEL_NOISE, LABEL_NOISE_SEED_OFFSET = 0.3, 2000
 GROWTH_MIN, RESTRAIN_MAX = 2.0, 0.8
@@ -145,27 +108,23 @@ def parameter_norm(model: nn.Module) -> float:
 
 
 @dataclass(frozen=True)
-class Run(Record):
-    """One arm of one seed."""
+class Run(DigitsRun):
+    """One arm of one seed.
+
+    Dropout masks draw from the data seed; losses and accuracies are in eval mode, on the
+    true labels; gradient norms are of the data loss only.
+    """
 
     arm: str
     """A name in :data:`ARMS`."""
-    seed: int
-    """Model seed (data seed ``1000 + seed``; dropout masks draw from it too)."""
-    train_loss: float
-    """Cross-entropy on the training split after training (eval mode, true labels)."""
     test_loss: float
     train_accuracy: float
-    test_accuracy: float
     late_grad_norm: float
     """Mean global gradient norm of the last 10 % of the steps."""
     early_grad_norm: float
     """Mean global gradient norm of the first 10 % of the steps."""
     full_grad_norm: float
     """Gradient norm of the data loss on the whole training split, at the end."""
-    loss: tuple[float, ...]
-    grad_norm: tuple[float, ...]
-    """The global gradient norm of every step (data loss only)."""
     norm_steps: tuple[int, ...]
     """The steps of ``param_norm`` (0 is the initialization)."""
     param_norm: tuple[float, ...]
@@ -286,101 +245,97 @@ def claims(runs: Sequence[Run], seeds: tuple[int, ...]) -> tuple[Claim, ...]:
     }
     return (
         Claim(
-            id="weights-grow-without-regularization",
-            source="Soudry et al. 2018; practitioners' guides",
-            statement="Without regularization the parameter norm grows during training.",
-            paper="on separable data GD on the cross-entropy grows ||w|| like log t",
-            measured_on=f"||θ|| final / at init, no regularization, {n}, {STEPS} steps",
-            values=tuple(x.weight_growth for x in r.get("none")),
-            criterion=Criterion(low=1.05),
+            "weights-grow-without-regularization",
+            "Soudry et al. 2018; practitioners' guides",
+            "Without regularization the parameter norm grows during training.",
+            "on separable data GD on the cross-entropy grows ||w|| like log t",
+            f"||θ|| final / at init, no regularization, {n}, {STEPS} steps",
+            tuple(x.weight_growth for x in r.get("none")),
+            Criterion(low=1.05),
         ),
         Claim(
-            id="l2-restrains-weight-growth",
-            source="Krogh & Hertz 1992; practitioners' guides",
-            statement="With L2 weight decay the final parameter norm is below 0.9x the "
-            "unregularized run's.",
-            paper="weight decay suppresses weight components the data does not need",
-            measured_on=f"final ||θ||, L2 / none, λ = {WEIGHT_DECAY:g}, {n}, {STEPS} steps",
-            values=ratio("l2", "final_param_norm"),
-            criterion=Criterion(high=0.9),
+            "l2-restrains-weight-growth",
+            "Krogh & Hertz 1992; practitioners' guides",
+            "With L2 weight decay the final parameter norm is below 0.9x the unregularized run's.",
+            "weight decay suppresses weight components the data does not need",
+            f"final ||θ||, L2 / none, λ = {WEIGHT_DECAY:g}, {n}, {STEPS} steps",
+            ratio("l2", "final_param_norm"),
+            Criterion(high=0.9),
         ),
         Claim(
-            id="l2-gradient-at-equilibrium",
-            source="Krogh & Hertz 1992",
-            statement="With L2 the data gradient settles where it balances the decay: "
+            "l2-gradient-at-equilibrium",
+            "Krogh & Hertz 1992",
+            "With L2 the data gradient settles where it balances the decay: "
             "||∇L|| = λ||θ|| within a factor 2.",
-            paper="the minimum of L + λ/2 ||θ||² has ∇L = -λθ (the objective's definition)",
-            measured_on=f"||∇L|| on the full training split / (λ ||θ||) at the end, {n}, "
-            f"{STEPS} steps",
-            values=tuple(x.full_grad_norm / (WEIGHT_DECAY * x.param_norm[-1]) for x in r.get("l2")),
-            criterion=Criterion(low=0.5, high=2.0),
+            "the minimum of L + λ/2 ||θ||² has ∇L = -λθ (the objective's definition)",
+            f"||∇L|| on the full training split / (λ ||θ||) at the end, {n}, {STEPS} steps",
+            tuple(x.full_grad_norm / (WEIGHT_DECAY * x.param_norm[-1]) for x in r.get("l2")),
+            Criterion(low=0.5, high=2.0),
         ),
         *(
             Claim(
-                id=f"{arm}-restrains-gradient-norm",
-                source="practitioners' guides",
-                statement=f"With {ARM_LABELS[arm]} the late-training gradient norm is lower "
+                f"{arm}-restrains-gradient-norm",
+                "practitioners' guides",
+                f"With {ARM_LABELS[arm]} the late-training gradient norm is lower "
                 "than without regularization.",
-                paper=guides,
-                measured_on=f"{late}, {ARM_LABELS[arm]} / none, {n}",
-                values=ratio(arm, "late_grad_norm"),
-                criterion=Criterion(high=1.0),
-                note=f"unregularized late norm {listed([x.late_grad_norm for x in r.get('none')])}",
+                guides,
+                f"{late}, {ARM_LABELS[arm]} / none, {n}",
+                ratio(arm, "late_grad_norm"),
+                Criterion(high=1.0),
+                f"unregularized late norm {listed([x.late_grad_norm for x in r.get('none')])}",
             )
             for arm in ("l2", "dropout")
         ),
         *(
             Claim(
-                id=f"{arm}-narrows-generalization-gap",
-                source=f"{source}; practitioners' guides",
-                statement=f"{ARM_LABELS[arm].capitalize()} narrows the train/test "
+                f"{arm}-narrows-generalization-gap",
+                f"{source}; practitioners' guides",
+                f"{ARM_LABELS[arm].capitalize()} narrows the train/test "
                 "cross-entropy gap to below 0.8x the unregularized one.",
-                paper=paper,
-                measured_on=f"(test - train cross-entropy), {ARM_LABELS[arm]} / none, {n}",
-                values=ratio(arm, "gap"),
-                criterion=Criterion(high=0.8),
-                note=f"unregularized gap {listed([x.gap for x in r.get('none')])}; test "
+                paper,
+                f"(test - train cross-entropy), {ARM_LABELS[arm]} / none, {n}",
+                ratio(arm, "gap"),
+                Criterion(high=0.8),
+                f"unregularized gap {listed([x.gap for x in r.get('none')])}; test "
                 f"accuracy {versus(arm, lambda x: f'{x.test_accuracy:.3f}')} (this arm vs none)",
             )
             for arm, (source, paper) in gap_sources.items()
         ),
         Claim(
-            id="dropout-narrows-accuracy-gap",
-            source="Srivastava et al. 2014; practitioners' guides",
-            statement="Dropout narrows the train/test accuracy gap (the paper's measure: "
+            "dropout-narrows-accuracy-gap",
+            "Srivastava et al. 2014; practitioners' guides",
+            "Dropout narrows the train/test accuracy gap (the paper's measure: "
             "classification error).",
-            paper="dropout lowers the test error at equal training error (MNIST 1.60 % -> "
+            "dropout lowers the test error at equal training error (MNIST 1.60 % -> "
             "1.25 %, ...; qualitative here)",
-            measured_on=f"(train - test accuracy), {ARM_LABELS['dropout']} / none, {n}",
-            values=ratio("dropout", "accuracy_gap"),
-            criterion=Criterion(high=1.0),
-            note="train / test accuracy "
+            f"(train - test accuracy), {ARM_LABELS['dropout']} / none, {n}",
+            ratio("dropout", "accuracy_gap"),
+            Criterion(high=1.0),
+            "train / test accuracy "
             + versus("dropout", lambda x: f"{x.train_accuracy:.3f}/{x.test_accuracy:.3f}")
             + " (dropout vs none)",
         ),
         Claim(
-            id="gradient-grows-without-regularization",
-            source="precondition of the two claims below",
-            statement=f"With {regime} and no regularization the training gradient norm grows: "
+            "gradient-grows-without-regularization",
+            "precondition of the two claims below",
+            f"With {regime} and no regularization the training gradient norm grows: "
             f"late over early is above {GROWTH_MIN:g}.",
-            paper="(the regime the guides' claim is about: gradients 'becoming too large')",
-            measured_on=f"{late} / the first {LATE_FRACTION:.0%}'s, {regime}, none, {n}, "
-            f"{GROWTH_STEPS} steps",
-            values=tuple(x.gradient_growth for x in r.get("noisy-none")),
-            criterion=Criterion(low=GROWTH_MIN),
+            "(the regime the guides' claim is about: gradients 'becoming too large')",
+            f"{late} / the first {LATE_FRACTION:.0%}'s, {regime}, none, {n}, {GROWTH_STEPS} steps",
+            tuple(x.gradient_growth for x in r.get("noisy-none")),
+            Criterion(low=GROWTH_MIN),
         ),
         *(
             Claim(
-                id=f"{arm}-restrains-gradient-growth",
-                source="practitioners' guides",
-                statement=f"Where the gradient grows, {ARM_LABELS[arm]} keeps the late "
+                f"{arm}-restrains-gradient-growth",
+                "practitioners' guides",
+                f"Where the gradient grows, {ARM_LABELS[arm]} keeps the late "
                 f"gradient norm below {RESTRAIN_MAX:g}x the unregularized run's.",
-                paper=guides,
-                measured_on=f"{late}, {regime}, {ARM_LABELS[arm]} / none, {n}, "
-                f"{GROWTH_STEPS} steps",
-                values=ratio(f"noisy-{arm}", "late_grad_norm", base="noisy-none"),
-                criterion=Criterion(high=RESTRAIN_MAX),
-                note=f"unregularized growth (late / early) {growth}; this arm's "
+                guides,
+                f"{late}, {regime}, {ARM_LABELS[arm]} / none, {n}, {GROWTH_STEPS} steps",
+                ratio(f"noisy-{arm}", "late_grad_norm", base="noisy-none"),
+                Criterion(high=RESTRAIN_MAX),
+                f"unregularized growth (late / early) {growth}; this arm's "
                 + listed([x.gradient_growth for x in r.get(f"noisy-{arm}")]),
             )
             for arm in ("l2", "dropout")
@@ -518,11 +473,8 @@ class RegularizationExperiment(LabExperiment):
         growth.set_title(f"gradient growth: {regime}", fontsize=10)
         for ax in (weights, grads, losses, growth):
             ax.set_xlabel("SGD step")
-            ax.grid(True, which="major", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"L2 weight decay and dropout on a digits MLP (seed {first_seed})")
-        fig.tight_layout()
-        return fig
+        title = f"L2 weight decay and dropout on a digits MLP (seed {first_seed})"
+        return finish(fig, title, (weights, grads, losses, growth), legend=7)
 
 
 EXPERIMENT = RegularizationExperiment()

@@ -1,46 +1,8 @@
 """Experiment ``residual``: plain vs residual nets, and residual nets without normalization.
 
-He et al. (2016) found that deeper plain networks reach a *higher* training error than
-shallower ones (plain-56 above plain-20 on CIFAR-10, Fig. 1 and Fig. 6), although every
-layer has BatchNorm, and that identity shortcuts remove this degradation. They argue that
-it is not caused by vanishing gradients: BN keeps the forward signal alive and the
-backward gradients "exhibit healthy norms". Yang et al. (2019) showed that deep plain BN
-nets in fact make the gradient *explode* toward the input at initialization. Zhang,
-Dauphin & Ma (2019, Fixup) showed that a residual net without normalization explodes
-under the usual (He) initialization, because every block adds its variance to the
-signal's, and that rescaling the init (Fixup) lets it train without normalization.
-
-Setup (the reference setup). MLPs of width 64 on the digits: a stem Linear, then ``n``
-blocks, then a Linear classifier: ``2 + 2n`` weight layers (8 layers is 3 blocks, 32 layers
-15). Four block types:
-
-* ``plain``: Linear-BN-ReLU-Linear-BN-ReLU (the stem is Linear-BN-ReLU);
-* ``residual``: the same with an identity shortcut, ReLU(x + BN(Linear(ReLU(BN(Linear x)))));
-* ``he``: the residual block without BN (stem Linear-ReLU), He init;
-* ``fixup``: the same block under Fixup: the last Linear of every branch and the
-  classifier zero, the first Linear of every branch He-initialized and scaled by
-  ``n^(-1/2)`` (Fixup's L^(-1/(2m-2)) with m = 2 layers per branch), and a scalar
-  multiplier (init 1) on every branch. Deviation: the paper adds scalar biases before
-  each layer; here every Linear keeps its own (zero-initialized) bias instead, which can
-  represent the same shifts (W(x + a) + b = Wx + (Wa + b)) at a third of the cost.
-
-Weights are initialized by :func:`gradguard.init.initialize` (``"auto"``: He before the
-ReLUs, Xavier for the classifier, biases 0, BN weight 1 and bias 0) under the model seed;
-Fixup's rescaling is applied on top. Cross-entropy, SGD with momentum 0.9 at LR 0.05,
-batches of 64 from shuffled epochs, 400 steps in the quick variant and 800 in the full one
-(56-layer nets do not fit the time budget, so the deep nets have 32 layers). Every step
-goes through a :class:`gradguard.Guard` (default detectors, no clip policy: it measures
-without changing the step), which records the loss, the global gradient norm and each
-block's gradient norm. The ``he`` net is stopped at its first non-finite loss or gradient.
-Step 1's first-block over last-block gradient ratio is the gradient-flow measure at init.
-Training loss and test accuracy are measured on the full splits after training (BN in
-eval mode).
-
-The criteria come from the reference setup, fixed before the runs (for 32 layers, where
-plain losses of 0.71-2.71 were measured against <= 0.003 at 8 layers, the degradation
-margin is 0.3). Every claim held on each of the seeds 0-8 in the full variant and 0-6 in
-the quick one; the closest calls were plain-32 minus plain-8 at 0.57 (> 0.3) and the
-residual-32 loss at 0.019 in a 400-step run (< 0.05).
+Deep plain BN nets degrade and residual ones train (He et al. 2016); without BN, He init
+blows up and Fixup trains (Zhang et al. 2019). See docs/lab/residual.md for the setup, the
+papers' numbers and the criteria.
 """
 
 from __future__ import annotations
@@ -55,17 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import init
-from gradguard.guard import Guard
-from gradguard.lab._figures import block_means, new_figure, positive_or_nan
+from gradguard.lab._figures import block_means, finish, new_figure, positive_or_nan
 from gradguard.lab._harness import LabExperiment
-from gradguard.lab._records import BySeed, Claim, Criterion, Record, Table, cell, listed
-from gradguard.lab._training import (
-    Recorder,
-    digit_batches,
-    digits_loss,
-    evaluate_digits,
-    train_loop,
-)
+from gradguard.lab._records import BySeed, Claim, Criterion, Table, cell, listed
+from gradguard.lab._training import GuardedRun, first_over_last, train_guarded
 from gradguard.lab.data import N_CLASSES, N_FEATURES
 from gradguard.records import StepReport, severity_of
 
@@ -176,43 +131,30 @@ def _block_norms(names: Sequence[str], row: Sequence[float], n_blocks: int) -> l
 
 
 @dataclass(frozen=True)
-class Run(Record):
-    """One trained net."""
+class Run(GuardedRun):
+    """One trained net; its gradient flow is per block."""
 
     kind: str
     """``plain``, ``residual``, ``he`` or ``fixup``."""
     layers: int
     """Weight layers (2 + 2 x blocks)."""
-    seed: int
-    """Model seed (data seed ``1000 + seed``)."""
     steps: int
     """SGD steps planned."""
     steps_run: int
     """SGD steps taken (fewer when the loss or gradient went non-finite)."""
     nonfinite_step: int | None
     """The first step with a non-finite loss or gradient, or None."""
-    train_loss: float
-    """Cross-entropy on the full training split after training (NaN if lost)."""
-    test_accuracy: float
-    init_ratio: float
-    """First block's gradient norm over the last block's, at init."""
     init_block_norms: tuple[float, ...]
     """Every block's gradient norm at init (step 1)."""
-    loss: tuple[float, ...]
-    grad_norm: tuple[float, ...]
     block_steps: tuple[int, ...]
     """The steps of ``block_norms`` (every :data:`LOG_EVERY` steps)."""
     block_norms: tuple[tuple[float, ...], ...]
-    events: tuple[dict[str, Any], ...]
-    """The guard's detector events, as ``Event.to_dict()``."""
 
 
 def train(kind: str, layers: int, seed: int, steps: int) -> Run:
     """Train one net for ``steps`` SGD steps (fewer if it goes non-finite)."""
     model = build_model(kind, layers, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    recorder = Recorder()
-    guard = Guard(model, optimizer, log_every=LOG_EVERY, sinks=[recorder])
     nonfinite: list[int] = []
 
     def blew_up(step: int, loss: Tensor, report: StepReport | None) -> bool:
@@ -222,13 +164,17 @@ def train(kind: str, layers: int, seed: int, steps: int) -> Run:
         nonfinite.append(step)
         return True
 
-    batches = digit_batches(seed, BATCH_SIZE)
-    train_loop(model, optimizer, batches, digits_loss, steps, guard=guard, after_step=blew_up)
-    guard.close()
-    accuracy, train_loss = evaluate_digits(model)
+    recorder, accuracy, train_loss = train_guarded(
+        model,
+        optimizer,
+        seed,
+        batch_size=BATCH_SIZE,
+        steps=steps,
+        log_every=LOG_EVERY,
+        after_step=blew_up,
+    )
     n_blocks = len(model.blocks)
     per_block = [_block_norms(recorder.layer_names, row, n_blocks) for row in recorder.per_layer]
-    first = per_block[0]
     return Run(
         kind=kind,
         layers=layers,
@@ -238,8 +184,8 @@ def train(kind: str, layers: int, seed: int, steps: int) -> Run:
         nonfinite_step=nonfinite[0] if nonfinite else None,
         train_loss=train_loss,
         test_accuracy=accuracy,
-        init_ratio=first[0] / first[-1] if first[-1] > 0 else math.nan,
-        init_block_norms=tuple(first),
+        init_ratio=first_over_last(per_block[0]),
+        init_block_norms=tuple(per_block[0]),
         loss=tuple(recorder.loss),
         grad_norm=tuple(recorder.grad_norm),
         block_steps=tuple(range(1, len(per_block) + 1, LOG_EVERY)),
@@ -264,85 +210,82 @@ def claims(runs: Sequence[Run], seeds: tuple[int, ...], steps: int) -> tuple[Cla
     zhang = "Zhang, Dauphin & Ma 2019"
     return (
         Claim(
-            id="plain-degrades-with-depth",
-            source="He et al. 2016",
-            statement=f"The {DEEP}-layer plain BN net ends at a higher training loss than "
+            "plain-degrades-with-depth",
+            "He et al. 2016",
+            f"The {DEEP}-layer plain BN net ends at a higher training loss than "
             f"the {SHALLOW}-layer one.",
-            paper="plain-56 has higher training error than plain-20 on CIFAR-10 (Fig. 6)",
-            measured_on=f"final train loss, plain {DEEP} minus plain {SHALLOW}, {n_steps}",
-            values=tuple(d - s for d, s in zip(plain_deep, plain_shallow, strict=True)),
-            criterion=Criterion(low=0.3),
-            note=f"plain-8 {listed(plain_shallow)}; plain-{DEEP} {listed(plain_deep)}",
+            "plain-56 has higher training error than plain-20 on CIFAR-10 (Fig. 6)",
+            f"final train loss, plain {DEEP} minus plain {SHALLOW}, {n_steps}",
+            tuple(d - s for d, s in zip(plain_deep, plain_shallow, strict=True)),
+            Criterion(low=0.3),
+            f"plain-8 {listed(plain_shallow)}; plain-{DEEP} {listed(plain_deep)}",
         ),
         Claim(
-            id="residual-trains-deep",
-            source="He et al. 2016",
-            statement=f"The {DEEP}-layer residual BN net trains to a low loss.",
-            paper="ResNet-56 trains below plain-56 and below ResNet-20 (Fig. 6)",
-            measured_on=f"final train loss, residual {DEEP}, {n_steps}",
-            values=tuple(res_deep),
-            criterion=Criterion(high=0.05),
+            "residual-trains-deep",
+            "He et al. 2016",
+            f"The {DEEP}-layer residual BN net trains to a low loss.",
+            "ResNet-56 trains below plain-56 and below ResNet-20 (Fig. 6)",
+            f"final train loss, residual {DEEP}, {n_steps}",
+            tuple(res_deep),
+            Criterion(high=0.05),
         ),
         Claim(
-            id="residual-beats-plain",
-            source="He et al. 2016",
-            statement=f"At {DEEP} layers the residual net's loss is at least 10x lower "
-            "than the plain net's.",
-            paper="ResNet-56 6.97 % vs plain-56 error far above plain-20's (Fig. 6)",
-            measured_on=f"final train loss, plain {DEEP} / residual {DEEP}, {n_steps}",
-            values=tuple(_ratio(p, q) for p, q in zip(plain_deep, res_deep, strict=True)),
-            criterion=Criterion(low=10.0),
+            "residual-beats-plain",
+            "He et al. 2016",
+            f"At {DEEP} layers the residual net's loss is at least 10x lower than the plain net's.",
+            "ResNet-56 6.97 % vs plain-56 error far above plain-20's (Fig. 6)",
+            f"final train loss, plain {DEEP} / residual {DEEP}, {n_steps}",
+            tuple(_ratio(p, q) for p, q in zip(plain_deep, res_deep, strict=True)),
+            Criterion(low=10.0),
         ),
         Claim(
-            id="plain-bn-explodes-backward",
-            source="He et al. 2016; Yang et al. 2019",
-            statement="In the deep plain BN net the gradient does not vanish: at init the "
+            "plain-bn-explodes-backward",
+            "He et al. 2016; Yang et al. 2019",
+            "In the deep plain BN net the gradient does not vanish: at init the "
             "first block's is over 30x the last block's (it explodes toward the input).",
-            paper="He: 'healthy norms', not vanishing; Yang: BN nets explode at init",
-            measured_on=f"first / last block gradient norm at init, plain {DEEP}, {n}",
-            values=tuple(x.init_ratio for x in r.get("plain", DEEP)),
-            criterion=Criterion(low=30.0),
+            "He: 'healthy norms', not vanishing; Yang: BN nets explode at init",
+            f"first / last block gradient norm at init, plain {DEEP}, {n}",
+            tuple(x.init_ratio for x in r.get("plain", DEEP)),
+            Criterion(low=30.0),
         ),
         Claim(
-            id="residual-gradient-flat",
-            source="He et al. 2016",
-            statement="With identity shortcuts the first block's gradient is within 30x of "
-            "the last block's.",
-            paper="shortcuts propagate the signal directly between blocks (qualitative)",
-            measured_on=f"first / last block gradient norm at init, residual {DEEP}, {n}",
-            values=tuple(x.init_ratio for x in r.get("residual", DEEP)),
-            criterion=Criterion(low=0.1, high=30.0),
+            "residual-gradient-flat",
+            "He et al. 2016",
+            "With identity shortcuts the first block's gradient is within 30x of the last block's.",
+            "shortcuts propagate the signal directly between blocks (qualitative)",
+            f"first / last block gradient norm at init, residual {DEEP}, {n}",
+            tuple(x.init_ratio for x in r.get("residual", DEEP)),
+            Criterion(low=0.1, high=30.0),
         ),
         Claim(
-            id="no-norm-he-init-blows-up",
-            source=zhang,
-            statement=f"Without normalization the He-initialized residual net's loss or "
+            "no-norm-he-init-blows-up",
+            zhang,
+            f"Without normalization the He-initialized residual net's loss or "
             f"gradient goes non-finite within {BLOWUP_WITHIN} steps.",
-            paper="the output variance grows exponentially with the number of blocks; "
+            "the output variance grows exponentially with the number of blocks; "
             "such nets do not train without BN (sec. 2)",
-            measured_on=f"first non-finite step, residual {DEEP} no norm, He init, {n_steps} "
-            f"({never} = never)",
-            values=tuple(float(x.nonfinite_step or never) for x in he),
-            criterion=Criterion(high=BLOWUP_WITHIN + 0.5),
+            f"first non-finite step, residual {DEEP} no norm, He init, {n_steps} ({never} = never)",
+            tuple(float(x.nonfinite_step or never) for x in he),
+            Criterion(high=BLOWUP_WITHIN + 0.5),
         ),
         Claim(
-            id="fixup-trains-without-norm",
-            source=zhang,
-            statement="Under Fixup init the same net trains without normalization.",
-            paper="Fixup trains residual nets without BN at BN-like LRs (ResNet-110 on "
+            "fixup-trains-without-norm",
+            zhang,
+            "Under Fixup init the same net trains without normalization.",
+            "Fixup trains residual nets without BN at BN-like LRs (ResNet-110 on "
             "CIFAR-10 close to the BN result)",
-            measured_on=f"final train loss, residual {DEEP} no norm, Fixup init, {n_steps}",
-            values=tuple(x.train_loss for x in fixup),
-            criterion=Criterion(high=0.01),
+            f"final train loss, residual {DEEP} no norm, Fixup init, {n_steps}",
+            tuple(x.train_loss for x in fixup),
+            Criterion(high=0.01),
         ),
         Claim(
-            id="fixup-generalizes",
-            source=zhang,
-            statement="The Fixup net's test accuracy is that of a trained net.",
-            paper="test error comparable to BN (CIFAR-10, ImageNet)",
-            measured_on=f"test accuracy, residual {DEEP} no norm, Fixup init, {n_steps}",
-            values=tuple(x.test_accuracy for x in fixup),
-            criterion=Criterion(low=0.9),
+            "fixup-generalizes",
+            zhang,
+            "The Fixup net's test accuracy is that of a trained net.",
+            "test error comparable to BN (CIFAR-10, ImageNet)",
+            f"test accuracy, residual {DEEP} no norm, Fixup init, {n_steps}",
+            tuple(x.test_accuracy for x in fixup),
+            Criterion(low=0.9),
         ),
     )
 
@@ -462,14 +405,8 @@ class ResidualExperiment(LabExperiment):
             ax.set(yscale="log", xlabel="block (input → output)")
             ax.set_title(f"{DEEP} layers: gradient norm per block {when}", fontsize=10)
         flow.set_ylabel("gradient norm")
-        for ax in (curves, flow, later):
-            ax.grid(True, which="major", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(
-            f"Plain vs residual MLPs on digits, and residual without BN (seed {first_seed})"
-        )
-        fig.tight_layout()
-        return fig
+        title = f"Plain vs residual MLPs on digits, and residual without BN (seed {first_seed})"
+        return finish(fig, title, (curves, flow, later), legend=7)
 
 
 EXPERIMENT = ResidualExperiment()

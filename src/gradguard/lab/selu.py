@@ -1,23 +1,8 @@
 """Experiment ``selu``: a deep self-normalizing net trains where ReLU under the same init stalls.
 
-Klambauer et al. (2017) chose SELU's ``λ ≈ 1.0507`` and ``α ≈ 1.6733`` so that under LeCun's
-init N(0, 1/n) the map from one layer's (mean, variance) to the next has a stable, attracting
-fixed point at (0, 1): activations normalize themselves without BatchNorm, and the gradient
-neither vanishes nor explodes. Their Fig. 1 trains nets of 8, 16 and 32 layers on MNIST and
-CIFAR-10 without normalization. The same init halves the variance at every ReLU layer (He et
-al. 2015).
-
-Setup. 64 → 32 × [Linear(64), activation] → Linear(10) on the bundled digits, weights LeCun
-normal (``gradguard.init.initialize(model, "lecun")``), biases 0, cross-entropy, SGD with
-momentum 0.9 at LR 0.005, batches of 64, 500 steps. Activations SELU, ReLU and tanh as an
-extension (near-linear at small inputs, it keeps a variance of order 0.01 under this init and
-still trains; no claim on it). ``diagnose`` probes each net at init on 256 training images;
-the nets train side by side with the ``initialization`` experiment's machinery.
-
-Mean-field numbers (for the criteria): at the fixed point SELU's
-``χ = n·Var[w]·E[f'(h)²] = λ²(½ + α² e² Φ(-2)) ≈ 1.07`` per layer, so the first layer's
-output gradient is ``χ^(32/2) ≈ 3`` times the last's (accepted within a factor 10); ReLU's
-``χ = ½`` gives ``2^(-16) ≈ 1.5e-5`` and a last-layer variance of about ``2^(-32)``.
+Under LeCun init a 32-layer SELU net keeps unit variance and trains; ReLU vanishes
+(Klambauer et al. 2017). See docs/lab/selu.md for the setup, the papers' numbers and the
+criteria.
 """
 
 from __future__ import annotations
@@ -26,10 +11,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gradguard.lab._figures import new_figure, positive_or_nan
+from gradguard.lab._figures import finish, new_figure, positive_or_nan
 from gradguard.lab._harness import LabExperiment, Ticker
 from gradguard.lab._records import Claim, Criterion, Table, cell
-from gradguard.lab._stacked import PROBE_SIZE
+from gradguard.lab._stacked import BATCH_SIZE, MOMENTUM, PROBE_SIZE
 from gradguard.lab.initialization import (
     CHANCE_LOSS,
     Run,
@@ -37,6 +22,7 @@ from gradguard.lab.initialization import (
     Setting,
     progress_units,
     run_setting,
+    stacked_config,
 )
 
 if TYPE_CHECKING:
@@ -45,8 +31,6 @@ if TYPE_CHECKING:
 DEPTH = 32
 WIDTH = 64
 LR = 0.005
-MOMENTUM = 0.9
-BATCH_SIZE = 64
 STEPS = 500
 INIT = "lecun"
 
@@ -67,82 +51,97 @@ SELU_GRADIENT_RATIO = SELU_CHI ** (DEPTH / 2)
 """Mean-field gradient ratio, first layer's output over the last's, for SELU: ≈ 3."""
 
 
-def _claims(r: Runs) -> tuple[Claim, ...]:
-    selu, relu = r.of(INIT, DEPTH, "selu"), r.of(INIT, DEPTH, "relu")
-    on = f"{DEPTH} × {WIDTH}, LeCun init, LR {LR}, {STEPS} steps, {len(selu)} seed(s)"
-    ratio = f"gradguard.diagnose gradient ratio first/last layer output, {{}}, {on}"
-    return (
-        Claim(
-            "selu-unit-variance",
-            "Klambauer et al. 2017 (Theorem 1)",
-            "Under LeCun init SELU activations keep unit variance through every layer: "
-            "(0, 1) is an attracting fixed point.",
-            "(mean, var) = (0, 1) is a stable, attracting fixed point of the layer map",
-            f"smallest and largest variance over the {DEPTH} hidden layers at init, "
-            f"on {PROBE_SIZE} images, {on}",
-            tuple(v for x in selu for v in (min(x.hidden_std) ** 2, max(x.hidden_std) ** 2)),
+def _verdicts(runs: Sequence[Run]) -> str:
+    return "diagnose: " + ", ".join(x.verdict for x in runs)
+
+
+def _accuracies(runs: Sequence[Run]) -> str:
+    return "test accuracy " + ", ".join(f"{x.test_accuracy:.3f}" for x in runs)
+
+
+_RATIO = "gradguard.diagnose gradient ratio first/last layer output"
+_CLAIMS = (
+    (
+        "selu-unit-variance",
+        "Klambauer et al. 2017 (Theorem 1)",
+        "Under LeCun init SELU activations keep unit variance through every layer: "
+        "(0, 1) is an attracting fixed point.",
+        "(mean, var) = (0, 1) is a stable, attracting fixed point of the layer map",
+        f"smallest and largest variance over the {DEPTH} hidden layers at init, "
+        f"on {PROBE_SIZE} images, {{on}}",
+        (
+            "selu",
+            lambda x: (min(x.hidden_std) ** 2, max(x.hidden_std) ** 2),
             Criterion(low=0.5, high=2.0),
+            None,
         ),
-        Claim(
-            "selu-zero-mean",
-            "Klambauer et al. 2017 (Theorem 1)",
-            "The last hidden layer's mean stays near the fixed point's 0.",
-            "fixed point at mean 0",
-            f"|mean| of the last hidden layer at init, {on}",
-            tuple(abs(x.hidden_mean[-1]) for x in selu),
-            Criterion(high=0.2),
-        ),
-        Claim(
-            "relu-same-init-vanishes",
-            "He et al. 2015 (eq. 10)",
-            "Under the same init ReLU halves the variance at every layer.",
-            f"×½ per layer: 2^-{DEPTH} = {2.0**-DEPTH:.1e} after {DEPTH} (derived)",
-            f"variance of the last hidden layer at init, ReLU, {on}",
-            tuple(x.hidden_std[-1] ** 2 for x in relu),
-            Criterion(high=1e-6),
-        ),
-        Claim(
-            "selu-gradient-stable",
-            "Klambauer et al. 2017 (Theorems 2, 3)",
-            "SELU gradients neither vanish nor explode: the first layer's is within 10× "
-            f"of the mean-field χ^(L/2) ≈ {SELU_GRADIENT_RATIO:.2g} times the last's.",
-            "variance bounds rule out vanishing and exploding gradients",
-            ratio.format("SELU"),
-            tuple(x.gradient_ratio for x in selu),
-            Criterion(low=0.3, high=30.0),  # χ^(L/2) ≈ 3, within a factor 10
-            "diagnose: " + ", ".join(x.verdict for x in selu),
-        ),
-        Claim(
-            "relu-gradient-vanishes",
-            "He et al. 2015 (eq. 14)",
-            "Under the same init ReLU's gradient vanishes toward the input.",
-            f"×½ per layer in variance: 2^-{DEPTH // 2} = {2.0 ** -(DEPTH // 2):.1e} "
-            "in norm (derived)",
-            ratio.format("ReLU") + "; its band: 1e-3",
-            tuple(x.gradient_ratio for x in relu),
-            Criterion(high=1e-3),
-            "diagnose: " + ", ".join(x.verdict for x in relu),
-        ),
-        Claim(
-            "selu-trains",
-            "Klambauer et al. 2017 (Fig. 1)",
-            "A 32-layer SELU net trains without any normalization layer.",
-            "SNNs of 8, 16 and 32 layers train on MNIST and CIFAR-10 (loss curves)",
-            f"final training loss, SELU, {on}",
-            tuple(x.final_loss for x in selu),
-            Criterion(high=0.3),
-            "test accuracy " + ", ".join(f"{x.test_accuracy:.3f}" for x in selu),
-        ),
-        Claim(
-            "relu-same-init-stalls",
-            "He et al. 2015 (Fig. 3); Klambauer et al. 2017",
-            "The ReLU net of the same depth and init stalls at chance.",
-            "deep rectifier nets under a variance-halving init stall",
-            f"final training loss, ReLU, {on}; chance ln 10 = {CHANCE_LOSS:.3f}",
-            tuple(x.final_loss for x in relu),
-            Criterion(low=2.2),
-        ),
-    )
+    ),
+    (
+        "selu-zero-mean",
+        "Klambauer et al. 2017 (Theorem 1)",
+        "The last hidden layer's mean stays near the fixed point's 0.",
+        "fixed point at mean 0",
+        "|mean| of the last hidden layer at init, {on}",
+        ("selu", lambda x: (abs(x.hidden_mean[-1]),), Criterion(high=0.2), None),
+    ),
+    (
+        "relu-same-init-vanishes",
+        "He et al. 2015 (eq. 10)",
+        "Under the same init ReLU halves the variance at every layer.",
+        f"×½ per layer: 2^-{DEPTH} = {2.0**-DEPTH:.1e} after {DEPTH} (derived)",
+        "variance of the last hidden layer at init, ReLU, {on}",
+        ("relu", lambda x: (x.hidden_std[-1] ** 2,), Criterion(high=1e-6), None),
+    ),
+    (
+        "selu-gradient-stable",
+        "Klambauer et al. 2017 (Theorems 2, 3)",
+        "SELU gradients neither vanish nor explode: the first layer's is within 10× "
+        f"of the mean-field χ^(L/2) ≈ {SELU_GRADIENT_RATIO:.2g} times the last's.",
+        "variance bounds rule out vanishing and exploding gradients",
+        _RATIO + ", SELU, {on}",
+        # χ^(L/2) ≈ 3, within a factor 10
+        ("selu", lambda x: (x.gradient_ratio,), Criterion(low=0.3, high=30.0), _verdicts),
+    ),
+    (
+        "relu-gradient-vanishes",
+        "He et al. 2015 (eq. 14)",
+        "Under the same init ReLU's gradient vanishes toward the input.",
+        f"×½ per layer in variance: 2^-{DEPTH // 2} = {2.0 ** -(DEPTH // 2):.1e} in norm (derived)",
+        _RATIO + ", ReLU, {on}; its band: 1e-3",
+        ("relu", lambda x: (x.gradient_ratio,), Criterion(high=1e-3), _verdicts),
+    ),
+    (
+        "selu-trains",
+        "Klambauer et al. 2017 (Fig. 1)",
+        "A 32-layer SELU net trains without any normalization layer.",
+        "SNNs of 8, 16 and 32 layers train on MNIST and CIFAR-10 (loss curves)",
+        "final training loss, SELU, {on}",
+        ("selu", lambda x: (x.final_loss,), Criterion(high=0.3), _accuracies),
+    ),
+    (
+        "relu-same-init-stalls",
+        "He et al. 2015 (Fig. 3); Klambauer et al. 2017",
+        "The ReLU net of the same depth and init stalls at chance.",
+        "deep rectifier nets under a variance-halving init stall",
+        "final training loss, ReLU, {on}; chance ln 10 = " + f"{CHANCE_LOSS:.3f}",
+        ("relu", lambda x: (x.final_loss,), Criterion(low=2.2), None),
+    ),
+)
+"""id, source, statement, paper, what is measured (``{on}``: the setting), (activation, the
+values of one run, criterion, the note on the runs (None: no note))."""
+
+
+def _claims(r: Runs) -> tuple[Claim, ...]:
+    on = f"{DEPTH} × {WIDTH}, LeCun init, LR {LR}, {STEPS} steps, {len(r.seeds)} seed(s)"
+    found = []
+    for claim_id, source, statement, paper, measured, (activation, value, crit, note) in _CLAIMS:
+        runs = r.of(INIT, DEPTH, activation)
+        values = tuple(v for x in runs for v in value(x))
+        text = "" if note is None else note(runs)
+        found.append(
+            Claim(claim_id, source, statement, paper, measured.format(on=on), values, crit, text)
+        )
+    return tuple(found)
 
 
 class Selu(LabExperiment):
@@ -165,15 +164,9 @@ class Selu(LabExperiment):
     def config(self, quick: bool) -> dict[str, Any]:
         """The same in both variants: every activation is probed and trained."""
         return {
-            "depth": DEPTH,
-            "width": WIDTH,
+            **stacked_config(SETTING),
             "init": "LeCun normal N(0, 1/fan_in), biases 0",
             "activations": list(ACTIVATIONS),
-            "lr": LR,
-            "momentum": MOMENTUM,
-            "batch_size": BATCH_SIZE,
-            "steps": STEPS,
-            "probe_size": PROBE_SIZE,
             "selu_chi": SELU_CHI,
         }
 
@@ -241,12 +234,9 @@ class Selu(LabExperiment):
         grad_ax.set(xlabel="Linear layer", ylabel="output gradient / last layer's", yscale="log")
         loss_ax.set(xlabel="step", ylabel="batch loss", yscale="log")
         loss_ax.axhline(CHANCE_LOSS, color="#7f7f7f", ls="--", lw=0.8)
-        for ax in axes.flat:
-            ax.grid(True, which="major", alpha=0.3)
         var_ax.legend(fontsize=8)
-        fig.suptitle(f"{DEPTH}-layer MLPs on digits under LeCun init: SELU self-normalizes")
-        fig.tight_layout()
-        return fig
+        title = f"{DEPTH}-layer MLPs on digits under LeCun init: SELU self-normalizes"
+        return finish(fig, title, axes.flat)
 
 
 EXPERIMENT = Selu()
