@@ -268,12 +268,63 @@ def one_all_reduce_per_step(kind: str, rank: int) -> dict[str, Any]:
     return {"all_reduces_per_step": per_step, "sync_count": guard.sync_count}
 
 
+def flat_grads_match(kind: str, rank: int) -> dict[str, Any]:
+    """DDP with flat gradient buffers: bitwise the per-tensor path, a NaN step skipped."""
+    import warnings
+
+    assert kind == "ddp"
+    plain, flat_model = wrap(kind, make_model()), wrap(kind, make_model())
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    flat_opt = torch.optim.SGD(flat_model.parameters(), lr=0.1, momentum=0.9)
+    plain_guard = gg.Guard(plain, plain_opt, clip=gg.NormClip(0.5), detectors=None)
+    flat_guard = gg.Guard(
+        flat_model, flat_opt, clip=gg.NormClip(0.5), detectors=None, flat_grads=True
+    )
+    flat = flat_guard.flat_grads
+    assert flat is not None
+    out: dict[str, Any] = {"stats_equal": True, "grads_equal": True, "flat_path": True}
+    skipped = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            xl, yl = local_batch(step, rank)
+            losses = []
+            for model, guard in ((plain, plain_guard), (flat_model, flat_guard)):
+                guard.zero_grad()
+                handle = None
+                if step == 6 and rank == 0:  # a NaN on rank 0 only, before DDP's all-reduce
+                    handle = next(model.parameters()).register_hook(lambda g: g * float("nan"))
+                loss = nn.functional.mse_loss(model(xl), yl)
+                loss.backward()
+                if handle is not None:
+                    handle.remove()
+                losses.append(loss)
+            a, b = gg.grad_stats(plain), gg.grad_stats(flat_model)
+            out["flat_path"] &= b.grad_groups == ([flat.buffers[0]],) and flat.attached()
+            out["stats_equal"] &= all(  # bitwise, NaN where NaN (the skipped step)
+                torch.allclose(x, y, rtol=0.0, atol=0.0, equal_nan=True)
+                for x, y in ((a.per_tensor, b.per_tensor), (a.total, b.total))
+            )
+            reports = [plain_guard.step(losses[0]), flat_guard.step(losses[1])]
+            skipped.append([bool(r.skipped) for r in reports])
+            pairs = zip(plain.parameters(), flat_model.parameters(), strict=True)
+            out["grads_equal"] &= step == 6 or all(torch.equal(p.grad, q.grad) for p, q in pairs)  # type: ignore[arg-type]
+    pairs = zip(plain.parameters(), flat_model.parameters(), strict=True)
+    out["weights_equal"] = all(torch.equal(p, q) for p, q in pairs)
+    out["skipped"] = skipped
+    out["warnings"] = [str(w.message) for w in caught if "flat gradient" in str(w.message)]
+    out["replicas_equal"] = all(gathered_equal(p) for p in flat_model.parameters())
+    out["still_views"] = flat.attached()
+    return out
+
+
 SCENARIOS: dict[str, Callable[[str, int], dict[str, Any]]] = {
     "norms": norms_match,
     "nan": nan_on_one_rank,
     "rollback": rollback_on_every_rank,
     "rollback-disk": rollback_from_disk,
     "allreduce": one_all_reduce_per_step,
+    "flat": flat_grads_match,
 }
 
 

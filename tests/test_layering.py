@@ -16,10 +16,14 @@ FORBIDDEN = {
     "errors": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "causes": {"stats", "clip", "records", "detect", "sinks", "errors"} | UPSTREAM_OF_GUARD,
     "_foreach": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
+    # The flat gradient buffer: below stats (stats finds it), beside _foreach.
+    "_flat": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     # The clip policies' argument checks and device state: below clip, beside _foreach.
     "_clip_state": {"stats", "clip", "records", "detect", "sinks", "_foreach"} | UPSTREAM_OF_GUARD,
     "stats": {"clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "clip": {"records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
+    # Builds the flat buffer from the layout: above stats, below the policies and the guard.
+    "_flatten": {"clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "records": {"stats", "clip", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "detect": {"stats", "clip", "sinks", "_foreach"} | UPSTREAM_OF_GUARD,
     "sinks": {"stats", "clip", "detect", "_foreach"} | UPSTREAM_OF_GUARD,

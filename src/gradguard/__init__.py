@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gradguard import init
+    from gradguard._flat import FlatGrads
+    from gradguard._flatten import flatten_grads_
     from gradguard.clip import AGC, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip, clip_
     from gradguard.diagnose import Diagnosis, diagnose
     from gradguard.errors import ConfigError, GradGuardError, UnsupportedModelError
@@ -58,6 +60,8 @@ _SOURCES = {
     "grad_stats": "gradguard.stats",
     "MlflowSink": "gradguard.trackers",
     "WandbSink": "gradguard.trackers",
+    "FlatGrads": "gradguard._flat",
+    "flatten_grads_": "gradguard._flatten",
 }
 
 __all__ = [
@@ -67,6 +71,7 @@ __all__ = [
     "ConfigError",
     "Diagnosis",
     "Event",
+    "FlatGrads",
     "GradGuardError",
     "GradStats",
     "Guard",
@@ -83,6 +88,7 @@ __all__ = [
     "__version__",
     "clip_",
     "diagnose",
+    "flatten_grads_",
     "grad_stats",
     "init",
     "load_latest_snapshot",

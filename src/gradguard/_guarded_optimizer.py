@@ -60,7 +60,14 @@ class GuardedOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of the wrapped optimizer's parameters."""
+        """Clear the gradients of the wrapped optimizer's parameters.
+
+        With the guard's flat buffer (``flat_grads=True``) the buffer is zeroed and every
+        gradient stays its view, whatever ``set_to_none`` asks: that is what the buffer is for.
+        """
+        if self.guard.flat_grads is not None:
+            self.guard.flat_grads.zero_()
+            return
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:

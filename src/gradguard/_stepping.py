@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard._amp import merge_found_inf, scaler_found_inf
+from gradguard._flat import FlatGrads
 from gradguard.errors import GradGuardError
 from gradguard.protocols import ClipPolicy
 from gradguard.records import BoolArray
@@ -182,6 +183,19 @@ class StepPaths:
     _zero: Tensor
     _true: Tensor
     _false: Tensor
+    flat_grads: FlatGrads | None
+
+    def zero_grad(self) -> None:
+        """Zero the gradients before the next backward.
+
+        With ``flat_grads=True``: zero each flat buffer in one kernel and keep every
+        ``.grad`` its view (re-attaching any view a ``set_to_none`` zeroing dropped).
+        Otherwise ``optimizer.zero_grad()``: gradients set to None, torch's default.
+        """
+        if self.flat_grads is not None:
+            self.flat_grads.zero_()
+        else:
+            self.optimizer.zero_grad()
 
     def _clip(self, stats: GradStats) -> Tensor:
         return self._one if self.clip is None else self.clip.clip_(stats)

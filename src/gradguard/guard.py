@@ -35,6 +35,7 @@ from gradguard._checks import (
     check_parameter_set,
 )
 from gradguard._compile import eager as _eager
+from gradguard._flatten import flatten_grads_
 from gradguard._guarded_optimizer import GuardedOptimizer as GuardedOptimizer
 from gradguard._meta import guard_meta
 from gradguard._ownership import claim, release
@@ -116,6 +117,8 @@ class Guard(StepPaths):
             The other calls only keep the micro-batch's loss and batch id, on the device:
             the optimizer step is measured, clipped, skipped and logged once, with the
             mean loss of its micro-batches and their batch ids.
+        flat_grads: every gradient a view into one buffer per (device, dtype)
+            (:func:`gradguard.flatten_grads_`); zero them with :meth:`zero_grad`.
 
     Attributes:
         step_count: the number of the last step (0 before the first). A loop that
@@ -142,6 +145,7 @@ class Guard(StepPaths):
         process_group: Any = None,
         overwrite_run_dir: bool = False,
         accumulation_steps: int | Callable[[], bool] = 1,
+        flat_grads: bool = False,
     ) -> None:
         model = uncompiled(model)  # torch.compile(model): the same parameters, its own names
         _validate(model, optimizer, clip, nonfinite, recovery, scheduler, log_every, on_event)
@@ -166,6 +170,7 @@ class Guard(StepPaths):
         _Registrations.install()
         self._registrations = _Registrations.count
         self._optimizer_shape = _optimizer_shape(optimizer)
+        self.flat_grads = flatten_grads_(model) if flat_grads else None
         layout = layout_for(model, process_group)
         self.layer_names = layout.layer_names
         self.tensor_names = layout.names

@@ -19,7 +19,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from gradguard import _distributed, _foreach
+from gradguard import _distributed, _flat, _foreach
 from gradguard.errors import ConfigError, UnsupportedModelError
 
 NamedParameters: TypeAlias = Iterable[tuple[str, Tensor]]
@@ -259,6 +259,9 @@ class GradStats:
             fp64 gradients whose norm exceeds the fp32 range are clipped like torch's
             ``clip_grad_norm_`` clips them.
         per_tensor_fp64: the per-tensor norms in fp64 when ``total_fp64`` is set, else None.
+        grad_groups: the present gradients per (device, dtype) group, the tensors clip
+            policies scale or clamp in place: with a flat buffer (:func:`flatten_grads_`)
+            in use, each group is the one buffer. Per-tensor gradients are ``grads``.
         versions: each measured gradient's version counter (-1 where None), or None when
             measured with ``fingerprint=False``; see :meth:`check_source`.
         names: parameter names.
@@ -589,7 +592,15 @@ def grad_stats(
     sharding = layout.sharding
     if sharding is not None and sharding.sharded:
         grads = [None if g is None else _distributed.local(g) for g in grads]
-    per_tensor, grad_groups = _per_tensor_norms(layout, grads)
+    # A flat buffer (flatten_grads_) is used only while the grads are exactly its views.
+    flat = _flat.find(layout.params[0])
+    if flat is not None and flat.holds(grads):
+        per_tensor, grad_groups = flat.norms(layout.wide)
+    else:
+        if flat is not None:
+            flat.warn_detached(grads)
+            flat = None
+        per_tensor, grad_groups = _per_tensor_norms(layout, grads)
     # fp64 gradients keep fp64 norms beside the fp32 ones: a 1e31 norm is finite in fp64.
     per_tensor_fp64 = per_tensor if layout.wide else None
     # Norms are summed in fp64 (GradStats.global_squares says why). One process: the global
@@ -650,7 +661,7 @@ def grad_stats(
         squares=squares,
         total_fp64=total_fp64,
         per_tensor_fp64=per_tensor_fp64,
-        versions=_versions(grads) if fingerprint else None,
+        versions=None if not fingerprint else _versions(grads) if flat is None else flat.versions(),
     )
     return _resolve_nonfinite(stats) if resolving and not clean else stats
 
