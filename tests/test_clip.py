@@ -275,6 +275,127 @@ def test_valueclip_equals_torch_clip_grad_value_(dtype: torch.dtype) -> None:
     assert float(scale) == pytest.approx(ref_norm / original, rel=1e-5)
 
 
+def many_of_one_shape(dtype: torch.dtype, seed: int, scale: float) -> nn.Module:
+    """Twelve Linear(5, 5) (stacked by shape), a wide one (measured alone), a sparse embedding."""
+    torch.manual_seed(seed)
+    model = nn.ModuleDict(
+        {
+            "stack": nn.Sequential(*(nn.Linear(5, 5) for _ in range(12))),
+            "wide": nn.Linear(200, 100),
+            "embedding": nn.Embedding(7, 5, sparse=True),
+        }
+    ).to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.startswith("embedding"):
+            rows = torch.tensor([[1, 4]])
+            values = torch.randn(2, 5, generator=generator, dtype=torch.float64) * scale
+            p.grad = torch.sparse_coo_tensor(rows, values.to(dtype), p.shape, check_invariants=True)
+        else:
+            size = torch.rand(p.shape[0], 1, generator=generator, dtype=torch.float64) * 2
+            size = size if p.ndim > 1 else size.squeeze(1)
+            p.grad = (
+                torch.randn(p.shape, generator=generator, dtype=torch.float64) * size * scale
+            ).to(dtype)
+    return model
+
+
+def dense(grad: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grad is None else grad.to_dense() if grad.is_sparse else grad
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    scale=st.floats(1e-3, 10.0),
+    clip_value=st.floats(0.05, 3.0),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    measured=st.booleans(),
+    missing=st.sets(st.integers(0, 25), max_size=4),
+)
+def test_property_valueclip_is_torchs_clamp_bit_for_bit_and_scales_by_the_norm_ratio(
+    seed: int,
+    scale: float,
+    clip_value: float,
+    dtype: torch.dtype,
+    measured: bool,
+    missing: set[int],
+) -> None:
+    ours = many_of_one_shape(dtype, seed, scale)
+    for i, p in enumerate(ours.parameters()):
+        if i in missing:
+            p.grad = None
+    ref = twin(ours)
+    original = global_norm(ours)
+    stats = gg.grad_stats(ours) if measured else None
+    scale_out = gg.clip_(ours, gg.ValueClip(clip_value), stats)
+    dense_params = [q for q in ref.parameters() if q.grad is not None and not q.grad.is_sparse]
+    torch.nn.utils.clip_grad_value_(dense_params, clip_value, foreach=False)
+    for q in ref.parameters():  # torch's clip_grad_value_ cannot clamp a sparse gradient
+        if q.grad is not None and q.grad.is_sparse:
+            q.grad = q.grad.to_dense().clamp(-clip_value, clip_value)
+    for a, b in zip(grads(ours), grads(ref), strict=True):
+        a = dense(a)
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert torch.equal(a, b)
+    expected = global_norm(ref) / original if original > 0 else 1.0
+    # Norms accumulate in fp32, as torch's do: 20,000 clamped elements of one magnitude
+    # (the wide layer) sum to within ~1e-5 of the fp64 reference.
+    rel = 1e-6 if dtype == torch.float64 else 1e-4  # the scale itself is fp32
+    assert float(scale_out) == pytest.approx(expected, rel=rel, abs=1e-7)
+
+
+def test_valueclip_clamps_inf_and_keeps_nan_in_a_stacked_batch() -> None:
+    ours = many_of_one_shape(torch.float32, 0, 0.1)
+    stack = ours["stack"]
+    stack[3].weight.grad[1, 2] = math.inf  # type: ignore[index]
+    stack[7].bias.grad[0] = math.nan  # type: ignore[index]
+    ours["embedding"].weight.grad = None
+    ref = twin(ours)
+    scale = gg.clip_(ours, gg.ValueClip(0.5))
+    torch.nn.utils.clip_grad_value_(ref.parameters(), 0.5)
+    for a, b in zip(grads(ours), grads(ref), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert float(stack[3].weight.grad[1, 2]) == 0.5  # type: ignore[index]
+    assert float(scale) == 1.0  # a NaN norm: the guard decides, the policy does not scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("clipping", [0.01, 0.3])
+def test_agc_measured_or_not_clips_the_same_bits_and_reports_the_same_scale(
+    dtype: torch.dtype, clipping: float
+) -> None:
+    ours = many_of_one_shape(dtype, 5, 0.2)
+    direct = twin(ours)
+    stats = gg.grad_stats(ours)
+    policy = gg.AGC(clipping=clipping, exclude=("wide",))
+    by_stats = gg.clip_(ours, policy, stats)
+    by_units = gg.clip_(direct, gg.AGC(clipping=clipping, exclude=("wide",)))
+    for a, b in zip(grads(ours), grads(direct), strict=True):
+        torch.testing.assert_close(dense(a), dense(b), rtol=0, atol=0)
+    assert float(by_units) == pytest.approx(float(by_stats), rel=1e-6)
+    assert float(by_stats) < 1.0
+
+
+def test_agc_stacked_by_shape_equals_agc_tensor_by_tensor() -> None:
+    ours = many_of_one_shape(torch.float32, 9, 0.3)
+    alone = twin(ours)
+    gg.clip_(ours, gg.AGC(exclude=()))
+    for name, p in alone.named_parameters():  # one tensor at a time: nothing to stack
+        gg.clip_([(name, p)], gg.AGC(exclude=()))
+    changed = 0
+    for a, b, c in zip(
+        grads(ours),
+        grads(alone),
+        grads(twin(many_of_one_shape(torch.float32, 9, 0.3))),
+        strict=True,
+    ):
+        assert torch.equal(dense(a), dense(b))  # type: ignore[arg-type]
+        changed += int(not torch.equal(dense(a), dense(c)))  # type: ignore[arg-type]
+    assert 0 < changed < 27
+
+
 # --- ZClip against the zclip package ----------------------------------------------------
 
 

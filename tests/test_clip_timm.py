@@ -82,7 +82,19 @@ def hf_resnet() -> nn.Module:
     return model
 
 
+def deep_mlp() -> nn.Module:
+    """Forty small tanh layers of one shape: gradguard measures and clips them stacked.
+
+    Their gradient vanishes towards the input, so AGC clips the late units, not the early.
+    """
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(3 * 32 * 32, 24), nn.Tanh()]
+    for _ in range(40):
+        layers += [nn.Linear(24, 24), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(24, 10))
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
+    "deep-mlp": deep_mlp,  # 40 Linear(24, 24): weights and biases stacked by shape
     "timm-resnet10t": timm_model("resnet10t"),  # conv + BatchNorm + linear head
     "timm-nf_regnet_b0": timm_model("nf_regnet_b0"),  # normalizer-free: AGC's own setting
     "timm-vit_tiny": timm_model("vit_tiny_patch16_224", img_size=32),  # linear layers, 3-D
@@ -131,6 +143,20 @@ def clipped_units(before: torch.Tensor, after: torch.Tensor) -> tuple[int, int]:
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("head", ["clipped", "excluded"])
 def test_agc_gives_timms_gradients_exactly(name: str, head: str) -> None:
+    check_agc_against_timm(name, head)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_stacked_agc_gives_timms_gradients_exactly_on_several_threads(threads: int) -> None:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_agc_against_timm("deep-mlp", "clipped")
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_agc_against_timm(name: str, head: str) -> None:
     model = build(name)
     backward(model)
     raw = grads(model)

@@ -22,6 +22,9 @@ FORBIDDEN = {
     "_clip_state": {"stats", "clip", "records", "detect", "sinks", "_foreach"} | UPSTREAM_OF_GUARD,
     "stats": {"clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "clip": {"records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
+    # Shape-batched norms: below the policies, beside _foreach. AGC: a policy clip exports.
+    "_batched": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
+    "_agc": {"clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     # Builds the flat buffer from the layout: above stats, below the policies and the guard.
     "_flatten": {"clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "records": {"stats", "clip", "detect", "sinks"} | UPSTREAM_OF_GUARD,

@@ -15,6 +15,9 @@ from torch import Tensor
 
 from gradguard.errors import ConfigError
 
+#: Added to the norm before dividing, as torch's ``clip_grad_norm_`` does.
+NORM_EPS = 1e-6
+
 
 def _positive(name: str, value: float, *, allow_inf: bool = False) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool)

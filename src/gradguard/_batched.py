@@ -1,0 +1,98 @@
+"""Small tensors of one (device, dtype, shape) measured together: one kernel per shape.
+
+On the CPU a fused ``torch._foreach_*`` kernel still runs tensor by tensor, about 1.5 µs
+each, and has no per-row form at all. Stacking the small tensors that share a shape turns
+a thousand of them into a copy and one reduction: per-tensor norms of the 500-layer
+benchmark MLP's 1,000 gradients take 0.27 ms stacked against 1.54 ms with
+``torch._foreach_norm`` (1 thread). Large tensors are measured alone: their kernel
+launch is cheap beside their bytes, and a stacked copy would cost a pass over them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+#: Tensors with at most this many elements are stacked with their shape's others. Below
+#: it the copy costs less than a kernel call; above it one thread reduces a tensor whole
+#: (torch splits reductions across threads from 32,768 elements), so a stacked row is
+#: summed in the same order as the tensor alone.
+SMALL = 16_384
+
+
+def shape_batches(tensors: Sequence[Tensor]) -> tuple[tuple[int, ...], ...]:
+    """Positions of ``tensors`` in batches: small dense ones by (device, dtype, shape).
+
+    Every position appears once, in first-seen order of its batch. A batch of one is a
+    tensor measured alone: a large, sparse or 0-d one, or the only one of its shape.
+    """
+    batches: dict[object, list[int]] = {}
+    for i, t in enumerate(tensors):
+        small = t.ndim >= 1 and t.numel() <= SMALL and not t.is_sparse
+        key = (t.device, t.dtype, tuple(t.shape)) if small else i
+        batches.setdefault(key, []).append(i)
+    return tuple(tuple(positions) for positions in batches.values())
+
+
+def unit_dims(ndim: int) -> tuple[int, ...]:
+    """The dims one unit spans: all but the first (a row, a channel), or a vector whole."""
+    return tuple(range(1, ndim)) if ndim > 1 else tuple(range(ndim))
+
+
+def stacked_unit_norms(stacked: Tensor) -> Tensor:
+    """Unit norms of each tensor in ``stacked`` (stacked on dim 0), with kept dims.
+
+    A stacked matrix ``[k, o, i]`` gives ``[k, o, 1]`` (a norm per row), a stacked vector
+    ``[k, n]`` gives ``[k, 1]`` (one per tensor). Accumulated in fp32, fp64 for fp64.
+    """
+    dims = tuple(1 + d for d in unit_dims(stacked.ndim - 1))
+    dtype = None if stacked.dtype == torch.float64 else torch.float32
+    out: Tensor = torch.linalg.vector_norm(stacked, 2.0, dim=dims, keepdim=True, dtype=dtype)
+    return out
+
+
+def stacked_norms(stacked: Tensor) -> Tensor:
+    """The 2-norm of each tensor in ``stacked``, a ``[k]`` vector (fp32, fp64 for fp64)."""
+    dtype = None if stacked.dtype == torch.float64 else torch.float32
+    dims = tuple(range(1, stacked.ndim))
+    out: Tensor = torch.linalg.vector_norm(stacked, 2.0, dim=dims, dtype=dtype)
+    return out
+
+
+def stack_dense(tensors: list[Tensor]) -> Tensor | None:
+    """One shape batch stacked on a new dim 0; None when a sparse gradient is among them."""
+    try:
+        stacked = torch.stack(tensors)
+    except (RuntimeError, NotImplementedError):
+        return None
+    return None if stacked.is_sparse else stacked
+
+
+class BatchPlan:
+    """The shape batches of one parameter tuple, rebuilt when the tuple changes."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Tensor, ...] | None = None
+        self._batches: tuple[tuple[int, ...], ...] = ()
+        self.on_cpu = False
+
+    def of(
+        self, params: tuple[Tensor, ...], include: Sequence[bool] | None = None
+    ) -> tuple[tuple[int, ...], ...]:
+        """Positions into ``params`` (those ``include`` marks), batched by shape."""
+        if self._key is not params:
+            positions = [i for i in range(len(params)) if include is None or include[i]]
+            batches = shape_batches([params[i] for i in positions])
+            self._batches = tuple(tuple(positions[j] for j in b) for b in batches)
+            self.on_cpu = all(p.device.type == "cpu" for p in params)
+            self._key = params
+        return self._batches
+
+
+def ratio(after: Tensor, total: Tensor) -> Tensor:
+    """``after / total`` in [0, 1] as fp32; 1 when ``total`` is 0 or not finite."""
+    ratio = torch.clamp(after / total, 0.0, 1.0)
+    good = torch.isfinite(total) & (total > 0)
+    return torch.where(good, ratio, torch.ones_like(ratio)).float()
