@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import gc
 import importlib
+import importlib.util
 import math
 import os
 import platform
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
 from torch import Tensor, nn
 
+import gradguard as gg
 from gradguard.clip import AGC, AutoClip, NormClip, ValueClip, ZClip, clip_
 from gradguard.errors import ConfigError
 from gradguard.guard import Guard
@@ -62,14 +65,24 @@ __all__ = [
     "run_overhead",
 ]
 
+#: Gradients are scaled by this before the rows that clip every call (restored each call).
+CLIPPING_SCALE = 1e4
 # Row names of the per-model tables, in display order.
 BASELINE = "torch clip_grad_norm_(params, 1.0, foreach=True)"
 GRAD_STATS = "gg.grad_stats(model), per-layer norms included"
 NORM_CLIP = "gg.grad_stats(model) with per-layer norms, then NormClip(1.0)"
+FLAT_STATS = "gg.grad_stats(model), per-layer norms, flat buffer (gg.flatten_grads_)"
 VALUE_CLIP = "gg.clip_(model, ValueClip(1.0))"
+VALUE_PEER = "torch clip_grad_value_(params, 1.0, foreach=True)"
 AUTO_CLIP = "gg.clip_(model, AutoClip())"
 Z_CLIP = "gg.clip_(model, ZClip())"
-AGC_CLIP = "gg.clip_(model, AGC())"
+AGC_CLIP = "gg.clip_(model, AGC(exclude=()))"
+AGC_PEER = "timm adaptive_clip_grad(params) (timm/utils/agc.py)"
+RESTORE = f"restore the gradients x{CLIPPING_SCALE:g} (a copy into the buffer)"
+VALUE_CLIPPING = "restore x1e4, then gg.clip_(model, ValueClip(1.0))"
+VALUE_PEER_CLIPPING = "restore x1e4, then torch clip_grad_value_(params, 1.0)"
+AGC_CLIPPING = "restore x1e4, then gg.clip_(model, AGC(exclude=()))"
+AGC_PEER_CLIPPING = "restore x1e4, then timm adaptive_clip_grad(params)"
 ZCLIP_PACKAGE = "zclip.ZClip(max_grad_norm=None).step(model)"
 AUTOCLIP_PACKAGE = "autoclip QuantileClip(0.1, 1000, global).step()"
 ITEM_LOGGER = "per-parameter p.grad.norm().item() logger"
@@ -90,11 +103,19 @@ GUARD_ROWS = (
 MODEL_ROWS = (
     BASELINE,
     GRAD_STATS,
+    FLAT_STATS,
     NORM_CLIP,
     VALUE_CLIP,
+    VALUE_PEER,
     AUTO_CLIP,
     Z_CLIP,
     AGC_CLIP,
+    AGC_PEER,
+    RESTORE,
+    VALUE_CLIPPING,
+    VALUE_PEER_CLIPPING,
+    AGC_CLIPPING,
+    AGC_PEER_CLIPPING,
     ZCLIP_PACKAGE,
     AUTOCLIP_PACKAGE,
     ITEM_LOGGER,
@@ -567,7 +588,16 @@ spike and skips its multiply: its cheapest path. gradguard rows call
 computed when first read, so the policies other than NormClip skip them, while the
 `grad_stats` and NormClip rows read them (all statistics, as the goal below states).
 The `.item()` logger is
-`{{name: p.grad.norm().item()}}` over the parameters. The training step is
+`{{name: p.grad.norm().item()}}` over the parameters. ValueClip and AGC are timed against
+their peers on the same gradients: torch's `clip_grad_value_(foreach=True)` and timm's
+`adaptive_clip_grad` (its own `utils/agc.py`), every tensor given to both
+(`AGC(exclude=())`). At the fixed point above neither clips anything, the common case;
+the rows "restore x1e4, then ..." time the other extreme, on a copy of the model whose
+gradients are restored, scaled by {CLIPPING_SCALE:g}, before every call, so that every
+gradient holds elements beyond the value bound and every unit exceeds AGC's bound; their
+goals subtract the restore row (the copy timed alone). The flat-buffer row measures the
+same gradients in the one buffer `gg.flatten_grads_` made on another copy of the model,
+against the floor of the same bytes. The training step is
 `zero_grad(set_to_none=True)`, forward, backward and `torch.optim.AdamW(lr=1e-4).step()`
 with torch's default implementation, on a copy of the same model, timed in the same
 rounds; "% of AdamW step" divides each median by its median.
@@ -972,6 +1002,32 @@ def _quantile_clip(
     return _Contender(name, clipper.step, reset)
 
 
+def _timm_agc() -> ModuleType | None:
+    """Timm's ``agc.py``, or None without timm.
+
+    Through timm, or from its file alone: timm's package imports torchvision, which may be
+    missing or built for another torch.
+    """
+    try:
+        from timm.utils import agc
+
+        return agc
+    except Exception:  # noqa: BLE001 - any failure of timm's own imports: read the file
+        try:
+            spec = importlib.util.find_spec("timm")
+        except (ImportError, ValueError):  # timm blocked, or imported without a spec
+            return None
+        if spec is None or spec.origin is None:
+            return None
+        path = Path(spec.origin).parent / "utils" / "agc.py"
+        alone = importlib.util.spec_from_file_location("timm_agc_alone", path)
+        if alone is None or alone.loader is None:
+            return None
+        module = importlib.util.module_from_spec(alone)
+        alone.loader.exec_module(module)
+        return module
+
+
 def _zclip_package(model: nn.Module) -> _Contender:
     """The zclip package, past its warm-up."""
     module = _import_peer("zclip")
@@ -1097,15 +1153,52 @@ def _model_contenders(
     guarded: Sequence[_Guarded],
 ) -> list[_Contender]:
     model = case.model
-    norm_clip, value_clip, z_clip, agc = NormClip(1.0), ValueClip(1.0), _warm_zclip(model), AGC()
+    norm_clip, value_clip, z_clip = NormClip(1.0), ValueClip(1.0), _warm_zclip(model)
+    agc = AGC(exclude=())
+    flat_model = copy.deepcopy(model)  # its own flat buffer, holding the same gradients
+    gg.flatten_grads_(flat_model)
+    # The rows that clip on every call work on a copy whose gradients are restored, scaled
+    # up, before each call; the other rows keep reading the unscaled buffer.
+    clip_model = copy.deepcopy(model)
+    clip_params = [p for p in clip_model.parameters() if p.requires_grad]
+    clip_flat = flat.clone()
+    _view_grads(clip_params, clip_flat)
+    scaled = flat * CLIPPING_SCALE
+
+    def restored(fn: Callable[[], object]) -> Callable[[], None]:
+        def call() -> None:
+            clip_flat.copy_(scaled)
+            fn()
+
+        return call
+
+    timm_agc = _timm_agc()
+    if timm_agc is None:
+        agc_peer = _missing(AGC_PEER, f"timm {NOT_INSTALLED}")
+        agc_peer_clipping = _missing(AGC_PEER_CLIPPING, f"timm {NOT_INSTALLED}")
+    else:
+        timm_clip = timm_agc.adaptive_clip_grad
+        agc_peer = _Contender(AGC_PEER, lambda: timm_clip(params))
+        agc_peer_clipping = _Contender(AGC_PEER_CLIPPING, restored(lambda: timm_clip(clip_params)))
     contenders = [
         _Contender(BASELINE, lambda: nn.utils.clip_grad_norm_(params, 1.0, foreach=True)),
         _Contender(GRAD_STATS, lambda: _all_stats(model)),
+        _Contender(FLAT_STATS, lambda: _all_stats(flat_model)),
         _Contender(NORM_CLIP, lambda: clip_(model, norm_clip, _all_stats(model))),
         _Contender(VALUE_CLIP, lambda: clip_(model, value_clip)),
+        _Contender(VALUE_PEER, lambda: nn.utils.clip_grad_value_(params, 1.0, foreach=True)),
         _autoclip_contender(AUTO_CLIP, lambda p: clip_(model, p), history),
         _Contender(Z_CLIP, lambda: clip_(model, z_clip)),
         _Contender(AGC_CLIP, lambda: clip_(model, agc)),
+        agc_peer,
+        _Contender(RESTORE, restored(_noop)),
+        _Contender(VALUE_CLIPPING, restored(lambda: clip_(clip_model, value_clip))),
+        _Contender(
+            VALUE_PEER_CLIPPING,
+            restored(lambda: nn.utils.clip_grad_value_(clip_params, 1.0, foreach=True)),
+        ),
+        _Contender(AGC_CLIPPING, restored(lambda: clip_(clip_model, agc))),
+        agc_peer_clipping,
         _zclip_package(model),
         _quantile_clip(AUTOCLIP_PACKAGE, params, norms[:PACKAGE_HISTORY], PACKAGE_HISTORY),
         _Contender(ITEM_LOGGER, _item_logger(model)),
@@ -1233,6 +1326,15 @@ def _bench_history(
     )
 
 
+def _ratio(table: ModelTable, ours: str, theirs: str, minus: str | None = None) -> float | None:
+    """Median of row ``ours`` over that of ``theirs``, both less row ``minus`` if given."""
+    a, b = table.row(ours).median_us, table.row(theirs).median_us
+    base = 0.0 if minus is None else table.row(minus).median_us
+    if a is None or b is None or base is None or b - base <= 0:
+        return None
+    return (a - base) / (b - base)
+
+
 def _goals(models: Sequence[ModelTable], history: HistoryTable) -> tuple[Goal, ...]:
     goals = [
         Goal(
@@ -1263,6 +1365,40 @@ def _goals(models: Sequence[ModelTable], history: HistoryTable) -> tuple[Goal, .
         for t in models
         for optimizer, *_ in GUARD_ROWS
     )
+    for table in models:
+        key = table.key
+
+        timm = f"timm {NOT_INSTALLED}"
+        goals += [
+            Goal(
+                f"ValueClip vs torch clip_grad_value_, {key}",
+                _ratio(table, VALUE_CLIP, VALUE_PEER),
+                1.0,
+            ),
+            Goal(
+                f"ValueClip vs torch clip_grad_value_, every gradient clipped, {key}",
+                _ratio(table, VALUE_CLIPPING, VALUE_PEER_CLIPPING, RESTORE),
+                1.0,
+            ),
+            Goal(
+                f"AGC vs timm adaptive_clip_grad, {key}",
+                _ratio(table, AGC_CLIP, AGC_PEER),
+                1.0,
+                timm,
+            ),
+            Goal(
+                f"AGC vs timm adaptive_clip_grad, every unit clipped, {key}",
+                _ratio(table, AGC_CLIPPING, AGC_PEER_CLIPPING, RESTORE),
+                1.0,
+                timm,
+            ),
+            Goal(f"AGC vs torch clip_grad_norm_, {key}", table.row(AGC_CLIP).ratio, 2.0),
+            Goal(
+                f"grad_stats with per-layer norms, flat buffer, vs the floor, {key}",
+                _ratio(table, FLAT_STATS, FLOOR),
+                5.0 if key == "mlp" else 1.3,
+            ),
+        ]
     old = history.row(history.autoclip_old)
     goals.append(
         Goal(f"AutoClip per-step cost at step {history.steps:,} vs step 10", old.ratio, 1.2)

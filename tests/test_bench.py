@@ -148,7 +148,7 @@ def test_history_rows_are_relative_to_their_step_10(result: bench.OverheadResult
 
 def test_goals_use_the_reported_numbers(result: bench.OverheadResult) -> None:
     goals = {goal.name: goal for goal in result.goals}
-    assert len(goals) == 9
+    assert len(goals) == 21
     for table in result.models:
         for optimizer in ("foreach", "fused"):
             guard = goals[
@@ -171,6 +171,32 @@ def test_goals_use_the_reported_numbers(result: bench.OverheadResult) -> None:
         else:
             assert ours is not None
             assert zclip.measured == pytest.approx(ours / theirs)
+        key = table.key
+
+        def median(name: str, t: bench.ModelTable = table) -> float:
+            value = t.row(name).median_us
+            assert value is not None
+            return value
+
+        value = goals[f"ValueClip vs torch clip_grad_value_, {key}"]
+        assert value.measured == pytest.approx(median(bench.VALUE_CLIP) / median(bench.VALUE_PEER))
+        assert value.target == 1.0
+        restore = median(bench.RESTORE)
+        clipping = goals[f"ValueClip vs torch clip_grad_value_, every gradient clipped, {key}"]
+        net = (median(bench.VALUE_CLIPPING) - restore) / (
+            median(bench.VALUE_PEER_CLIPPING) - restore
+        )
+        assert clipping.measured is None or clipping.measured == pytest.approx(net)
+        agc_torch = goals[f"AGC vs torch clip_grad_norm_, {key}"]
+        assert agc_torch.measured == table.row(bench.AGC_CLIP).ratio
+        assert agc_torch.target == 2.0
+        agc_timm = goals[f"AGC vs timm adaptive_clip_grad, {key}"]
+        if table.row(bench.AGC_PEER).ran:
+            ratio = median(bench.AGC_CLIP) / median(bench.AGC_PEER)
+            assert agc_timm.measured == pytest.approx(ratio)
+        flat = goals[f"grad_stats with per-layer norms, flat buffer, vs the floor, {key}"]
+        assert flat.measured == pytest.approx(median(bench.FLAT_STATS) / median(bench.FLOOR))
+        assert flat.target == (5.0 if key == "mlp" else 1.3)
     history = result.history
     auto = goals[f"AutoClip per-step cost at step {history.steps:,} vs step 10"]
     assert auto.measured == history.row(history.autoclip_old).ratio
@@ -237,17 +263,18 @@ def test_report_and_console_output(result: bench.OverheadResult) -> None:
 
 
 def test_missing_peers_are_marked_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("zclip", "autoclip", "autoclip.torch"):
+    for name in ("zclip", "autoclip", "autoclip.torch", "timm", "timm.utils"):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
     result = bench.run_overhead(rounds=1, quick=True)
     for table in result.models:
-        for name in (bench.ZCLIP_PACKAGE, bench.AUTOCLIP_PACKAGE):
+        for name in (bench.ZCLIP_PACKAGE, bench.AUTOCLIP_PACKAGE, bench.AGC_PEER):
             row = table.row(name)
             assert not row.ran
             assert row.ratio is None
             assert bench.NOT_INSTALLED in row.note
         assert table.row(bench.NORM_CLIP).ran
     assert [g.met for g in result.goals if g.name.startswith("ZClip")] == [None, None]
+    assert [g.met for g in result.goals if "timm" in g.name] == [None] * 4
     assert "not installed" in result.to_markdown()
 
 
