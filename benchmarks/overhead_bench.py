@@ -554,6 +554,17 @@ replaces (NormClip's and AutoClip's host decision saved under 1 % and went). On 
 `.item()` of the package and of the per-parameter logger is a host-device sync, which
 these CPU tables do not measure.
 
+**GPU: not measured.** No GPU has been available to these benchmark runs, so every
+number here is a CPU number. On a GPU what a step costs is mostly the kernels it launches
+and the host syncs it waits for. The CPU carries a proxy for the first:
+`tests/test_dispatch_budget.py` counts the operators `guard.step` dispatches beyond the
+optimizer's own, and those of each policy's `gg.clip_`, for 10 and for 1,000 parameter
+tensors, with foreach and fused AdamW, and requires the same count for both (every
+operator is at most one launch). Where a GPU is present, `tests/test_stats.py`,
+`tests/test_clip.py` and `tests/test_guard.py` check with
+`torch.cuda.set_sync_debug_mode("error")` that the statistics, the clip policies and a
+guarded step do not sync.
+
 **Reproduce.** From a checkout: `make bench` or `python benchmarks/overhead.py` (rewrites
 this file; about {_round_up(result.elapsed_s)} s here); `gradguard bench` prints the same tables.
 

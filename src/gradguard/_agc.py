@@ -6,8 +6,6 @@ Small gradients of one shape are measured and clipped together (:mod:`gradguard.
 from __future__ import annotations
 
 import fnmatch
-import itertools
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -131,20 +129,17 @@ class AGC:
         Returns the clipped positions and, in that order, their norms before and after
         (1-d tensors, one per batch; fp32, fp64 for fp64 gradients).
         """
-        excluded = self._excluded_for(names, params)
-        all_present = all(map(operator.is_not, grads, itertools.repeat(None)))
+        included = [not e for e in self._excluded_for(names, params)]
         positions: list[int] = []
         before: list[Tensor] = []
         after: list[Tensor] = []
-        for batch in self._batches.of(params, [not e for e in excluded]):
-            present = batch if all_present else [i for i in batch if grads[i] is not None]
-            members = [g for i in present if (g := grads[i]) is not None]
+        for present, members in self._batches.gradients(params, grads, included):
             grad = _batched.stack_dense(members) if len(members) > 1 else None
             if grad is None:  # measured alone: a single tensor, or sparse gradients among them
                 for i in present:
                     self._clip_batch(params, grads, [i], None, positions, before, after)
                 continue
-            self._clip_batch(params, grads, list(present), grad, positions, before, after)
+            self._clip_batch(params, grads, present, grad, positions, before, after)
         return positions, before, after
 
     def _clip_batch(

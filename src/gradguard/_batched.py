@@ -10,7 +10,10 @@ launch is cheap beside their bytes, and a stacked copy would cost a pass over th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -76,6 +79,7 @@ class BatchPlan:
     def __init__(self) -> None:
         self._key: tuple[Tensor, ...] | None = None
         self._batches: tuple[tuple[int, ...], ...] = ()
+        self._takes: tuple[Callable[[Sequence[Any]], Any] | None, ...] = ()
         self.on_cpu = False
 
     def of(
@@ -86,9 +90,28 @@ class BatchPlan:
             positions = [i for i in range(len(params)) if include is None or include[i]]
             batches = shape_batches([params[i] for i in positions])
             self._batches = tuple(tuple(positions[j] for j in b) for b in batches)
+            self._takes = tuple(
+                operator.itemgetter(*b) if len(b) > 1 else None for b in self._batches
+            )
             self.on_cpu = all(p.device.type == "cpu" for p in params)
             self._key = params
         return self._batches
+
+    def gradients(
+        self,
+        params: tuple[Tensor, ...],
+        grads: Sequence[Tensor | None],
+        include: Sequence[bool] | None = None,
+    ) -> Iterator[tuple[list[int], list[Tensor]]]:
+        """Each batch's positions and gradients, those that are None left out."""
+        batches = self.of(params, include)
+        if all(map(operator.is_not, grads, itertools.repeat(None))):
+            for batch, take in zip(batches, self._takes, strict=True):
+                yield list(batch), list(take(grads)) if take else [grads[batch[0]]]  # type: ignore[list-item]
+            return
+        for batch in batches:
+            present = [i for i in batch if grads[i] is not None]
+            yield present, [g for i in present if (g := grads[i]) is not None]
 
 
 def ratio(after: Tensor, total: Tensor) -> Tensor:

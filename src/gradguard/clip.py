@@ -10,7 +10,6 @@ EMA or a quantile sketch.
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -211,64 +210,55 @@ class ValueClip:
         """The CPU path: only the gradients holding an element beyond the bound are clamped.
 
         Reading values costs no device sync on the CPU, so each gradient's largest
-        magnitude (exact, stacked by shape for small tensors) decides whether torch's clamp
-        would change it; the rest keep their bytes and their norms. ``before`` and
-        ``total`` are the norms measured already, or None (``gg.clip_`` without
-        statistics: they are measured here). On the benchmark's models this path costs
-        0.17x (MLP) and 0.51x (GPT-like) torch's ``clip_grad_value_`` when nothing
-        exceeds the bound, 1.1x / 1.2x when every gradient does (benchmarks/overhead.py).
+        magnitude (exact) decides whether torch's clamp would change it; the others keep
+        their bytes and their norms. Small gradients of one shape are stacked: their peaks
+        and norms are one kernel each on the stacked copy, and those to clamp are clamped
+        in one fused call. ``before`` and ``total`` are the norms measured already, or None
+        (``gg.clip_`` without statistics: measured here). Numbers: the ValueClip rows of
+        docs/performance.md.
         """
         bound = self.clip_value
         norms: list[float] = [0.0] * len(grads) if before is None else before.tolist()
-        exceeding = self._exceeding(params, grads, norms, measure=before is None)
-        changed = [g for i in exceeding if (g := grads[i]) is not None]
-        groups = _foreach.group_indices(changed).values()
-        _foreach.clamp_([[changed[j] for j in group] for group in groups], -bound, bound)
         clipped = list(norms)
-        for group in groups:  # one fused norm per (device, dtype)
-            measured = group_norms([changed[j] for j in group], wide=True).tolist()
-            for j, norm in zip(group, measured, strict=True):
-                clipped[exceeding[j]] = norm
+        changed: dict[object, list[Tensor]] = {}  # stacked ones to clamp, by (device, dtype)
+        for present, members in self._batches.gradients(params, grads):
+            stacked = _batched.stack_dense(members) if len(members) > 1 else None
+            if stacked is None:
+                for i, grad in zip(present, members, strict=True):
+                    self._clip_alone(i, grad, norms, clipped, measure=before is None)
+                continue
+            # abs then amax: a per-row aminmax is 5x slower on the CPU. NaN where a NaN is.
+            peaks = stacked.abs().amax(dim=tuple(range(1, stacked.ndim))).tolist()
+            if before is None:
+                for i, norm in zip(present, _batched.stacked_norms(stacked).tolist(), strict=True):
+                    norms[i] = clipped[i] = norm
+            over = [j for j, peak in enumerate(peaks) if not peak <= bound]
+            if not over:
+                continue
+            stacked.clamp_(-bound, bound)  # for the clipped norms; the gradients below
+            after = _batched.stacked_norms(stacked).tolist()
+            for j in over:
+                clipped[present[j]] = after[j]
+            group = changed.setdefault((stacked.device, stacked.dtype), [])
+            group += [members[j] for j in over] if len(over) < len(members) else members
+        _foreach.clamp_(list(changed.values()), -bound, bound)
         if total is None:
             total = torch.tensor(math.hypot(*norms), dtype=torch.float64)
         return _batched.ratio(torch.tensor(math.hypot(*clipped), dtype=total.dtype), total)
 
-    def _exceeding(
-        self,
-        params: tuple[Tensor, ...],
-        grads: Sequence[Tensor | None],
-        norms: list[float],
-        measure: bool,
-    ) -> list[int]:
-        """Positions of the gradients with an element beyond the bound.
-
-        With ``measure``, fills ``norms`` with each gradient's 2-norm on the way.
-        """
+    def _clip_alone(
+        self, i: int, grad: Tensor, norms: list[float], clipped: list[float], measure: bool
+    ) -> None:
+        """Clamp one gradient if an element is beyond the bound; its norms into the lists."""
         bound = self.clip_value
-        exceeding: list[int] = []
-        all_present = all(map(operator.is_not, grads, itertools.repeat(None)))
-        for batch in self._batches.of(params):
-            present = batch if all_present else [i for i in batch if grads[i] is not None]
-            members = [g for i in present if (g := grads[i]) is not None]
-            stacked = _batched.stack_dense(members) if len(members) > 1 else None
-            if stacked is not None:
-                peaks = stacked.abs().amax(dim=tuple(range(1, stacked.ndim))).tolist()
-                if measure:
-                    measured = _batched.stacked_norms(stacked).tolist()
-                    for i, norm in zip(present, measured, strict=True):
-                        norms[i] = norm
-                exceeding += [
-                    i for i, peak in zip(present, peaks, strict=True) if not peak <= bound
-                ]
-                continue
-            for i, grad in zip(present, members, strict=True):
-                values = _values(grad)
-                if measure:
-                    norms[i] = float(_foreach.vector_norm(values, dtype=_wide(values)))
-                # A 2-norm at most half the bound bounds every element, rounding included.
-                if not norms[i] <= bound / 2 and values.numel() and not _peak(values) <= bound:
-                    exceeding.append(i)
-        return exceeding
+        values = _values(grad)
+        if measure:
+            norms[i] = clipped[i] = float(_foreach.vector_norm(values, dtype=_wide(values)))
+        # A 2-norm at most half the bound bounds every element, rounding included.
+        if norms[i] <= bound / 2 or not values.numel() or _peak(values) <= bound:
+            return
+        (grad._values() if grad.is_sparse else grad).clamp_(-bound, bound)  # one pass
+        clipped[i] = float(_foreach.vector_norm(_values(grad), dtype=_wide(values)))
 
     def state_dict(self) -> dict[str, Any]:
         """Return the policy's state: value clipping keeps none."""
