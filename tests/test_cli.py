@@ -396,3 +396,15 @@ def test_seeds_out_of_range_are_usage_errors(args: list[str]) -> None:
     assert result.exit_code == ExitCode.USAGE
     assert "--seed" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["lab", "bench", "diagnose", "report"])
+def test_help_paragraphs_are_wrapped_by_the_terminal_not_by_the_source(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80", "TERM": "dumb"})
+    assert result.exit_code == 0
+    description = result.output.split("Usage:", 1)[1].split("╭", 1)[0].splitlines()[2:]
+    lines = [line.strip() for line in description]
+    for line, following in zip(lines, [*lines[1:], ""], strict=True):
+        # only a paragraph's last line may be short (a source line break shows as one)
+        assert len(line) >= 50 or not line or not following, (line, following)
+    assert "``" not in result.output

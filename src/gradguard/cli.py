@@ -11,6 +11,7 @@ be imported, a file that cannot be written, Ctrl-C) is printed as one line on st
 import errno
 import importlib
 import importlib.util
+import inspect
 import json
 import sys
 from collections.abc import Iterator
@@ -482,6 +483,22 @@ def report(
         console.print(sentence, style=colour, soft_wrap=True, markup=False, highlight=False)
     if strict and level != "ok":
         raise typer.Exit(ExitCode.PATHOLOGY)
+
+
+def _reflowed(doc: str | None) -> str | None:
+    """A docstring's paragraphs each on one line, so the terminal wraps them, not the source.
+
+    Double backticks (reStructuredText literals, for the API docs) are dropped.
+    """
+    if doc is None:
+        return None
+    paragraphs = inspect.cleandoc(doc).replace("``", "").split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+for _command in app.registered_commands:
+    if _command.callback is not None:
+        _command.callback.__doc__ = _reflowed(_command.callback.__doc__)
 
 
 def main() -> None:
