@@ -6,7 +6,8 @@ Small gradients of one shape are measured and clipped together (:mod:`gradguard.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +32,17 @@ def unitwise_norm(t: Tensor) -> Tensor:
         return _foreach.vector_norm(t, dtype=dtype)
     dims = tuple(range(1, t.ndim))
     return _foreach.vector_norm(t, dim=dims, keepdim=True, dtype=dtype)
+
+
+@dataclass
+class _Units:
+    """One shape batch (stacked) or one tensor: its members and their unit norms."""
+
+    present: list[int]
+    members: list[Tensor]
+    weight: Tensor
+    grad: Tensor
+    stacked: bool
 
 
 class AGC:
@@ -67,6 +79,7 @@ class AGC:
         self._excluded_key: tuple[str, ...] | None = None
         self._excluded: tuple[bool, ...] = ()
         self._batches = _batched.BatchPlan()
+        self._owners: dict[tuple[tuple[tuple[int, int], ...], torch.device], Tensor] = {}
         self._index_cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
     def __repr__(self) -> str:
@@ -124,54 +137,106 @@ class AGC:
     def _clip_units(
         self, params: tuple[Tensor, ...], grads: Sequence[Tensor | None], names: tuple[str, ...]
     ) -> tuple[list[int], list[Tensor], list[Tensor]]:
-        """Clip every unit of the included gradients in place, small tensors by shape.
+        """Clip every unit of the included gradients in place.
 
-        Returns the clipped positions and, in that order, their norms before and after
-        (1-d tensors, one per batch; fp32, fp64 for fp64 gradients).
+        Unit norms are measured per shape batch (small tensors stacked) or per tensor; the
+        factors, the multiply and the norms are then computed for all units of one
+        (device, dtype) at once, so a step costs a few operators per batch and a fixed
+        number beyond. Returns the clipped positions and, in that order, their norms
+        before and after (1-d tensors, one per group; fp32, fp64 for fp64 gradients).
         """
         included = [not e for e in self._excluded_for(names, params)]
+        groups: dict[tuple[torch.device, torch.dtype], list[_Units]] = {}
+        for present, members in self._batches.gradients(params, grads, included):
+            stacked = _batched.stack_dense(members) if len(members) > 1 else None
+            if stacked is not None:
+                with torch.no_grad():  # a stack of parameters would otherwise record a graph
+                    weights = torch.stack([params[i] for i in present])
+                units = _Units(
+                    present,
+                    members,
+                    _batched.stacked_unit_norms(weights),
+                    _batched.stacked_unit_norms(stacked),
+                    stacked=True,
+                )
+                groups.setdefault((units.grad.device, units.grad.dtype), []).append(units)
+                continue
+            for i, grad in zip(present, members, strict=True):  # alone: large, unique or sparse
+                if grad.is_sparse:
+                    continue
+                units = _Units(
+                    [i], [grad], unitwise_norm(params[i].detach()), unitwise_norm(grad), False
+                )
+                groups.setdefault((units.grad.device, units.grad.dtype), []).append(units)
         positions: list[int] = []
         before: list[Tensor] = []
         after: list[Tensor] = []
-        for present, members in self._batches.gradients(params, grads, included):
-            grad = _batched.stack_dense(members) if len(members) > 1 else None
-            if grad is None:  # measured alone: a single tensor, or sparse gradients among them
-                for i in present:
-                    self._clip_batch(params, grads, [i], None, positions, before, after)
-                continue
-            self._clip_batch(params, grads, present, grad, positions, before, after)
+        for batches in groups.values():
+            positions += [i for units in batches for i in units.present]
+            norms = self._clip_group(batches)
+            before.append(norms[0])
+            after.append(norms[1])
         return positions, before, after
 
-    def _clip_batch(
-        self,
-        params: tuple[Tensor, ...],
-        grads: Sequence[Tensor | None],
-        present: list[int],
-        stacked: Tensor | None,
-        positions: list[int],
-        before: list[Tensor],
-        after: list[Tensor],
-    ) -> None:
-        """Clip one shape batch (``stacked`` gradients), or one tensor alone (None)."""
-        norms: Callable[[Tensor], Tensor]
-        if stacked is None:
-            grad = grads[present[0]]
-            assert grad is not None
-            if grad.is_sparse:
-                return
-            param, norms = params[present[0]].detach(), unitwise_norm
-        else:
-            grad, norms = stacked, _batched.stacked_unit_norms
-            with torch.no_grad():  # a stack of parameters would otherwise record a graph
-                param = torch.stack([params[i] for i in present])
-        max_norm = norms(param).clamp(min=self.eps) * self.clipping
-        grad_norm = norms(grad)
+    def _clip_group(self, batches: list[_Units]) -> tuple[Tensor, Tensor]:
+        """Factors for every unit of one (device, dtype), the multiply, per-tensor norms.
+
+        The factor stays fp32 (fp64 for fp64 gradients), so fp16/bf16 products are formed
+        in fp32 and rounded once. Cast to fp16 first, a factor below fp16's normal range
+        (6.1e-5) would become a subnormal and lose up to a third of its value; a 0-d factor
+        beside a dimensioned gradient would take the gradient's dtype by type promotion,
+        so it is given the gradient's number of dimensions.
+        """
+        grad_norm = torch.cat([units.grad.reshape(-1) for units in batches])
+        max_norm = torch.cat([units.weight.reshape(-1) for units in batches])
+        max_norm = max_norm.clamp(min=self.eps) * self.clipping
         factor = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp(min=NORM_EPS), 1.0)
-        self._multiply_([grads[i] for i in present], factor, stacked is not None)  # type: ignore[misc]
-        dims = tuple(range(1, grad_norm.ndim)) if stacked is not None else None
-        positions += present
-        before.append(grad_norm.square().sum(dim=dims).sqrt().reshape(-1))
-        after.append((grad_norm * factor).square().sum(dim=dims).sqrt().reshape(-1))
+        sizes = [units.grad.numel() for units in batches]
+        owner = self._owner(batches, grad_norm.device)
+        tensors = sum(len(units.members) for units in batches)
+        if grad_norm.device.type == "cpu":
+            # A multiply by exactly 1 changes no bit; on the CPU, where reading costs no
+            # sync, the gradients whose every factor is 1 keep their bytes.
+            ones = torch.zeros(tensors).index_add_(0, owner, (factor != 1).float())
+            flags = (ones > 0).tolist()
+        else:
+            flags = [True] * tensors
+        targets: list[Tensor] = []
+        factors: list[Tensor] = []
+        at = 0
+        for units, part in zip(batches, torch.split(factor, sizes), strict=True):
+            marks, at = flags[at : at + len(units.members)], at + len(units.members)
+            if not any(marks):
+                continue
+            shaped = part.reshape(units.grad.shape)
+            parts = shaped.unbind(0) if units.stacked else [shaped]
+            for member, unit_factor, mark in zip(units.members, parts, marks, strict=True):
+                if mark:
+                    if unit_factor.ndim < member.ndim and unit_factor.dtype != member.dtype:
+                        unit_factor = unit_factor.reshape((1,) * member.ndim)
+                    targets.append(member)
+                    factors.append(unit_factor)
+        if targets:
+            torch._foreach_mul_(targets, factors)
+        wide = grad_norm.to(torch.float32 if grad_norm.device.type == "mps" else torch.float64)
+        squares = wide.square(), (wide * factor).square()
+        before, after = (
+            torch.zeros(tensors, dtype=wide.dtype, device=wide.device).index_add_(0, owner, sq)
+            for sq in squares
+        )
+        return before.sqrt(), after.sqrt()
+
+    def _owner(self, batches: list[_Units], device: torch.device) -> Tensor:
+        """For each unit of ``batches``, in order, the index of its tensor (kept per layout)."""
+        key = (tuple((units.grad.numel(), len(units.members)) for units in batches), device)
+        owner = self._owners.get(key)
+        if owner is None:
+            if len(self._owners) > 16:  # another model, or other gradients missing
+                self._owners.clear()
+            counts = torch.tensor([n // k for n, k in key[0] for _ in range(k)])
+            owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+            owner = self._owners[key] = owner.to(device)
+        return owner
 
     def _clip_direct(
         self,
@@ -197,31 +262,6 @@ class AGC:
             return (squares + untouched).sqrt()
 
         return _batched.ratio(total(after), total(before))
-
-    @staticmethod
-    def _multiply_(targets: list[Tensor], factor: Tensor, stacked: bool) -> None:
-        """Multiply each gradient by its units' factors (skipping, on the CPU, those of 1).
-
-        The factor stays fp32 (fp64 for fp64 gradients), so fp16/bf16 products are formed
-        in fp32 and rounded once. Cast to fp16 first, a factor below fp16's normal range
-        (6.1e-5) would become a subnormal and lose up to a third of its value; a 0-d factor
-        beside a dimensioned gradient would take the gradient's dtype by type promotion,
-        so it is given the gradient's number of dimensions.
-        """
-        if factor.device.type == "cpu":
-            # A multiply by exactly 1 changes no bit; on the CPU, where reading costs no
-            # sync, the gradients whose every factor is 1 keep their bytes (and a stacked
-            # batch is not split into views).
-            changed = (factor != 1).reshape(len(targets), -1).any(dim=1).tolist()
-            if not any(changed):
-                return
-        else:
-            changed = [True] * len(targets)
-        factors = list(factor.unbind(0)) if stacked else [factor]
-        if factors[0].ndim < targets[0].ndim and factors[0].dtype != targets[0].dtype:
-            factors = [f.reshape((1,) * targets[0].ndim) for f in factors]
-        pairs = [(t, f) for t, f, c in zip(targets, factors, changed, strict=True) if c]
-        torch._foreach_mul_([t for t, _ in pairs], [f for _, f in pairs])
 
     def state_dict(self) -> dict[str, Any]:
         """Return the policy's state: AGC keeps none."""
