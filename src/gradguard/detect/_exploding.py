@@ -22,7 +22,7 @@ from gradguard.detect._common import (
     _names,
     _usable,
 )
-from gradguard.records import BoolArray, Event, Window
+from gradguard.records import BoolArray, Event, Severity, Window
 
 #: Exploding's weight rule compares each layer's parameter norm with the one at least this
 #: many steps before (the previous drain, or an older one when drains are closer).
@@ -38,6 +38,32 @@ class _RisingRun(NamedTuple):
     length: int
     last_norm: float
     base_step: int  # the last step still under twice first_norm: the growth starts after it
+
+
+def _event(
+    window: Window,
+    *,
+    step: int,
+    metric: str,
+    value: float,
+    threshold: float,
+    message: str,
+    layers: tuple[str, ...] = (),
+    severity: Severity = "warning",
+    **extra: Any,
+) -> Event:
+    """An ``exploding`` event found at the end of ``window``: ``extra``, then ``detected_at``."""
+    return Event(
+        step=step,
+        kind="exploding",
+        metric=metric,
+        value=value,
+        threshold=threshold,
+        layers=layers,
+        severity=severity,
+        message=message,
+        extra={**extra, "detected_at": int(window.steps[-1])},
+    )
 
 
 class Exploding:
@@ -208,9 +234,9 @@ class Exploding:
             return None
         names = np.asarray(window.layer_names)[present]
         over = tuple(str(n) for n, r in zip(names, ratios, strict=True) if r > self.max_ratio)
-        return Event(
+        return _event(
+            window,
             step=_first_usable_step(window),
-            kind="exploding",
             metric="grad_to_weight",
             value=median,
             threshold=self.max_ratio,
@@ -221,7 +247,6 @@ class Exploding:
                 f"1e-4 to 1), in {len(over)} of {len(ratios)} layers, first {_names(over)}: "
                 f"any SGD step above LR {1 / median:.2g} replaces the weights."
             ),
-            extra={"detected_at": int(window.steps[-1])},
         )
 
     def _weight_event(self, window: Window) -> Event | None:
@@ -253,9 +278,9 @@ class Exploding:
         order = grown[np.argsort(-growth[grown], kind="stable")]
         names = tuple(window.layer_names[j] for j in order)
         top = float(growth[order[0]])
-        return Event(
+        return _event(
+            window,
             step=_first_usable_step(window),
-            kind="exploding",
             metric="weight_growth",
             value=top,
             threshold=self.weight_growth,
@@ -266,7 +291,6 @@ class Exploding:
                 f"{now[order[0]]:.3g}) while the loss rose: its updates are far too "
                 "large for it."
             ),
-            extra={"detected_at": int(window.steps[-1])},
         )
 
     def _loss_rose(self, window: Window, before: float) -> bool:
@@ -294,9 +318,9 @@ class Exploding:
                 hit = run
         if hit is None:
             return None
-        return Event(
+        return _event(
+            window,
             step=hit.base_step,
-            kind="exploding",
             metric="grad_norm",
             value=hit.last_norm,
             threshold=self.run_growth * hit.first_norm,
@@ -306,7 +330,7 @@ class Exploding:
                 f"in a row, {hit.last_norm / hit.first_norm:.3g}x in all "
                 f"({hit.first_norm:.3g} -> {hit.last_norm:.3g}), while the loss rose."
             ),
-            extra={"run_steps": hit.length, "detected_at": int(window.steps[-1])},
+            run_steps=hit.length,
         )
 
     def _rose(self, before: float, now: float) -> bool:
@@ -330,9 +354,9 @@ class Exploding:
             return None
         if not self._loss_rose(window, self._drains[0][2]):
             return None
-        return Event(
+        return _event(
+            window,
             step=self._drains[1][0],
-            kind="exploding",
             metric="grad_norm",
             value=now,
             threshold=self.growth * base,
@@ -342,7 +366,7 @@ class Exploding:
                 f"{self.patience} log interval(s), {now / base:.3g}x in all ({base:.3g} -> "
                 f"{now:.3g}), while the loss rose."
             ),
-            extra={"medians": medians, "detected_at": int(window.steps[-1])},
+            medians=medians,
         )
 
     def _movers(self, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -364,34 +388,24 @@ class Exploding:
         return tuple(names[j] for j in order if growth[j] >= cut and growth[j] > 1.0)
 
     def _clip_event(self, window: Window, fraction: float) -> Event:
-        if self._loss_rose(window, self._clip_onset_loss):
-            return Event(
-                step=self._clip_onset,
-                kind="exploding",
-                metric="clip_fraction",
-                value=fraction,
-                threshold=self.clip_fraction,
-                message=(
-                    f"Exploding gradients: clipping was active on {fraction:.0%} of steps for "
-                    f"{self.patience} log interval(s) while the loss rose: the gradients keep "
-                    f"exceeding the clip threshold."
-                ),
-                extra={"detected_at": int(window.steps[-1])},
-            )
-        return Event(
+        rose = self._loss_rose(window, self._clip_onset_loss)
+        return _event(
+            window,
             step=self._clip_onset,
-            kind="exploding",
             metric="clip_fraction",
             value=fraction,
             threshold=self.clip_fraction,
-            severity="info",
+            severity="warning" if rose else "info",
             message=(
-                f"Clipping was active on {fraction:.0%} of steps for {self.patience} log "
+                f"Exploding gradients: clipping was active on {fraction:.0%} of steps for "
+                f"{self.patience} log interval(s) while the loss rose: the gradients keep "
+                f"exceeding the clip threshold."
+                if rose
+                else f"Clipping was active on {fraction:.0%} of steps for {self.patience} log "
                 "interval(s) while the loss kept falling: the clip threshold is below the "
                 "typical gradient norm, so it scales every step like a lower learning rate. "
                 "Fine if intended; raise the threshold to clip only outliers."
             ),
-            extra={"detected_at": int(window.steps[-1])},
         )
 
     def state_dict(self) -> dict[str, Any]:

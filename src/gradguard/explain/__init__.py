@@ -18,22 +18,21 @@ history and the batch) and ``streaks`` (:class:`Streaks`).
 
 from __future__ import annotations
 
-from gradguard.explain.explainer import Explainer
-from gradguard.explain.facts import (
-    BATCH_LEVEL,
-    HIGH_GAIN,
-    HIGH_UPDATE_RATIO,
-    HURT,
-    INHERIT_STEPS,
-    LOW_GAIN,
-    LR_JUMP,
-    OUTLIER_SIGMA,
-    TARGET_UPDATE_RATIO,
-    LayerScale,
-    RunFacts,
-    jsonable,
-)
-from gradguard.explain.streaks import PER_STEP_KINDS, Streaks
+from gradguard.explain.explainer import Explainer as Explainer
+from gradguard.explain.facts import BATCH_LEVEL as BATCH_LEVEL
+from gradguard.explain.facts import HIGH_GAIN as HIGH_GAIN
+from gradguard.explain.facts import HIGH_UPDATE_RATIO as HIGH_UPDATE_RATIO
+from gradguard.explain.facts import HURT as HURT
+from gradguard.explain.facts import INHERIT_STEPS as INHERIT_STEPS
+from gradguard.explain.facts import LOW_GAIN as LOW_GAIN
+from gradguard.explain.facts import LR_JUMP as LR_JUMP
+from gradguard.explain.facts import OUTLIER_SIGMA as OUTLIER_SIGMA
+from gradguard.explain.facts import TARGET_UPDATE_RATIO as TARGET_UPDATE_RATIO
+from gradguard.explain.facts import LayerScale as LayerScale
+from gradguard.explain.facts import RunFacts as RunFacts
+from gradguard.explain.facts import jsonable as jsonable
+from gradguard.explain.streaks import PER_STEP_KINDS as PER_STEP_KINDS
+from gradguard.explain.streaks import Streaks as Streaks
 
 __all__ = [
     "BATCH_LEVEL",

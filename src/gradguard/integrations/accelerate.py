@@ -46,7 +46,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the extras
 
 from gradguard.errors import ConfigError
 from gradguard.guard import Guard
-from gradguard.integrations import check_guard_options
+from gradguard.integrations._common import check_guard_options, ddp_group, with_group
 
 __all__ = ["prepare_guard"]
 
@@ -96,11 +96,8 @@ def prepare_guard(
     check_guard_options(guard_options, _OWNED, owner="prepare_guard")
     _check_distributed_type(accelerator)
     inner = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
-    options = dict(guard_options)
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        # The guard measures the module inside DDP: DDP's group makes it average the loss
-        # over the ranks (the gradients already are), so every rank takes the same decision.
-        options.setdefault("process_group", model.process_group)
+    # The guard measures the module inside DDP, averaging the loss over DDP's group.
+    options = with_group(guard_options, ddp_group(model))
     guard = Guard(
         accelerator.unwrap_model(model),
         inner,

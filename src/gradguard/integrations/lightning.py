@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 try:
     import lightning.pytorch as pl
@@ -38,7 +38,15 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the extras
 
 from gradguard.errors import ConfigError
 from gradguard.guard import Guard, GuardedOptimizer
-from gradguard.integrations import LossFedOptimizer, check_guard_options
+from gradguard.integrations._common import (
+    LossFedOptimizer,
+    TrainerSink,
+    check_guard_options,
+    ddp_group,
+    guard_with_sink,
+    log_event,
+    refuse_double_clip,
+)
 from gradguard.records import Event, Window
 
 __all__ = ["GradGuardCallback"]
@@ -82,16 +90,10 @@ class GradGuardCallback(Callback):
         """Build the guard and make it the optimizer Lightning steps."""
         optimizer = _single_optimizer(trainer.strategy.optimizers)
         _check_trainer(trainer, self.guard_options)
-        options = dict(self.guard_options)
-        group = _data_parallel_group(trainer)
-        if group is not None:
-            # The guard measures the LightningModule, not Lightning's DDP wrapper around it:
-            # DDP's group makes it average the loss over the ranks (gradients are already
-            # averaged), so loss-based events and should_stop agree on every rank.
-            options.setdefault("process_group", group)
         self._sink = _LoggerSink(trainer)
-        sinks = [*options.pop("sinks", ()), self._sink]
-        self.guard = Guard(pl_module, optimizer, sinks=sinks, **options)
+        # The guard measures the LightningModule, not Lightning's DDP wrapper around it.
+        group = ddp_group(trainer.strategy.model)
+        self.guard = guard_with_sink(pl_module, optimizer, self.guard_options, group, self._sink)
         if self._saved is not None:
             self.guard.load_state_dict(self._saved)
             self._saved = None
@@ -166,7 +168,7 @@ class GradGuardCallback(Callback):
             self.guard.close()
 
 
-class _LoggerSink:
+class _LoggerSink(TrainerSink):
     """Writes each drain to the Trainer's loggers, and each event to the Python log.
 
     Steps are the guard's, which the callback numbers as Lightning does: the
@@ -177,9 +179,6 @@ class _LoggerSink:
 
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer = trainer
-
-    def open(self, meta: Mapping[str, Any]) -> None:
-        """Nothing to open: the Trainer owns its loggers."""
 
     def write(self, window: Window, events: Sequence[Event]) -> None:
         """Log one drain: four or five scalars per logged step, a marker per event."""
@@ -201,15 +200,11 @@ class _LoggerSink:
             for logger in loggers:
                 logger.log_metrics(metrics, step=step)
         for event in events:
-            if self.trainer.is_global_zero:
-                _log.warning("gradguard: %s", event)
+            log_event(_log, event, self.trainer.is_global_zero)
             for logger in loggers:
                 logger.log_metrics({f"gradguard/event/{event.kind}": 1.0}, event.step)
         for logger in loggers:
             logger.save()
-
-    def close(self) -> None:
-        """Nothing to close: the Trainer finalizes its loggers."""
 
 
 def _single_optimizer(optimizers: Sequence[torch.optim.Optimizer]) -> torch.optim.Optimizer:
@@ -226,14 +221,6 @@ def _single_optimizer(optimizers: Sequence[torch.optim.Optimizer]) -> torch.opti
             "again; return the plain optimizer and let the callback wrap it."
         )
     return optimizer
-
-
-def _data_parallel_group(trainer: pl.Trainer) -> Any:
-    """The process group DDP averages the gradients over, when the strategy wraps in DDP."""
-    wrapper = trainer.strategy.model
-    if isinstance(wrapper, nn.parallel.DistributedDataParallel):
-        return wrapper.process_group
-    return None
 
 
 def _check_strategy(strategy: pl.strategies.Strategy) -> None:
@@ -265,14 +252,13 @@ def _check_trainer(trainer: pl.Trainer, options: Mapping[str, Any]) -> None:
             "gg.Guard(model, optimizer, scaler=scaler)."
         )
     if trainer.gradient_clip_val:
-        if options.get("clip") is not None:
-            raise ConfigError(
-                f"both Trainer(gradient_clip_val={trainer.gradient_clip_val}) and "
-                f"GradGuardCallback(clip={options['clip']!r}) clip the gradients; keep one: "
-                "Trainer(gradient_clip_val=None) and the guard's policy is the one that logs "
-                "the norm before clipping."
-            )
-        _log.warning(
+        refuse_double_clip(
+            _log,
+            options.get("clip"),
+            f"both Trainer(gradient_clip_val={trainer.gradient_clip_val}) and "
+            f"GradGuardCallback(clip={options.get('clip')!r}) clip the gradients; keep one: "
+            "Trainer(gradient_clip_val=None) and the guard's policy is the one that logs "
+            "the norm before clipping.",
             "gradguard: Lightning clips the gradients (gradient_clip_val=%s) before the guard "
             "measures them, so the logged norms are the clipped ones; prefer "
             "Trainer(gradient_clip_val=None) and GradGuardCallback(clip=gg.NormClip(%s)).",

@@ -44,7 +44,14 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the extras
 from gradguard import _distributed
 from gradguard.errors import ConfigError
 from gradguard.guard import Guard, GuardedOptimizer
-from gradguard.integrations import LossFedOptimizer, check_guard_options
+from gradguard.integrations._common import (
+    LossFedOptimizer,
+    TrainerSink,
+    check_guard_options,
+    guard_with_sink,
+    log_event,
+    refuse_double_clip,
+)
 from gradguard.records import Event, Window
 
 __all__ = ["GradGuardCallback"]
@@ -98,15 +105,11 @@ class GradGuardCallback(TrainerCallback):
         optimizer = accelerated.optimizer
         if isinstance(optimizer, GuardedOptimizer):  # left by a train() that raised
             optimizer = optimizer.optimizer
-        options = dict(self.guard_options)
+        # The guard measures the model, not the DDP wrapper the Trainer steps through.
         group = _data_parallel_group(args, model)
-        if group is not None:
-            # The guard measures the model, not the DDP wrapper the Trainer steps through:
-            # the data-parallel group makes it average the loss over the ranks (gradients
-            # are already averaged), so loss-based events and should_stop agree everywhere.
-            options.setdefault("process_group", group)
-        sink = _HistorySink(state)
-        self.guard = Guard(model, optimizer, sinks=[*options.pop("sinks", ()), sink], **options)
+        self.guard = guard_with_sink(
+            model, optimizer, self.guard_options, group, _HistorySink(state)
+        )
         # The guard's steps are the Trainer's global_step after each update, also when the
         # Trainer resumes from a checkpoint: a run_dir then continues the earlier run's logs.
         self.guard.step_count = state.global_step
@@ -154,7 +157,7 @@ class GradGuardCallback(TrainerCallback):
         return loss
 
 
-class _HistorySink:
+class _HistorySink(TrainerSink):
     """Writes each drain to ``state.log_history`` and each event to the Python log.
 
     Rows hold numbers only, as the Trainer's own do: a summary per drain and a
@@ -165,9 +168,6 @@ class _HistorySink:
 
     def __init__(self, state: TrainerState) -> None:
         self.state = state
-
-    def open(self, meta: Mapping[str, Any]) -> None:
-        """Nothing to open: the Trainer owns its state."""
 
     def write(self, window: Window, events: Sequence[Event]) -> None:
         """Append one summary row for the drain and one marker row per event."""
@@ -183,12 +183,8 @@ class _HistorySink:
             }
         )
         for event in events:
-            if self.state.is_world_process_zero:
-                _log.warning("gradguard: %s", event)
+            log_event(_log, event, self.state.is_world_process_zero)
             history.append({f"gradguard/event/{event.kind}": 1.0, "step": event.step})
-
-    def close(self) -> None:
-        """Nothing to close."""
 
 
 def _accelerated(optimizer: object) -> Any:
@@ -242,14 +238,13 @@ def _check(args: TrainingArguments, scaler: object, options: Mapping[str, Any]) 
             "Use bf16=True (or fp32)."
         )
     if args.max_grad_norm and args.max_grad_norm > 0:
-        if options.get("clip") is not None:
-            raise ConfigError(
-                f"both TrainingArguments(max_grad_norm={args.max_grad_norm}) and "
-                f"GradGuardCallback(clip={options['clip']!r}) clip the gradients; set "
-                "max_grad_norm=0 and keep the guard's policy, which logs the norm before "
-                "clipping."
-            )
-        _log.warning(
+        refuse_double_clip(
+            _log,
+            options.get("clip"),
+            f"both TrainingArguments(max_grad_norm={args.max_grad_norm}) and "
+            f"GradGuardCallback(clip={options.get('clip')!r}) clip the gradients; set "
+            "max_grad_norm=0 and keep the guard's policy, which logs the norm before "
+            "clipping.",
             "gradguard: the Trainer clips the gradients (max_grad_norm=%s) before the guard "
             "measures them, so the logged norms are the clipped ones; prefer max_grad_norm=0 "
             "and GradGuardCallback(clip=gg.NormClip(%s)).",

@@ -330,20 +330,32 @@ def _off_scale_handles(values: FloatArray, run: RunData, shown: YRange | None) -
 # --- the figures --------------------------------------------------------------------------
 
 
+def _over_steps(
+    run: RunData, height: float, column: str, label: str, color: str
+) -> tuple[Figure, Axes, FloatArray, list[Any]]:
+    """A figure of one column over the steps: the figure, its axes, the values, the handles."""
+    fig = _figure(height)
+    ax = fig.subplots()
+    values = run.column(column)
+    return fig, ax, values, _series(ax, run, values, label, color)
+
+
+def _finish(fig: Figure, ax: Axes, handles: list[Any], ylabel: str, **grid: Any) -> Figure:
+    """Label the step axis and ``ylabel``, draw the grid and the legend; return ``fig``."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, **grid)
+    _legend(ax, handles)
+    return fig
+
+
 def draw_loss(run: RunData) -> Figure:
     """Loss over steps with skipped steps, loss spikes, rollbacks and cool-downs marked."""
-    fig = _figure(3.4)
-    ax = fig.subplots()
-    loss = run.column("loss")
-    handles = _series(ax, run, loss, "loss", BLUE)
+    fig, ax, loss, handles = _over_steps(run, 3.4, "loss", "loss", BLUE)
     shown = _scaled_series(ax, run, loss, log_ratio=100.0)
     handles += _mark_events(ax, run, "loss", top=math.inf if shown is None else shown.hi)
     handles += _off_scale_handles(loss, run, shown)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    _legend(ax, handles)
-    return fig
+    return _finish(fig, ax, handles, "loss")
 
 
 def clip_threshold(config: dict[str, Any]) -> float | None:
@@ -364,10 +376,7 @@ def draw_grad_norm(run: RunData) -> Figure:
     """Global gradient norm, the norm after clipping where it differs, and the events."""
     from matplotlib.lines import Line2D
 
-    fig = _figure(3.6)
-    ax = fig.subplots()
-    norm = run.column("grad_norm")
-    handles = _series(ax, run, norm, "global gradient norm", "black")
+    fig, ax, norm, handles = _over_steps(run, 3.6, "grad_norm", "global gradient norm", "black")
     clipped = run.column("clipped_norm")
     with np.errstate(invalid="ignore"):  # Inf - Inf where both norms overflowed
         differs = run.final & np.isfinite(clipped) & (np.abs(clipped - norm) > 1e-6 * np.abs(norm))
@@ -385,26 +394,15 @@ def draw_grad_norm(run: RunData) -> Figure:
         handles.append(Line2D([], [], color=ORANGE, ls="--", label=label))
     handles += _mark_events(ax, run, "grad_norm", top=math.inf if shown is None else shown.hi)
     handles += _off_scale_handles(norm, run, shown)
-    ax.set_xlabel("step")
-    ax.set_ylabel("gradient norm (L2)")
-    ax.grid(alpha=0.3, which="both")
-    _legend(ax, handles)
-    return fig
+    return _finish(fig, ax, handles, "gradient norm (L2)", which="both")
 
 
 def draw_lr(run: RunData) -> Figure:
     """Learning rate over steps (cool-downs included: the guard logs the LR it applied)."""
-    fig = _figure(2.4)
-    ax = fig.subplots()
-    lr = run.column("lr")
-    handles = _series(ax, run, lr, "learning rate", "#2ca02c")
+    fig, ax, lr, handles = _over_steps(run, 2.4, "lr", "learning rate", "#2ca02c")
     handles += _mark_spans(ax, run)
     _log_if_wide(ax, lr, ratio=10.0)
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.grid(alpha=0.3)
-    _legend(ax, handles)
-    return fig
+    return _finish(fig, ax, handles, "learning rate")
 
 
 def _short(name: str, width: int = 36) -> str:
