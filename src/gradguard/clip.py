@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -69,6 +70,12 @@ def _wide(t: Tensor) -> torch.dtype:
 def _values(grad: Tensor) -> Tensor:
     """A gradient's stored values: the coalesced values of a sparse one."""
     return grad.coalesce()._values() if grad.is_sparse else grad
+
+
+def _norm_of(grad: Tensor) -> Tensor:
+    """A gradient's 2-norm (its stored values' for a sparse one), fp32 or fp64 for fp64."""
+    values = _values(grad)
+    return _foreach.vector_norm(values, dtype=_wide(values))
 
 
 def _peak(t: Tensor) -> float:
@@ -162,6 +169,21 @@ class NormClip(_GlobalNormPolicy):
         return cached
 
 
+@dataclass
+class _Found:
+    """A shape batch of ValueClip's (stacked) or a lone gradient, and what is beyond the bound.
+
+    ``rows``: which stacked gradients hold an element beyond it (None: none does);
+    ``alone_over``: whether a lone gradient does.
+    """
+
+    present: list[int]
+    members: list[Tensor]
+    stacked: Tensor | None
+    rows: Tensor | None
+    alone_over: bool = False
+
+
 class ValueClip:
     """Clamp every gradient element to ``[-clip_value, clip_value]``.
 
@@ -218,39 +240,75 @@ class ValueClip:
         (``gg.clip_`` without statistics: measured here). Numbers: the ValueClip rows of
         docs/performance.md.
         """
+        found = self._find(params, grads, before)
+        if not any(f.rows is not None or f.alone_over for f in found):
+            return torch.ones(())  # nothing to clamp: the clipped norm is the norm
         bound = self.clip_value
         measure = before is None
         norms = torch.zeros(len(grads), dtype=torch.float64) if before is None else before.double()
         clipped = norms.clone()
         changed: dict[object, list[Tensor]] = {}  # stacked ones to clamp, by (device, dtype)
-        for present, members in self._batches.gradients(params, grads):
-            stacked = _batched.stack_dense(members) if len(members) > 1 else None
-            if stacked is None:
-                for i, grad in zip(present, members, strict=True):
-                    self._clip_alone(i, grad, norms, clipped, measure)
+        for f in found:
+            if f.stacked is None:
+                i, grad = f.present[0], f.members[0]
+                if measure:
+                    norms[i] = clipped[i] = float(_norm_of(grad))
+                if f.alone_over:
+                    (grad._values() if grad.is_sparse else grad).clamp_(-bound, bound)  # one pass
+                    clipped[i] = float(_norm_of(grad))
                 continue
-            index = self._index(present)
+            index = self._index(f.present)
             if measure:
-                measured = _batched.stacked_norms(stacked).double()
+                measured = _batched.stacked_norms(f.stacked).double()
                 norms.index_copy_(0, index, measured)
                 clipped.index_copy_(0, index, measured)
-            low, high = torch.aminmax(stacked)  # first the whole batch: mostly within bounds
-            if -bound <= float(low) and float(high) <= bound:  # False for a NaN
+            if f.rows is None:
                 continue
-            dims = tuple(range(1, stacked.ndim))  # a per-row aminmax is 5x slower on the CPU
-            over = ~((stacked.amax(dim=dims) <= bound) & (stacked.amin(dim=dims) >= -bound))
-            stacked.clamp_(-bound, bound)  # for the clipped norms; the gradients below
-            after = _batched.stacked_norms(stacked).double()
-            clipped.index_copy_(0, index[over], after[over])
-            flags = over.tolist()
-            group = changed.setdefault((stacked.device, stacked.dtype), [])
+            f.stacked.clamp_(-bound, bound)  # for the clipped norms; the gradients below
+            after = _batched.stacked_norms(f.stacked).double()
+            clipped.index_copy_(0, index[f.rows], after[f.rows])
+            flags = f.rows.tolist()
+            group = changed.setdefault((f.stacked.device, f.stacked.dtype), [])
             group += (
-                members if all(flags) else [m for m, f in zip(members, flags, strict=True) if f]
+                f.members
+                if all(flags)
+                else [m for m, o in zip(f.members, flags, strict=False) if o]
             )
         _foreach.clamp_(list(changed.values()), -bound, bound)
         if total is None:
             total = _foreach.vector_norm(norms)
         return _batched.ratio(_foreach.vector_norm(clipped).to(total.dtype), total)
+
+    def _find(
+        self, params: tuple[Tensor, ...], grads: Sequence[Tensor | None], before: Tensor | None
+    ) -> list[_Found]:
+        """Each shape batch (stacked) or lone gradient, and which hold an element beyond the bound.
+
+        A lone gradient whose norm is known to be at most half the bound is not read.
+        """
+        bound = self.clip_value
+        found: list[_Found] = []
+        for present, members in self._batches.gradients(params, grads):
+            stacked = _batched.stack_dense(members) if len(members) > 1 else None
+            if stacked is not None:
+                found.append(_Found(present, members, stacked, self._rows_over(stacked)))
+                continue
+            for i, grad in zip(present, members, strict=True):
+                values = _values(grad)
+                # A 2-norm at most half the bound bounds every element, rounding included.
+                small = before is not None and float(before[i]) <= bound / 2
+                over = not small and bool(values.numel()) and not _peak(values) <= bound
+                found.append(_Found([i], [grad], None, None, alone_over=over))
+        return found
+
+    def _rows_over(self, stacked: Tensor) -> Tensor | None:
+        """Which stacked gradients hold an element beyond the bound (None: none does)."""
+        bound = self.clip_value
+        low, high = torch.aminmax(stacked)  # first the whole batch: mostly within bounds
+        if -bound <= float(low) and float(high) <= bound:  # False for a NaN
+            return None
+        dims = tuple(range(1, stacked.ndim))  # a per-row aminmax is 5x slower on the CPU
+        return ~((stacked.amax(dim=dims) <= bound) & (stacked.amin(dim=dims) >= -bound))
 
     def _index(self, positions: list[int]) -> Tensor:
         """``positions`` as an index tensor, kept while the batches stay the same."""
@@ -261,20 +319,6 @@ class ValueClip:
                 self._indices.clear()
             index = self._indices[key] = torch.tensor(positions, dtype=torch.long)
         return index
-
-    def _clip_alone(
-        self, i: int, grad: Tensor, norms: Tensor, clipped: Tensor, measure: bool
-    ) -> None:
-        """Clamp one gradient if an element is beyond the bound; its norms into the vectors."""
-        bound = self.clip_value
-        values = _values(grad)
-        if measure:
-            norms[i] = clipped[i] = float(_foreach.vector_norm(values, dtype=_wide(values)))
-        # A 2-norm at most half the bound bounds every element, rounding included.
-        if float(norms[i]) <= bound / 2 or not values.numel() or _peak(values) <= bound:
-            return
-        (grad._values() if grad.is_sparse else grad).clamp_(-bound, bound)  # one pass
-        clipped[i] = float(_foreach.vector_norm(_values(grad), dtype=_wide(values)))
 
     def state_dict(self) -> dict[str, Any]:
         """Return the policy's state: value clipping keeps none."""
