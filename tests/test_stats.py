@@ -468,3 +468,39 @@ def test_grad_stats_does_not_sync_on_cuda() -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert not stats.resolved
     assert_matches_oracle(model, stats, rel=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_norms_of_many_tensors_of_one_shape_are_bitwise_torchs_per_tensor_norms(
+    dtype: torch.dtype, threads: int
+) -> None:
+    """On the CPU small tensors of one shape are measured stacked: the same bits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(12, 12) for _ in range(30)), nn.Linear(12, 300)).to(dtype)
+    for i, p in enumerate(model.parameters()):
+        p.grad = (torch.randn_like(p, dtype=torch.float64) * 10.0 ** (i % 7 - 3)).to(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stats = gg.grad_stats(model)
+    finally:
+        torch.set_num_threads(previous)
+    grads = [p.grad for p in model.parameters()]
+    wide = None if dtype == torch.float64 else torch.float32
+    expected = torch.stack(list(torch._foreach_norm(grads, 2.0, dtype=wide)))  # type: ignore[arg-type]
+    layout = stats_module.layout_for(model)
+    assert layout.shape_batches is not None  # the stacked path ran
+    measured = stats.per_tensor if stats.per_tensor_fp64 is None else stats.per_tensor_fp64
+    assert torch.equal(measured, expected.to(measured.dtype))
+
+
+def test_a_sparse_gradient_among_one_shape_falls_back_to_tensor_by_tensor_norms() -> None:
+    model = nn.ModuleList([nn.Embedding(6, 4, sparse=True), nn.Embedding(6, 4), nn.Linear(4, 4)])
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model[0].weight.grad = torch.randn(6, 4).to_sparse()
+    stats = gg.grad_stats(model)
+    for norm, p in zip(stats.per_tensor.tolist(), model.parameters(), strict=True):
+        grad = p.grad.to_dense() if p.grad.is_sparse else p.grad  # type: ignore[union-attr]
+        assert norm == pytest.approx(float(grad.norm()), rel=1e-6)

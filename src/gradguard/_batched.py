@@ -39,6 +39,40 @@ def shape_batches(tensors: Sequence[Tensor]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(positions) for positions in batches.values())
 
 
+def cpu_plan(params: Sequence[Tensor]) -> tuple[tuple[tuple[int, ...], Tensor], ...] | None:
+    """For ``grad_stats`` on the CPU: the shape batches of ``params`` with their index tensors.
+
+    The last entry holds the tensors measured alone. None when no two share a shape, or
+    off the CPU, where one fused kernel already measures a group in a few launches.
+    """
+    if any(p.device.type != "cpu" for p in params):
+        return None
+    batches = shape_batches(params)
+    if all(len(b) == 1 for b in batches):
+        return None
+    alone = tuple(b[0] for b in batches if len(b) == 1)
+    stacks = [(b, torch.tensor(b, dtype=torch.long)) for b in batches if len(b) > 1]
+    return (*stacks, (alone, torch.tensor(alone, dtype=torch.long)))
+
+
+def fill_stacked_norms(
+    stacks: Sequence[tuple[tuple[int, ...], Tensor]], grads: Sequence[Tensor], norms: Tensor
+) -> bool:
+    """Write the 2-norm of each stacked gradient into ``norms``; False if one is sparse.
+
+    Accumulated in fp32 (fp64 for fp64): bitwise ``torch._foreach_norm`` tensor by tensor.
+    """
+    dtype = None if norms.dtype == torch.float64 else torch.float32
+    for positions, index in stacks:
+        stacked = stack_dense([grads[i] for i in positions])
+        if stacked is None:
+            return False
+        dims = tuple(range(1, stacked.ndim))
+        measured: Tensor = torch.linalg.vector_norm(stacked, 2.0, dim=dims, dtype=dtype)
+        norms.index_copy_(0, index, measured)
+    return True
+
+
 def unit_dims(ndim: int) -> tuple[int, ...]:
     """The dims one unit spans: all but the first (a row, a channel), or a vector whole."""
     return tuple(range(1, ndim)) if ndim > 1 else tuple(range(ndim))

@@ -19,7 +19,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from gradguard import _distributed, _flat, _foreach
+from gradguard import _batched, _distributed, _flat, _foreach
 from gradguard.errors import ConfigError, UnsupportedModelError
 
 NamedParameters: TypeAlias = Iterable[tuple[str, Tensor]]
@@ -59,6 +59,8 @@ class Layout:
     true: Tensor = field(default_factory=lambda: torch.ones((), dtype=torch.bool))
     wide: bool = False  # some gradient is fp64: its norms are kept in fp64 (not on MPS)
     first_dtype: torch.dtype = torch.float32  # of params[0], to notice model.to(dtype)
+    # On the CPU: small tensors of one shape, measured stacked (see _stacked_norms).
+    shape_batches: tuple[tuple[tuple[int, ...], Tensor], ...] | None = None
 
     @property
     def accumulate_dtype(self) -> torch.dtype:
@@ -193,6 +195,7 @@ def _build_layout(
         true=torch.ones((), dtype=torch.bool, device=device),
         wide=wide,
         first_dtype=locals_[0].dtype,
+        shape_batches=_batched.cpu_plan(locals_) if len(groups) == 1 else None,
     )
 
 
@@ -510,6 +513,26 @@ def group_norms(tensors: list[Tensor], ord: float = 2.0, wide: bool = False) -> 
     return torch.stack(norms)
 
 
+def _stacked_norms(
+    batches: tuple[tuple[tuple[int, ...], Tensor], ...], grads: list[Tensor], wide: bool
+) -> Tensor | None:
+    """Per-tensor norms of one CPU group: small tensors of one shape stacked, the rest fused.
+
+    Bitwise :func:`group_norms`, in one kernel per shape instead of one per tensor (the
+    1,000 gradients of the 500-layer benchmark MLP: 0.3 ms instead of 1.5 ms). None when
+    a stacked gradient is sparse: the caller then measures as usual.
+    """
+    fp64 = grads[0].dtype == torch.float64
+    norms = torch.empty(len(grads), dtype=torch.float64 if fp64 else torch.float32)
+    alone, alone_index = batches[-1]
+    if not _batched.fill_stacked_norms(batches[:-1], grads, norms):
+        return None
+    if alone:
+        singles = group_norms([grads[i] for i in alone], wide=wide)
+        norms.index_copy_(0, alone_index, singles.to(norms.dtype))
+    return norms if wide and fp64 else norms.float()
+
+
 def _per_tensor_norms(
     layout: Layout, grads: list[Tensor | None]
 ) -> tuple[Tensor, tuple[list[Tensor], ...]]:
@@ -521,6 +544,10 @@ def _per_tensor_norms(
     if layout.in_order:
         present = [g for g in grads if g is not None]
         if len(present) == len(grads):
+            if layout.shape_batches is not None:
+                stacked = _stacked_norms(layout.shape_batches, present, wide)
+                if stacked is not None:
+                    return stacked, (present,)
             return group_norms(present, wide=wide), (present,)
     dtype = torch.float64 if wide else torch.float32
     per_tensor = torch.zeros(len(grads), dtype=dtype, device=layout.device)
