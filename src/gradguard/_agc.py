@@ -121,14 +121,18 @@ class AGC:
         """Clip unit by unit in place; return the clipped global norm over the original."""
         device = stats.total.device
         wide = stats.per_tensor_fp64 is not None
-        positions, _, after_norms = self._clip_units(stats.params, stats.grads, stats.names)
-        if not positions:
+        positions, _, after_norms, changed = self._clip_units(
+            stats.params, stats.grads, stats.names
+        )
+        if not any(changed):  # nothing clipped (known on the CPU): the norm is unchanged
             return torch.ones((), device=device)
+        new = torch.cat(after_norms).to(device, torch.float64 if wide else torch.float32)
+        if device.type == "cpu":  # the unchanged keep the measured norms, bit for bit
+            keep = [j for j, c in enumerate(changed) if c]
+            positions, new = [positions[j] for j in keep], new[torch.tensor(keep)]
         before = stats.per_tensor if stats.per_tensor_fp64 is None else stats.per_tensor_fp64
         after = before.clone()
-        index = self._index(tuple(positions), device)
-        new = torch.cat(after_norms).to(device, torch.float64 if wide else torch.float32)
-        after.index_copy_(0, index, new)
+        after.index_copy_(0, self._index(tuple(positions), device), new)
         return _batched.ratio(
             _foreach.vector_norm(after),
             (stats.total if stats.total_fp64 is None else stats.total_fp64),
@@ -136,14 +140,15 @@ class AGC:
 
     def _clip_units(
         self, params: tuple[Tensor, ...], grads: Sequence[Tensor | None], names: tuple[str, ...]
-    ) -> tuple[list[int], list[Tensor], list[Tensor]]:
+    ) -> tuple[list[int], list[Tensor], list[Tensor], list[bool]]:
         """Clip every unit of the included gradients in place.
 
         Unit norms are measured per shape batch (small tensors stacked) or per tensor; the
         factors, the multiply and the norms are then computed for all units of one
         (device, dtype) at once, so a step costs a few operators per batch and a fixed
-        number beyond. Returns the clipped positions and, in that order, their norms
-        before and after (1-d tensors, one per group; fp32, fp64 for fp64 gradients).
+        number beyond. Returns the positions measured and, in that order, their norms
+        before and after (1-d tensors, one per group; fp32, fp64 for fp64 gradients) and
+        whether each changed (on the CPU; elsewhere all True, as nothing is read there).
         """
         included = [not e for e in self._excluded_for(names, params)]
         groups: dict[tuple[torch.device, torch.dtype], list[_Units]] = {}
@@ -171,14 +176,16 @@ class AGC:
         positions: list[int] = []
         before: list[Tensor] = []
         after: list[Tensor] = []
+        changed: list[bool] = []
         for batches in groups.values():
             positions += [i for units in batches for i in units.present]
             norms = self._clip_group(batches)
             before.append(norms[0])
             after.append(norms[1])
-        return positions, before, after
+            changed += norms[2]
+        return positions, before, after, changed
 
-    def _clip_group(self, batches: list[_Units]) -> tuple[Tensor, Tensor]:
+    def _clip_group(self, batches: list[_Units]) -> tuple[Tensor, Tensor, list[bool]]:
         """Factors for every unit of one (device, dtype), the multiply, per-tensor norms.
 
         The factor stays fp32 (fp64 for fp64 gradients), so fp16/bf16 products are formed
@@ -224,7 +231,7 @@ class AGC:
             torch.zeros(tensors, dtype=wide.dtype, device=wide.device).index_add_(0, owner, sq)
             for sq in squares
         )
-        return before.sqrt(), after.sqrt()
+        return before.sqrt(), after.sqrt(), flags
 
     def _owner(self, batches: list[_Units], device: torch.device) -> Tensor:
         """For each unit of ``batches``, in order, the index of its tensor (kept per layout)."""
@@ -246,7 +253,7 @@ class AGC:
         device: torch.device,
     ) -> Tensor:
         """``gg.clip_`` without statistics: the global norms come from the unit norms."""
-        positions, before, after = self._clip_units(params, grads, names)
+        positions, before, after, _ = self._clip_units(params, grads, names)
         if not positions:
             return torch.ones((), device=device)
         clipped = set(positions)
