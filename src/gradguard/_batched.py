@@ -114,6 +114,7 @@ class BatchPlan:
         self._key: tuple[Tensor, ...] | None = None
         self._batches: tuple[tuple[int, ...], ...] = ()
         self._takes: tuple[Callable[[Sequence[Any]], Any] | None, ...] = ()
+        self._indices: tuple[Tensor, ...] = ()
         self.on_cpu = False
 
     def of(
@@ -128,6 +129,7 @@ class BatchPlan:
                 operator.itemgetter(*b) if len(b) > 1 else None for b in self._batches
             )
             self.on_cpu = all(p.device.type == "cpu" for p in params)
+            self._indices = tuple(torch.tensor(b, dtype=torch.long) for b in self._batches)
             self._key = params
         return self._batches
 
@@ -138,14 +140,25 @@ class BatchPlan:
         include: Sequence[bool] | None = None,
     ) -> Iterator[tuple[list[int], list[Tensor]]]:
         """Each batch's positions and gradients, those that are None left out."""
+        for present, members, _ in self.indexed(params, grads, include):
+            yield present, members
+
+    def indexed(
+        self,
+        params: tuple[Tensor, ...],
+        grads: Sequence[Tensor | None],
+        include: Sequence[bool] | None = None,
+    ) -> Iterator[tuple[list[int], list[Tensor], Tensor]]:
+        """As :meth:`gradients`, with the positions as a CPU index tensor (kept per plan)."""
         batches = self.of(params, include)
         if all(map(operator.is_not, grads, itertools.repeat(None))):
-            for batch, take in zip(batches, self._takes, strict=True):
-                yield list(batch), list(take(grads)) if take else [grads[batch[0]]]  # type: ignore[list-item]
+            for batch, take, index in zip(batches, self._takes, self._indices, strict=True):
+                yield list(batch), list(take(grads)) if take else [grads[batch[0]]], index  # type: ignore[list-item]
             return
         for batch in batches:
             present = [i for i in batch if grads[i] is not None]
-            yield present, [g for i in present if (g := grads[i]) is not None]
+            members = [g for i in present if (g := grads[i]) is not None]
+            yield present, members, torch.tensor(present, dtype=torch.long)
 
 
 def ratio(after: Tensor, total: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradguard.errors import ConfigError
+from gradguard.errors import ConfigError, check_state_keys
 
 #: Added to the norm before dividing, as torch's ``clip_grad_norm_`` does.
 NORM_EPS = 1e-6
@@ -40,11 +40,7 @@ def _choice(name: str, value: str, choices: Sequence[str]) -> str:
 
 
 def _check_keys(policy: object, state_dict: Mapping[str, Any], keys: set[str]) -> None:
-    if set(state_dict) != keys:
-        raise ConfigError(
-            f"{type(policy).__name__}.load_state_dict expects keys {sorted(keys)}, got "
-            f"{sorted(state_dict)}: was this state saved from another policy?"
-        )
+    check_state_keys(policy, state_dict, keys, "policy")
 
 
 def _on(device: torch.device, dtype: torch.dtype) -> torch.dtype:

@@ -182,6 +182,7 @@ class _Found:
     stacked: Tensor | None
     rows: Tensor | None
     alone_over: bool = False
+    index: Tensor | None = None  # the stacked positions, as an index tensor
 
 
 class ValueClip:
@@ -199,7 +200,6 @@ class ValueClip:
     def __init__(self, clip_value: float) -> None:
         self.clip_value = _positive("clip_value", clip_value)
         self._batches = _batched.BatchPlan()
-        self._indices: dict[tuple[int, ...], Tensor] = {}
 
     def __repr__(self) -> str:
         return f"ValueClip(clip_value={self.clip_value})"
@@ -257,7 +257,8 @@ class ValueClip:
                     (grad._values() if grad.is_sparse else grad).clamp_(-bound, bound)  # one pass
                     clipped[i] = float(_norm_of(grad))
                 continue
-            index = self._index(f.present)
+            index = f.index
+            assert index is not None
             if measure:
                 measured = _batched.stacked_norms(f.stacked).double()
                 norms.index_copy_(0, index, measured)
@@ -288,10 +289,11 @@ class ValueClip:
         """
         bound = self.clip_value
         found: list[_Found] = []
-        for present, members in self._batches.gradients(params, grads):
+        for present, members, index in self._batches.indexed(params, grads):
             stacked = _batched.stack_dense(members) if len(members) > 1 else None
             if stacked is not None:
-                found.append(_Found(present, members, stacked, self._rows_over(stacked)))
+                rows = self._rows_over(stacked)
+                found.append(_Found(present, members, stacked, rows, index=index))
                 continue
             for i, grad in zip(present, members, strict=True):
                 values = _values(grad)
@@ -309,16 +311,6 @@ class ValueClip:
             return None
         dims = tuple(range(1, stacked.ndim))  # a per-row aminmax is 5x slower on the CPU
         return ~((stacked.amax(dim=dims) <= bound) & (stacked.amin(dim=dims) >= -bound))
-
-    def _index(self, positions: list[int]) -> Tensor:
-        """``positions`` as an index tensor, kept while the batches stay the same."""
-        key = tuple(positions)
-        index = self._indices.get(key)
-        if index is None:
-            if len(self._indices) > 64:  # another model, or other gradients missing
-                self._indices.clear()
-            index = self._indices[key] = torch.tensor(positions, dtype=torch.long)
-        return index
 
     def state_dict(self) -> dict[str, Any]:
         """Return the policy's state: value clipping keeps none."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class GradGuardError(Exception):
     """Base class of every error gradguard raises on purpose."""
@@ -13,3 +16,12 @@ class ConfigError(GradGuardError, ValueError):
 
 class UnsupportedModelError(GradGuardError, TypeError):
     """The object given as a model cannot be measured: no trainable parameter, or no names."""
+
+
+def check_state_keys(owner: object, state: Mapping[str, Any], keys: set[str], kind: str) -> None:
+    """Refuse a ``load_state_dict`` whose keys are not ``keys``: state of another ``kind``."""
+    if set(state) != keys:
+        raise ConfigError(
+            f"{type(owner).__name__}.load_state_dict expects keys {sorted(keys)}, got "
+            f"{sorted(state)}: was this state saved from another {kind}?"
+        )

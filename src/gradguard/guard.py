@@ -467,7 +467,7 @@ class Guard(StepPaths):
         parts += [
             t.to(self.device, torch.float32) for t in (weights, pending, update) if t is not None
         ]
-        flat = torch.cat(parts).cpu().double().numpy()  # sync: the one drain copy
+        flat = torch.cat(parts).cpu().double().numpy()  # sync: the drain, every log_every steps
         self.sync_count += 1
         self._steps.count = 0
         width = self._steps.width

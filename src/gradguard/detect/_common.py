@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from gradguard.errors import ConfigError
+from gradguard.errors import ConfigError, check_state_keys
 from gradguard.records import BoolArray, FloatArray, Window
 
 # --- argument checks -------------------------------------------------------------------
@@ -46,11 +46,7 @@ def _int_at_least(name: str, value: int, low: int) -> int:
 
 
 def _check_keys(owner: object, state: Mapping[str, Any], keys: set[str]) -> None:
-    if set(state) != keys:
-        raise ConfigError(
-            f"{type(owner).__name__}.load_state_dict expects keys {sorted(keys)}, got "
-            f"{sorted(state)}: was this state saved from another detector?"
-        )
+    check_state_keys(owner, state, keys, "detector")
 
 
 # --- small shared pieces ---------------------------------------------------------------
