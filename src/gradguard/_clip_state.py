@@ -40,7 +40,7 @@ def _choice(name: str, value: str, choices: Sequence[str]) -> str:
 
 
 def _check_keys(policy: object, state_dict: Mapping[str, Any], keys: set[str]) -> None:
-    check_state_keys(policy, state_dict, keys, "policy")
+    check_state_keys(policy, set(state_dict), keys, "policy")
 
 
 def _on(device: torch.device, dtype: torch.dtype) -> torch.dtype:

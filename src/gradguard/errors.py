@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 
 class GradGuardError(Exception):
     """Base class of every error gradguard raises on purpose."""
@@ -18,10 +15,10 @@ class UnsupportedModelError(GradGuardError, TypeError):
     """The object given as a model cannot be measured: no trainable parameter, or no names."""
 
 
-def check_state_keys(owner: object, state: Mapping[str, Any], keys: set[str], kind: str) -> None:
-    """Refuse a ``load_state_dict`` whose keys are not ``keys``: state of another ``kind``."""
-    if set(state) != keys:
+def check_state_keys(owner: object, found: set[str], keys: set[str], kind: str) -> None:
+    """Refuse a ``load_state_dict`` whose keys (``found``) are not ``keys``: another ``kind``'s."""
+    if found != keys:
         raise ConfigError(
             f"{type(owner).__name__}.load_state_dict expects keys {sorted(keys)}, got "
-            f"{sorted(state)}: was this state saved from another {kind}?"
+            f"{sorted(found)}: was this state saved from another {kind}?"
         )

@@ -46,7 +46,7 @@ def _int_at_least(name: str, value: int, low: int) -> int:
 
 
 def _check_keys(owner: object, state: Mapping[str, Any], keys: set[str]) -> None:
-    check_state_keys(owner, state, keys, "detector")
+    check_state_keys(owner, set(state), keys, "detector")
 
 
 # --- small shared pieces ---------------------------------------------------------------
