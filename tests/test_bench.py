@@ -218,10 +218,30 @@ def _tables(markdown: str) -> list[list[str]]:
     return tables
 
 
+def test_flat_bound_is_the_norm_and_the_reads_over_the_floor(
+    result: bench.OverheadResult,
+) -> None:
+    header, rows = bench._flat_bound_cells(result.models)
+    assert header[4] == "lower bound × floor"
+    for table, cells in zip(result.models, rows, strict=True):
+        median = {row.name: row.median_us for row in table.rows}
+        floor = median[bench.FLOOR]
+        assert floor is not None
+        norm, reads = median[bench.NORM_FLOOR], median[bench.VIEW_READS]
+        assert norm is not None
+        assert reads is not None
+        assert cells[0] == table.key
+        assert cells[2] == f"{norm / floor:.2f}×"
+        assert cells[3] == f"{reads / floor:.2f}×"
+        assert cells[4] == f"{(norm + reads) / floor:.2f}×"
+        assert cells[6] == f"≤ {bench.FLAT_GOALS[table.key]:.2f}×"
+
+
 def test_markdown_tables_are_well_formed(result: bench.OverheadResult) -> None:
     markdown = result.to_markdown()
     tables = _tables(markdown)
-    assert len(tables) == len(result.models) + 3  # models, guard cost, history, goals
+    # models, guard cost, history, goals, the flat-buffer bound
+    assert len(tables) == len(result.models) + 4
     for lines in tables:
         assert re.fullmatch(r"\|( -{3,}:? \|)+", lines[1]), lines[1]
         widths = {line.count("|") for line in lines}
@@ -241,9 +261,10 @@ def test_markdown_tables_are_well_formed(result: bench.OverheadResult) -> None:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert cells[-3] == f"{cost.ratio:.2f}×"
         assert cells[-1] == f"{cost.ratio_before_step:.2f}×"
-    assert len(tables[-1]) == 2 + len(result.goals)
-    for goal, line in zip(result.goals, tables[-1][2:], strict=True):
+    assert len(tables[-2]) == 2 + len(result.goals)
+    for goal, line in zip(result.goals, tables[-2][2:], strict=True):
         assert line.endswith({True: "| ✓ |", False: "| ✗ |", None: "| n/a |"}[goal.met])
+    assert len(tables[-1]) == 2 + len(result.models)
     assert "Quick mode" in markdown
 
 
@@ -258,7 +279,7 @@ def test_report_and_console_output(result: bench.OverheadResult) -> None:
     console = Console(record=True, width=240)
     bench.print_result(result, console)
     text = console.export_text()
-    for name in (bench.BASELINE, bench.TRAIN_STEP, "Guard cost per step", "Goals"):
+    for name in (bench.BASELINE, bench.TRAIN_STEP, "Guard cost per step", "Goals", "bounds"):
         assert name in text
 
 
