@@ -300,8 +300,19 @@ def test_detect_imports_only_numpy_the_stdlib_records_errors_and_protocols() -> 
         if name.split(".")[0] not in sys.stdlib_module_names | {"__future__", "numpy"}
         and not name.startswith("gradguard.detect.")
     }
-    # protocols holds the Detector protocol and imports nothing of gradguard at run time
-    assert outside == {"gradguard.errors", "gradguard.protocols", "gradguard.records"}
+    # protocols holds the Detector protocol and imports nothing of gradguard at run time;
+    # _repr builds reprs with the stdlib alone (checked below)
+    assert outside == {"gradguard._repr", "gradguard.errors", "gradguard.protocols"} | {
+        "gradguard.records"
+    }
+    repr_source = Path(source).parent.parent / "_repr.py"
+    repr_imports = {
+        alias.name.split(".")[0]
+        for n in ast.walk(ast.parse(repr_source.read_text(encoding="utf-8")))
+        if isinstance(n, ast.Import | ast.ImportFrom)
+        for alias in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])
+    }
+    assert repr_imports <= sys.stdlib_module_names | {"__future__"}
 
 
 def test_detector_events_to_stop_only_on_divergence() -> None:

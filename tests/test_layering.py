@@ -16,6 +16,9 @@ FORBIDDEN = {
     "errors": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "causes": {"stats", "clip", "records", "detect", "sinks", "errors"} | UPSTREAM_OF_GUARD,
     "_foreach": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
+    # Reprs from the constructor's arguments: used by policies, detectors and recovery.
+    "_repr": {"stats", "clip", "records", "detect", "sinks", "recover", "_foreach"}
+    | UPSTREAM_OF_GUARD,
     # The flat gradient buffer: below stats (stats finds it), beside _foreach.
     "_flat": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     # The clip policies' argument checks and device state: below clip, beside _foreach.

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from gradguard import _batched, _foreach
 from gradguard._clip_state import NORM_EPS, _check_keys, _positive
+from gradguard._repr import arguments_repr
 from gradguard.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -82,8 +83,7 @@ class AGC:
         self._owners: dict[tuple[tuple[tuple[int, int], ...], torch.device], Tensor] = {}
         self._index_cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
-    def __repr__(self) -> str:
-        return f"AGC(clipping={self.clipping}, eps={self.eps}, exclude={self.exclude})"
+    __repr__ = arguments_repr
 
     def _excluded_for(self, names: tuple[str, ...], params: tuple[Tensor, ...]) -> tuple[bool, ...]:
         if self._excluded_key is names:

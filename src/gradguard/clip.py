@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from gradguard import _batched, _flat, _foreach
 from gradguard._clip_state import NORM_EPS as NORM_EPS
 from gradguard._clip_state import _check_keys, _choice, _DeviceState, _in_range, _positive
+from gradguard._repr import arguments_repr
 from gradguard.errors import ConfigError
 from gradguard.protocols import ClipPolicy as ClipPolicy
 from gradguard.stats import GradStats, NamedParameters, grad_stats, group_norms, layout_for
@@ -138,8 +139,7 @@ class NormClip(_GlobalNormPolicy):
         self.norm_type = _positive("norm_type", norm_type, allow_inf=True)
         self._threshold_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
-    def __repr__(self) -> str:
-        return f"NormClip(max_norm={self.max_norm}, norm_type={self.norm_type})"
+    __repr__ = arguments_repr
 
     def _total(self, stats: GradStats) -> Tensor:
         if self.norm_type == 2.0:
@@ -201,8 +201,7 @@ class ValueClip:
         self.clip_value = _positive("clip_value", clip_value)
         self._batches = _batched.BatchPlan()
 
-    def __repr__(self) -> str:
-        return f"ValueClip(clip_value={self.clip_value})"
+    __repr__ = arguments_repr
 
     def clip_(self, stats: GradStats) -> Tensor:
         """Clamp in place; return the clipped global norm over the original, in [0, 1]."""
@@ -356,8 +355,7 @@ class AutoClip(_GlobalNormPolicy):
             }
         )
 
-    def __repr__(self) -> str:
-        return f"AutoClip(percentile={self.percentile}, bins_per_octave={self.bins_per_octave})"
+    __repr__ = arguments_repr
 
     def observe(self, total: Tensor) -> None:
         """Add one global norm to the history (ignored when not finite)."""
@@ -470,13 +468,7 @@ class ZClip(_GlobalNormPolicy):
             )
         )
 
-    def __repr__(self) -> str:
-        return (
-            f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, "
-            f"warmup_steps={self.warmup_steps}, mode={self.mode!r}, "
-            f"clip_option={self.clip_option!r}, clip_factor={self.clip_factor}, "
-            f"max_grad_norm={self.max_grad_norm})"
-        )
+    __repr__ = arguments_repr
 
     def _outlier_threshold(self, g: Any, mean: Any, std: Any, ops: Any) -> tuple[Any, Any]:
         """Return (is_spike, threshold to clip a spike to)."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from gradguard._repr import arguments_repr
 from gradguard.detect._common import _check_keys, _float_in, _int_at_least
 from gradguard.records import Event, Window
 
@@ -88,11 +89,7 @@ class Divergence:
         self._rising_since = 0  # the first step of those drains
         self._last_mean = math.inf
 
-    def __repr__(self) -> str:
-        return (
-            f"Divergence(tolerance={self.tolerance}, patience={self.patience}, "
-            f"min_delta={self.min_delta}, start_fraction={self.start_fraction})"
-        )
+    __repr__ = arguments_repr
 
     def threshold(self) -> float:
         """The window mean above which a drain is bad (NaN before the first finite one)."""

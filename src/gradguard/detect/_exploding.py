@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gradguard._repr import arguments_repr
 from gradguard.detect._common import (
     _check_keys,
     _first_loss,
@@ -161,13 +162,7 @@ class Exploding:
         # (last step, per-layer parameter norms, mean loss) of recent drains
         self._weights: deque[tuple[int, list[float], float]] = deque(maxlen=WEIGHT_SPAN + 1)
 
-    def __repr__(self) -> str:
-        return (
-            f"Exploding(growth={self.growth}, patience={self.patience}, "
-            f"clip_fraction={self.clip_fraction}, run_steps={self.run_steps}, "
-            f"run_growth={self.run_growth}, max_ratio={self.max_ratio}, "
-            f"weight_growth={self.weight_growth}, loss_rise={self.loss_rise})"
-        )
+    __repr__ = arguments_repr
 
     def observe(self, window: Window) -> list[Event]:
         """Update the drains, the rising run and the clipping streak; return a new episode."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from gradguard._repr import arguments_repr
 from gradguard.detect._common import _check_keys, _float_in, _int_at_least, _names, _usable
 from gradguard.errors import ConfigError
 from gradguard.records import Event, Severity, Window
@@ -134,13 +135,7 @@ class Spike:
         self._last_warning = -(10**9)  # the step of the last loss warning
         self._warned = False  # the current run of spikes has had its warning
 
-    def __repr__(self) -> str:
-        return (
-            f"Spike(window={self.window}, sigma={self.sigma}, min_samples={self.min_samples}, "
-            f"metrics={self.metrics!r}, min_factor={self.min_factor}, "
-            f"reference={self.reference}, damage={self.damage}, persist={self.persist}, "
-            f"shift_damage={self.shift_damage}, shift_sigma={self.shift_sigma})"
-        )
+    __repr__ = arguments_repr
 
     def observe(self, window: Window) -> list[Event]:
         """Test each usable value of ``window`` in step order; return the spikes."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from gradguard._repr import arguments_repr
 from gradguard.detect._common import _check_keys, _int_at_least, _tensors_where, _zeroed
 from gradguard.records import Event, Severity, Window
 
@@ -44,8 +45,7 @@ class NonFinite:
         self._streak = 0  # consecutive non-finite steps, across windows
         self._warned = False  # the current streak has had its warning
 
-    def __repr__(self) -> str:
-        return f"NonFinite(scaler_streak={self.scaler_streak})"
+    __repr__ = arguments_repr
 
     def _severity(self, window: Window, row: int, loss_bad: bool) -> Severity:
         if _zeroed(window, row):
@@ -121,8 +121,7 @@ class Overflow:
 
     name = "overflow"
 
-    def __repr__(self) -> str:
-        return "Overflow()"
+    __repr__ = arguments_repr
 
     def observe(self, window: Window) -> list[Event]:
         """Return one event per overflowed step of ``window``."""

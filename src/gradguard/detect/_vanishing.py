@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from gradguard._repr import arguments_repr
 from gradguard.detect._common import (
     _check_keys,
     _float_in,
@@ -96,11 +97,7 @@ class Vanishing:
         self._onset = 0
         self._active = False
 
-    def __repr__(self) -> str:
-        return (
-            f"Vanishing(threshold={self.threshold}, patience={self.patience}, "
-            f"ignore_zero={self.ignore_zero}, stuck={self.stuck}, min_update={self.min_update})"
-        )
+    __repr__ = arguments_repr
 
     def observe(self, window: Window) -> list[Event]:
         """Update the streak with this window; return an event when an episode starts."""

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 
 from gradguard import _distributed
+from gradguard._repr import arguments_repr
 from gradguard.errors import ConfigError, GradGuardError
 from gradguard.records import Event, Window
 from gradguard.recover.snapshots import _Snapshots
@@ -143,12 +144,7 @@ class Rollback(_Snapshots):
         self._snapshot_next = False
         self._since_snapshot = 0  # steps taken since the last snapshot (or restore)
 
-    def __repr__(self) -> str:
-        return (
-            f"Rollback(every={self.every}, keep={self.keep}, on={self.on}, "
-            f"lr_factor={self.lr_factor}, cooldown={self.cooldown}, "
-            f"max_rollbacks={self.max_rollbacks}, storage={self.storage!r})"
-        )
+    __repr__ = arguments_repr
 
     # --- the guard's hooks ---------------------------------------------------------------
 
