@@ -28,6 +28,8 @@ FORBIDDEN = {
     # Shape-batched norms: below the policies, beside _foreach. AGC: a policy clip exports.
     "_batched": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "_agc": {"clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
+    # ValueClip's CPU path: below the policies and the statistics, beside _foreach.
+    "_value_clip": {"stats", "clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     # Builds the flat buffer from the layout: above stats, below the policies and the guard.
     "_flatten": {"clip", "records", "detect", "sinks"} | UPSTREAM_OF_GUARD,
     "records": {"stats", "clip", "detect", "sinks"} | UPSTREAM_OF_GUARD,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ from gradguard import _batched, _flat, _foreach
 from gradguard._clip_state import NORM_EPS as NORM_EPS
 from gradguard._clip_state import _check_keys, _choice, _DeviceState, _in_range, _positive
 from gradguard._repr import arguments_repr
+from gradguard._value_clip import HostValueClip
 from gradguard.errors import ConfigError
 from gradguard.protocols import ClipPolicy as ClipPolicy
 from gradguard.stats import GradStats, NamedParameters, grad_stats, group_norms, layout_for
@@ -61,28 +61,6 @@ def _scale_grads_(stats: GradStats, scale: Tensor) -> None:
         if group:
             dtype = torch.float64 if group[0].dtype == torch.float64 else torch.float32
             torch._foreach_mul_(group, scale.to(group[0].device, dtype, non_blocking=True))
-
-
-def _wide(t: Tensor) -> torch.dtype:
-    """The dtype a norm of ``t`` accumulates in: fp64 for fp64, else fp32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _values(grad: Tensor) -> Tensor:
-    """A gradient's stored values: the coalesced values of a sparse one."""
-    return grad.coalesce()._values() if grad.is_sparse else grad
-
-
-def _norm_of(grad: Tensor) -> Tensor:
-    """A gradient's 2-norm (its stored values' for a sparse one), fp32 or fp64 for fp64."""
-    values = _values(grad)
-    return _foreach.vector_norm(values, dtype=_wide(values))
-
-
-def _peak(t: Tensor) -> float:
-    """The largest magnitude in ``t``, exactly (NaN if one is NaN): one pass, a host read."""
-    low, high = torch.aminmax(t)
-    return max(-float(low), float(high)) if not torch.isnan(high) else math.nan
 
 
 class _GlobalNormPolicy:
@@ -169,22 +147,6 @@ class NormClip(_GlobalNormPolicy):
         return cached
 
 
-@dataclass
-class _Found:
-    """A shape batch of ValueClip's (stacked) or a lone gradient, and what is beyond the bound.
-
-    ``rows``: which stacked gradients hold an element beyond it (None: none does);
-    ``alone_over``: whether a lone gradient does.
-    """
-
-    present: list[int]
-    members: list[Tensor]
-    stacked: Tensor | None
-    rows: Tensor | None
-    alone_over: bool = False
-    index: Tensor | None = None  # the stacked positions, as an index tensor
-
-
 class ValueClip:
     """Clamp every gradient element to ``[-clip_value, clip_value]``.
 
@@ -199,7 +161,8 @@ class ValueClip:
 
     def __init__(self, clip_value: float) -> None:
         self.clip_value = _positive("clip_value", clip_value)
-        self._batches = _batched.BatchPlan()
+        self._host_key: tuple[Tensor, ...] | None = None
+        self._host_plan = HostValueClip(())
 
     __repr__ = arguments_repr
 
@@ -218,9 +181,15 @@ class ValueClip:
         )
         return _batched.ratio(stats.all_reduce_(local).sqrt().float(), _norm(stats))
 
+    def _host(self, params: tuple[Tensor, ...]) -> HostValueClip:
+        """How the gradients of ``params`` are read on the CPU, kept per parameter tuple."""
+        if self._host_key is not params:
+            self._host_plan = HostValueClip(params)
+            self._host_key = params
+        return self._host_plan
+
     def _on_cpu(self, params: tuple[Tensor, ...]) -> bool:
-        self._batches.of(params)
-        return self._batches.on_cpu
+        return self._host(params).on_cpu
 
     def _clip_on_host(
         self,
@@ -229,87 +198,11 @@ class ValueClip:
         before: Tensor | None,
         total: Tensor | None,
     ) -> Tensor:
-        """The CPU path: only the gradients holding an element beyond the bound are clamped.
+        """The CPU path (:mod:`gradguard._value_clip`): nothing is written unless needed.
 
-        Reading values costs no device sync on the CPU, so each gradient's largest
-        magnitude (exact) decides whether torch's clamp would change it; the others keep
-        their bytes and their norms. Small gradients of one shape are stacked: their peaks
-        and norms are one kernel each on the stacked copy, and those to clamp are clamped
-        in one fused call. ``before`` and ``total`` are the norms measured already, or None
-        (``gg.clip_`` without statistics: measured here). Numbers: the ValueClip rows of
-        docs/performance.md.
+        Numbers: the ValueClip rows of docs/performance.md.
         """
-        found = self._find(params, grads, before)
-        if not any(f.rows is not None or f.alone_over for f in found):
-            return torch.ones(())  # nothing to clamp: the clipped norm is the norm
-        bound = self.clip_value
-        measure = before is None
-        norms = torch.zeros(len(grads), dtype=torch.float64) if before is None else before.double()
-        clipped = norms.clone()
-        changed: dict[object, list[Tensor]] = {}  # stacked ones to clamp, by (device, dtype)
-        for f in found:
-            if f.stacked is None:
-                i, grad = f.present[0], f.members[0]
-                if measure:
-                    norms[i] = clipped[i] = float(_norm_of(grad))
-                if f.alone_over:
-                    (grad._values() if grad.is_sparse else grad).clamp_(-bound, bound)  # one pass
-                    clipped[i] = float(_norm_of(grad))
-                continue
-            index = f.index
-            assert index is not None
-            if measure:
-                measured = _batched.stacked_norms(f.stacked).double()
-                norms.index_copy_(0, index, measured)
-                clipped.index_copy_(0, index, measured)
-            if f.rows is None:
-                continue
-            f.stacked.clamp_(-bound, bound)  # for the clipped norms; the gradients below
-            after = _batched.stacked_norms(f.stacked).double()
-            clipped.index_copy_(0, index[f.rows], after[f.rows])
-            flags = f.rows.tolist()
-            group = changed.setdefault((f.stacked.device, f.stacked.dtype), [])
-            group += (
-                f.members
-                if all(flags)
-                else [m for m, o in zip(f.members, flags, strict=False) if o]
-            )
-        _foreach.clamp_(list(changed.values()), -bound, bound)
-        if total is None:
-            total = _foreach.vector_norm(norms)
-        return _batched.ratio(_foreach.vector_norm(clipped).to(total.dtype), total)
-
-    def _find(
-        self, params: tuple[Tensor, ...], grads: Sequence[Tensor | None], before: Tensor | None
-    ) -> list[_Found]:
-        """Each shape batch (stacked) or lone gradient, and which hold an element beyond the bound.
-
-        A lone gradient whose norm is known to be at most half the bound is not read.
-        """
-        bound = self.clip_value
-        found: list[_Found] = []
-        for present, members, index in self._batches.indexed(params, grads):
-            stacked = _batched.stack_dense(members) if len(members) > 1 else None
-            if stacked is not None:
-                rows = self._rows_over(stacked)
-                found.append(_Found(present, members, stacked, rows, index=index))
-                continue
-            for i, grad in zip(present, members, strict=True):
-                values = _values(grad)
-                # A 2-norm at most half the bound bounds every element, rounding included.
-                small = before is not None and float(before[i]) <= bound / 2
-                over = not small and bool(values.numel()) and not _peak(values) <= bound
-                found.append(_Found([i], [grad], None, None, alone_over=over))
-        return found
-
-    def _rows_over(self, stacked: Tensor) -> Tensor | None:
-        """Which stacked gradients hold an element beyond the bound (None: none does)."""
-        bound = self.clip_value
-        low, high = torch.aminmax(stacked)  # first the whole batch: mostly within bounds
-        if -bound <= float(low) and float(high) <= bound:  # False for a NaN
-            return None
-        dims = tuple(range(1, stacked.ndim))  # a per-row aminmax is 5x slower on the CPU
-        return ~((stacked.amax(dim=dims) <= bound) & (stacked.amin(dim=dims) >= -bound))
+        return self._host(params).clip_(grads, self.clip_value, before, total)
 
     def state_dict(self) -> dict[str, Any]:
         """Return the policy's state: value clipping keeps none."""
