@@ -346,6 +346,63 @@ def test_property_valueclip_is_torchs_clamp_bit_for_bit_and_scales_by_the_norm_r
     assert float(scale_out) == pytest.approx(expected, rel=rel, abs=1e-7)
 
 
+def varied_shapes(dtype: torch.dtype, seed: int, scale: float) -> nn.Module:
+    """Small gradients of many shapes (some shared, most not) and a large one, all dense."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        *(nn.Linear(6, 6) for _ in range(3)),
+        nn.Linear(6, 9),
+        nn.Linear(9, 4),
+        nn.Conv1d(4, 5, 3),
+        nn.LayerNorm(5),
+        nn.Linear(200, 100),  # its weight is large: read alone
+    ).to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        size = torch.rand(p.shape[0], *([1] * (p.ndim - 1)), generator=generator) * 2
+        noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+        p.grad = (noise * size * scale).to(dtype)
+    return model
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    scale=st.floats(1e-3, 10.0),
+    clip_value=st.floats(0.05, 3.0),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    measured=st.booleans(),
+    missing=st.sets(st.integers(0, 15), max_size=2),
+)
+def test_property_valueclip_on_varied_shapes_is_torchs_clamp_bit_for_bit(
+    seed: int,
+    scale: float,
+    clip_value: float,
+    dtype: torch.dtype,
+    measured: bool,
+    missing: set[int],
+) -> None:
+    ours = varied_shapes(dtype, seed, scale)
+    for i, p in enumerate(ours.parameters()):
+        if i in missing:
+            p.grad = None
+    ref = twin(ours)
+    original = global_norm(ours)
+    beyond = any(float(g.abs().max()) > clip_value for g in grads(ours) if g is not None)
+    stats = gg.grad_stats(ours) if measured else None
+    scale_out = gg.clip_(ours, gg.ValueClip(clip_value), stats)
+    torch.nn.utils.clip_grad_value_(ref.parameters(), clip_value, foreach=False)
+    for a, b in zip(grads(ours), grads(ref), strict=True):
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert torch.equal(a, b)
+    expected = global_norm(ref) / original if original > 0 else 1.0
+    rel = 1e-6 if dtype == torch.float64 else 1e-4  # the scale itself is fp32
+    assert float(scale_out) == pytest.approx(expected, rel=rel, abs=1e-7)
+    if not beyond:  # nothing to clamp: exactly 1, without measuring a norm
+        assert float(scale_out) == 1.0
+
+
 def test_valueclip_clamps_inf_and_keeps_nan_in_a_stacked_batch() -> None:
     ours = many_of_one_shape(torch.float32, 0, 0.1)
     stack = ours["stack"]
