@@ -453,6 +453,32 @@ def test_agc_stacked_by_shape_equals_agc_tensor_by_tensor() -> None:
     assert 0 < changed < 27
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("missing", [(), (3,), (0, 9)])
+def test_agc_on_varied_shapes_equals_agc_tensor_by_tensor(
+    dtype: torch.dtype, missing: tuple[int, ...]
+) -> None:
+    """Rows of one length copied together, vectors in one call, a large weight alone, and
+    (with gradients missing) the fallback: each bitwise the tensor-by-tensor result."""
+    ours = varied_shapes(dtype, 4, 0.5)
+    for i, p in enumerate(ours.parameters()):
+        if i in missing:
+            p.grad = None
+    alone = twin(ours)
+    untouched = twin(ours)
+    scale = gg.clip_(ours, gg.AGC(clipping=0.05, exclude=()))
+    for name, p in alone.named_parameters():
+        gg.clip_([(name, p)], gg.AGC(clipping=0.05, exclude=()))
+    changed = 0
+    for a, b, c in zip(grads(ours), grads(alone), grads(untouched), strict=True):
+        assert (a is None) == (b is None)
+        if a is not None and b is not None and c is not None:
+            assert torch.equal(a, b)
+            changed += int(not torch.equal(a, c))
+    assert changed > 0
+    assert 0.0 < float(scale) < 1.0
+
+
 # --- ZClip against the zclip package ----------------------------------------------------
 
 

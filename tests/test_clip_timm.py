@@ -147,11 +147,14 @@ def test_agc_gives_timms_gradients_exactly(name: str, head: str) -> None:
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_stacked_agc_gives_timms_gradients_exactly_on_several_threads(threads: int) -> None:
+@pytest.mark.parametrize("name", ["deep-mlp", "hf-resnet"])
+def test_agc_measured_together_gives_timms_gradients_exactly_on_several_threads(
+    name: str, threads: int
+) -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        check_agc_against_timm("deep-mlp", "clipped")
+        check_agc_against_timm(name, "clipped")
     finally:
         torch.set_num_threads(previous)
 

@@ -135,23 +135,7 @@ def clip_alone_distinct(n: int, policy: str) -> Counter[str]:
     return dispatched(lambda: gg.clip_(model, clip))
 
 
-@pytest.mark.parametrize(
-    "policy",
-    [
-        pytest.param(
-            p,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="AGC measures the unit norms of a tensor whose shape no other shares "
-                "on its own: two operators per such tensor",
-            ),
-        )
-        if p == "AGC"
-        else p
-        for p in POLICIES
-        if p != "none"
-    ],
-)
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "none"])
 def test_each_policys_clip_dispatches_as_many_operators_for_distinct_shapes(policy: str) -> None:
     small = clip_alone_distinct(SMALL, policy)
     large = clip_alone_distinct(LARGE, policy)

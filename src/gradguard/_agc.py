@@ -1,12 +1,13 @@
 """Adaptive gradient clipping (AGC), unit by unit; :mod:`gradguard.clip` exports it.
 
-Small gradients of one shape are measured and clipped together (:mod:`gradguard._batched`).
+The unit norms of small gradients are measured together, whatever their shapes: vectors
+by one fused norm call, matrices (and higher) of one row length as the rows of one copy.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,13 +38,208 @@ def unitwise_norm(t: Tensor) -> Tensor:
 
 @dataclass
 class _Units:
-    """One shape batch (stacked) or one tensor: its members and their unit norms."""
+    """Gradients whose units were measured together, and how to shape their factors.
+
+    ``grad`` and ``weight`` hold the unit norms of every member, in order, as 1-d
+    tensors; ``apply(factors, marks)`` multiplies the marked members by their factors
+    (a 1-d slice, one per unit), in a few calls whatever the number of members.
+    """
 
     present: list[int]
     members: list[Tensor]
     weight: Tensor
     grad: Tensor
-    stacked: bool
+    units: list[int]  # per member
+    apply: Callable[[Tensor, list[bool]], None]
+
+
+def _row_length(t: Tensor) -> int:
+    """The elements of one unit of a matrix or higher (a row over dims 1..n)."""
+    return t.numel() // t.shape[0] if t.shape[0] else 0
+
+
+def _kind(param: Tensor) -> tuple[Any, ...] | None:
+    """What a small parameter's units are measured with; None: measured alone.
+
+    Small vectors (one unit each) together, by fused whole-tensor norms; small matrices
+    and higher together by row length and number of dimensions, as rows of one copy.
+    """
+    if param.numel() == 0 or param.numel() > _batched.SMALL or param.ndim == 0:
+        return None
+    if param.ndim == 1:
+        return (param.device, param.dtype, "vector")
+    return (param.device, param.dtype, "rows", _row_length(param), param.ndim)
+
+
+class _Rows:
+    """Persistent copies of the gradients and weights of one row length, filled by fused copies.
+
+    Their views are made once per parameter tuple, so a step costs two copy calls
+    whatever the number of tensors.
+    """
+
+    def __init__(self, params: Sequence[Tensor], positions: Sequence[int], length: int) -> None:
+        self.positions = list(positions)
+        self.length = length
+        first = params[positions[0]]
+        total = sum(params[i].numel() for i in positions)
+        self.grads = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.weights = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.grad_views, self.weight_views = [], []
+        at = 0
+        for i in positions:
+            shape, size = params[i].shape, params[i].numel()
+            self.grad_views.append(self.grads[at : at + size].view(shape))
+            self.weight_views.append(self.weights[at : at + size].view(shape))
+            at += size
+
+    def fill(self, members: list[Tensor], weights: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Copy ``members`` and ``weights`` in; return both as ``[rows, length]``."""
+        torch._foreach_copy_(self.grad_views, members)
+        with torch.no_grad():
+            torch._foreach_copy_(self.weight_views, weights)
+        return self.grads.view(-1, self.length), self.weights.view(-1, self.length)
+
+
+class _Vectors:
+    """Persistent slots for the norms and factors of one dtype's small vectors.
+
+    Fused norm calls return one 0-d tensor per vector; copying them into the slots of one
+    vector (views made once per parameter tuple) costs one call, where stacking them
+    costs one per vector. Each factor slot has shape ``(1,)``: a 0-d factor would take
+    a bf16 vector's dtype.
+    """
+
+    def __init__(self, params: Sequence[Tensor], positions: Sequence[int]) -> None:
+        self.positions = list(positions)
+        first = params[positions[0]]
+        self.accumulate = None if first.dtype == torch.float64 else torch.float32
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        count = len(positions)
+        self.grad_norms = torch.empty(count, dtype=dtype, device=first.device)
+        self.weight_norms = torch.empty(count, dtype=dtype, device=first.device)
+        self.factors = torch.empty(count, dtype=dtype, device=first.device)
+        self.grad_slots = list(self.grad_norms.unbind(0))
+        self.weight_slots = list(self.weight_norms.unbind(0))
+        self.factor_slots = list(torch.split(self.factors, 1))
+
+    def norms(self, members: list[Tensor], weights: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Each member's and each weight's 2-norm, bitwise ``linalg.vector_norm`` each."""
+        torch._foreach_copy_(
+            self.grad_slots, torch._foreach_norm(members, 2.0, dtype=self.accumulate)
+        )
+        with torch.no_grad():
+            norms = torch._foreach_norm(weights, 2.0, dtype=self.accumulate)
+            torch._foreach_copy_(self.weight_slots, norms)
+        return self.grad_norms, self.weight_norms
+
+    def applier(self, members: list[Tensor]) -> Callable[[Tensor, list[bool]], None]:
+        def apply(factors: Tensor, marks: list[bool]) -> None:
+            self.factors.copy_(factors)
+            torch._foreach_mul_(_marked(members, marks), _marked(self.factor_slots, marks))
+
+        return apply
+
+
+def _units_together(
+    kind: tuple[Any, ...],
+    present: list[int],
+    members: list[Tensor],
+    weights: list[Tensor],
+    slots: _Rows | _Vectors | None,
+) -> _Units | None:
+    """Unit norms of gradients of one kind, in a few calls; None when one is sparse.
+
+    ``slots`` holds the kind's persistent copies, used when every gradient is present.
+    """
+    dtype = None if kind[1] == torch.float64 else torch.float32
+    try:
+        if kind[2] == "vector":
+            if isinstance(slots, _Vectors) and slots.positions == present:
+                grad, weight = slots.norms(members, weights)
+                apply = slots.applier(members)
+            else:  # some missing
+                grad = torch.stack(torch._foreach_norm(members, 2.0, dtype=dtype))
+                with torch.no_grad():
+                    weight = torch.stack(torch._foreach_norm(weights, 2.0, dtype=dtype))
+                apply = _vectors(members)
+            return _Units(present, members, weight, grad, [1] * len(members), apply)
+        length, ndim = kind[3], kind[4]
+        rows_copy = slots if isinstance(slots, _Rows) and slots.positions == present else None
+        with torch.no_grad():  # a view of one parameter would otherwise record a graph
+            if rows_copy is not None:
+                grad_rows, weight_rows = rows_copy.fill(members, weights)
+            else:  # some missing: the present ones, flattened in one call
+                grad_rows = torch._C._nn.flatten_dense_tensors(members).view(-1, length)
+                weight_rows = torch._C._nn.flatten_dense_tensors(weights).view(-1, length)
+            weight = _foreach.vector_norm(weight_rows, dim=(1,), dtype=dtype)
+    except (RuntimeError, NotImplementedError):  # a sparse gradient
+        return None
+    grad = _foreach.vector_norm(grad_rows, dim=(1,), dtype=dtype)
+    rows = [m.shape[0] for m in members]
+    if rows_copy is not None:
+        apply = _rows_copied_back(grad_rows, members, rows_copy.grad_views)
+    else:
+        apply = _rows_in_place(members, rows, (-1,) + (1,) * (ndim - 1))
+    return _Units(present, members, weight, grad, rows, apply)
+
+
+def _marked(items: list[Any], marks: list[bool]) -> list[Any]:
+    return items if all(marks) else [x for x, mark in zip(items, marks, strict=True) if mark]
+
+
+def _rows_copied_back(
+    rows: Tensor, members: list[Tensor], views: list[Tensor]
+) -> Callable[[Tensor, list[bool]], None]:
+    """Multiply the rows of the copy, then copy the marked members back: two calls."""
+
+    def apply(factors: Tensor, marks: list[bool]) -> None:
+        rows.mul_(factors.view(-1, 1))  # fp16/bf16: formed in fp32, rounded once
+        torch._foreach_copy_(_marked(members, marks), _marked(views, marks))
+
+    return apply
+
+
+def _rows_in_place(
+    members: list[Tensor], rows: list[int], broadcast: tuple[int, ...]
+) -> Callable[[Tensor, list[bool]], None]:
+    """Multiply each marked member by its rows' factors (some gradients were missing)."""
+
+    def apply(factors: Tensor, marks: list[bool]) -> None:
+        parts = list(torch.split(factors.view(broadcast), rows))
+        torch._foreach_mul_(_marked(members, marks), _marked(parts, marks))
+
+    return apply
+
+
+def _vectors(members: list[Tensor]) -> Callable[[Tensor, list[bool]], None]:
+    """Multiply each marked vector by its factor, a ``(1,)`` view (some were missing)."""
+
+    def apply(factors: Tensor, marks: list[bool]) -> None:
+        parts = list(torch.split(factors, 1))
+        torch._foreach_mul_(_marked(members, marks), _marked(parts, marks))
+
+    return apply
+
+
+def _units_alone(i: int, grad: Tensor, param: Tensor) -> _Units:
+    """One large (or 0-d) gradient's unit norms, measured on its own."""
+    grad_units = unitwise_norm(grad)
+    # the whole tensor one unit (a vector): keep its dimensions, or bf16 would take the factor
+    shape = tuple(grad_units.shape) if grad_units.ndim == grad.ndim else (1,) * grad.ndim
+    return _Units(
+        [i],
+        [grad],
+        unitwise_norm(param.detach()).reshape(-1),
+        grad_units.reshape(-1),
+        [grad_units.numel()],
+        lambda factors, marks: _multiply(grad, factors.reshape(shape), marks[0]),
+    )
+
+
+def _multiply(grad: Tensor, factors: Tensor, marked: bool) -> None:
+    if marked:
+        grad.mul_(factors)
 
 
 class AGC:
@@ -79,8 +275,11 @@ class AGC:
         self.exclude = None if exclude is None else tuple(exclude)
         self._excluded_key: tuple[str, ...] | None = None
         self._excluded: tuple[bool, ...] = ()
-        self._batches = _batched.BatchPlan()
-        self._owners: dict[tuple[tuple[tuple[int, int], ...], torch.device], Tensor] = {}
+        self._kinds_key: tuple[Tensor, ...] | None = None
+        self._kinds: tuple[tuple[Any, ...] | None, ...] = ()
+        self._kinds_excluded: tuple[bool, ...] = ()
+        self._slots: dict[tuple[Any, ...], _Rows | _Vectors] = {}
+        self._owners: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
         self._index_cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
     __repr__ = arguments_repr
@@ -143,36 +342,40 @@ class AGC:
     ) -> tuple[list[int], list[Tensor], list[Tensor], list[bool]]:
         """Clip every unit of the included gradients in place.
 
-        Unit norms are measured per shape batch (small tensors stacked) or per tensor; the
-        factors, the multiply and the norms are then computed for all units of one
-        (device, dtype) at once, so a step costs a few operators per batch and a fixed
-        number beyond. Returns the positions measured and, in that order, their norms
-        before and after (1-d tensors, one per group; fp32, fp64 for fp64 gradients) and
-        whether each changed (on the CPU; elsewhere all True, as nothing is read there).
+        Unit norms of small tensors are measured together whatever their shapes (vectors
+        by one fused whole-tensor norm, matrices and higher as the rows of one copy per
+        row length), of large ones tensor by tensor; the factors, the multiply and the
+        norms are then computed for all units of one (device, dtype) at once, so a step
+        costs a few operators per row length and a fixed number beyond. Returns the
+        positions measured and, in that order, their norms before and after (1-d tensors,
+        one per group; fp32, fp64 for fp64 gradients) and whether each changed (on the
+        CPU; elsewhere all True, as nothing is read there).
         """
-        included = [not e for e in self._excluded_for(names, params)]
-        groups: dict[tuple[torch.device, torch.dtype], list[_Units]] = {}
-        for present, members in self._batches.gradients(params, grads, included):
-            stacked = _batched.stack_dense(members) if len(members) > 1 else None
-            if stacked is not None:
-                with torch.no_grad():  # a stack of parameters would otherwise record a graph
-                    weights = torch.stack([params[i] for i in present])
-                units = _Units(
-                    present,
-                    members,
-                    _batched.stacked_unit_norms(weights),
-                    _batched.stacked_unit_norms(stacked),
-                    stacked=True,
-                )
-                groups.setdefault((units.grad.device, units.grad.dtype), []).append(units)
+        excluded_flags = self._excluded_for(names, params)
+        kinds = self._kinds_for(params, excluded_flags)
+        together: dict[tuple[Any, ...], list[int]] = {}
+        alone: list[int] = []
+        for i, (grad, excluded, kind) in enumerate(zip(grads, excluded_flags, kinds, strict=True)):
+            if grad is None or excluded or grad.is_sparse:
                 continue
-            for i, grad in zip(present, members, strict=True):  # alone: large, unique or sparse
-                if grad.is_sparse:
-                    continue
-                units = _Units(
-                    [i], [grad], unitwise_norm(params[i].detach()), unitwise_norm(grad), False
-                )
-                groups.setdefault((units.grad.device, units.grad.dtype), []).append(units)
+            if kind is None:
+                alone.append(i)
+            else:
+                together.setdefault(kind, []).append(i)
+        groups: dict[tuple[torch.device, torch.dtype], list[_Units]] = {}
+        for kind, present in together.items():
+            members = [g for i in present if (g := grads[i]) is not None]
+            weights = [params[i] for i in present]
+            units = _units_together(kind, present, members, weights, self._slots.get(kind))
+            if units is None:
+                alone += present
+                continue
+            groups.setdefault((units.grad.device, units.grad.dtype), []).append(units)
+        for i in alone:
+            grad = grads[i]
+            assert grad is not None  # only present gradients were chosen
+            units = _units_alone(i, grad, params[i])
+            groups.setdefault((units.grad.device, units.grad.dtype), []).append(units)
         positions: list[int] = []
         before: list[Tensor] = []
         after: list[Tensor] = []
@@ -208,23 +411,11 @@ class AGC:
             flags = (ones > 0).tolist()
         else:
             flags = [True] * tensors
-        targets: list[Tensor] = []
-        factors: list[Tensor] = []
         at = 0
         for units, part in zip(batches, torch.split(factor, sizes), strict=True):
             marks, at = flags[at : at + len(units.members)], at + len(units.members)
-            if not any(marks):
-                continue
-            shaped = part.reshape(units.grad.shape)
-            parts = shaped.unbind(0) if units.stacked else [shaped]
-            for member, unit_factor, mark in zip(units.members, parts, marks, strict=True):
-                if mark:
-                    if unit_factor.ndim < member.ndim and unit_factor.dtype != member.dtype:
-                        unit_factor = unit_factor.reshape((1,) * member.ndim)
-                    targets.append(member)
-                    factors.append(unit_factor)
-        if targets:
-            torch._foreach_mul_(targets, factors)
+            if any(marks):
+                units.apply(part, marks)
         wide = grad_norm.to(torch.float32 if grad_norm.device.type == "mps" else torch.float64)
         squares = wide.square(), (wide * factor).square()
         before, after = (
@@ -235,15 +426,35 @@ class AGC:
 
     def _owner(self, batches: list[_Units], device: torch.device) -> Tensor:
         """For each unit of ``batches``, in order, the index of its tensor (kept per layout)."""
-        key = (tuple((units.grad.numel(), len(units.members)) for units in batches), device)
+        key = (tuple(n for units in batches for n in units.units), device)
         owner = self._owners.get(key)
         if owner is None:
             if len(self._owners) > 16:  # another model, or other gradients missing
                 self._owners.clear()
-            counts = torch.tensor([n // k for n, k in key[0] for _ in range(k)])
+            counts = torch.tensor(key[0])
             owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
             owner = self._owners[key] = owner.to(device)
         return owner
+
+    def _kinds_for(
+        self, params: tuple[Tensor, ...], excluded: tuple[bool, ...]
+    ) -> tuple[tuple[Any, ...] | None, ...]:
+        """Each included parameter's :func:`_kind`, and each kind's slots, per parameter tuple."""
+        if self._kinds_key is not params or self._kinds_excluded is not excluded:
+            self._kinds = tuple(
+                None if out else _kind(p) for p, out in zip(params, excluded, strict=True)
+            )
+            self._kinds_excluded = excluded
+            by_kind: dict[tuple[Any, ...], list[int]] = {}
+            for i, kind in enumerate(self._kinds):
+                if kind is not None:
+                    by_kind.setdefault(kind, []).append(i)
+            self._slots = {
+                k: _Rows(params, v, k[3]) if k[2] == "rows" else _Vectors(params, v)
+                for k, v in by_kind.items()
+            }
+            self._kinds_key = params
+        return self._kinds
 
     def _clip_direct(
         self,

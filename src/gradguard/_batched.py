@@ -10,10 +10,7 @@ launch is cheap beside their bytes, and a stacked copy would cost a pass over th
 
 from __future__ import annotations
 
-import itertools
-import operator
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -73,31 +70,6 @@ def fill_stacked_norms(
     return True
 
 
-def unit_dims(ndim: int) -> tuple[int, ...]:
-    """The dims one unit spans: all but the first (a row, a channel), or a vector whole."""
-    return tuple(range(1, ndim)) if ndim > 1 else tuple(range(ndim))
-
-
-def stacked_unit_norms(stacked: Tensor) -> Tensor:
-    """Unit norms of each tensor in ``stacked`` (stacked on dim 0), with kept dims.
-
-    A stacked matrix ``[k, o, i]`` gives ``[k, o, 1]`` (a norm per row), a stacked vector
-    ``[k, n]`` gives ``[k, 1]`` (one per tensor). Accumulated in fp32, fp64 for fp64.
-    """
-    dims = tuple(1 + d for d in unit_dims(stacked.ndim - 1))
-    dtype = None if stacked.dtype == torch.float64 else torch.float32
-    out: Tensor = torch.linalg.vector_norm(stacked, 2.0, dim=dims, keepdim=True, dtype=dtype)
-    return out
-
-
-def stacked_norms(stacked: Tensor) -> Tensor:
-    """The 2-norm of each tensor in ``stacked``, a ``[k]`` vector (fp32, fp64 for fp64)."""
-    dtype = None if stacked.dtype == torch.float64 else torch.float32
-    dims = tuple(range(1, stacked.ndim))
-    out: Tensor = torch.linalg.vector_norm(stacked, 2.0, dim=dims, dtype=dtype)
-    return out
-
-
 def stack_dense(tensors: list[Tensor]) -> Tensor | None:
     """One shape batch stacked on a new dim 0; None when a sparse gradient is among them."""
     try:
@@ -105,60 +77,6 @@ def stack_dense(tensors: list[Tensor]) -> Tensor | None:
     except (RuntimeError, NotImplementedError):
         return None
     return None if stacked.is_sparse else stacked
-
-
-class BatchPlan:
-    """The shape batches of one parameter tuple, rebuilt when the tuple changes."""
-
-    def __init__(self) -> None:
-        self._key: tuple[Tensor, ...] | None = None
-        self._batches: tuple[tuple[int, ...], ...] = ()
-        self._takes: tuple[Callable[[Sequence[Any]], Any] | None, ...] = ()
-        self._indices: tuple[Tensor, ...] = ()
-        self.on_cpu = False
-
-    def of(
-        self, params: tuple[Tensor, ...], include: Sequence[bool] | None = None
-    ) -> tuple[tuple[int, ...], ...]:
-        """Positions into ``params`` (those ``include`` marks), batched by shape."""
-        if self._key is not params:
-            positions = [i for i in range(len(params)) if include is None or include[i]]
-            batches = shape_batches([params[i] for i in positions])
-            self._batches = tuple(tuple(positions[j] for j in b) for b in batches)
-            self._takes = tuple(
-                operator.itemgetter(*b) if len(b) > 1 else None for b in self._batches
-            )
-            self.on_cpu = all(p.device.type == "cpu" for p in params)
-            self._indices = tuple(torch.tensor(b, dtype=torch.long) for b in self._batches)
-            self._key = params
-        return self._batches
-
-    def gradients(
-        self,
-        params: tuple[Tensor, ...],
-        grads: Sequence[Tensor | None],
-        include: Sequence[bool] | None = None,
-    ) -> Iterator[tuple[list[int], list[Tensor]]]:
-        """Each batch's positions and gradients, those that are None left out."""
-        for present, members, _ in self.indexed(params, grads, include):
-            yield present, members
-
-    def indexed(
-        self,
-        params: tuple[Tensor, ...],
-        grads: Sequence[Tensor | None],
-        include: Sequence[bool] | None = None,
-    ) -> Iterator[tuple[list[int], list[Tensor], Tensor]]:
-        """As :meth:`gradients`, with the positions as a CPU index tensor (kept per plan)."""
-        batches = self.of(params, include)
-        if all(map(operator.is_not, grads, itertools.repeat(None))):
-            for batch, take, index in zip(batches, self._takes, self._indices, strict=True):
-                yield list(batch), list(take(grads)) if take else [grads[batch[0]]], index  # type: ignore[list-item]
-            return
-        for batch in batches:
-            present = [i for i in batch if grads[i] is not None]
-            members = [g for i in present if (g := grads[i]) is not None]
-            yield present, members, torch.tensor(present, dtype=torch.long)
 
 
 def ratio(after: Tensor, total: Tensor) -> Tensor:
