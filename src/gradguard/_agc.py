@@ -7,6 +7,7 @@ by one fused norm call, matrices (and higher) of one row length as the rows of o
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -58,14 +59,17 @@ def _row_length(t: Tensor) -> int:
     return t.numel() // t.shape[0] if t.shape[0] else 0
 
 
-def _kind(param: Tensor) -> tuple[Any, ...] | None:
+def _kind(param: Tensor, shared: bool) -> tuple[Any, ...] | None:
     """What a small parameter's units are measured with; None: measured alone.
 
-    Small vectors (one unit each) together, by fused whole-tensor norms; small matrices
-    and higher together by row length and number of dimensions, as rows of one copy.
+    A shape ``shared`` with other small parameters: stacked with them, one stack per
+    shape. Otherwise small vectors (one unit each) together by fused whole-tensor norms,
+    and small matrices and higher together by row length, as the rows of one copy.
     """
     if param.numel() == 0 or param.numel() > _batched.SMALL or param.ndim == 0:
         return None
+    if shared:
+        return (param.device, param.dtype, "shape", tuple(param.shape))
     if param.ndim == 1:
         return (param.device, param.dtype, "vector")
     return (param.device, param.dtype, "rows", _row_length(param), param.ndim)
@@ -154,6 +158,8 @@ def _units_together(
     """
     dtype = None if kind[1] == torch.float64 else torch.float32
     try:
+        if kind[2] == "shape":
+            return _units_stacked(present, members, weights)
         if kind[2] == "vector":
             if isinstance(slots, _Vectors) and slots.positions == present:
                 grad, weight = slots.norms(members, weights)
@@ -182,6 +188,34 @@ def _units_together(
     else:
         apply = _rows_in_place(members, rows, (-1,) + (1,) * (ndim - 1))
     return _Units(present, members, weight, grad, rows, apply)
+
+
+def _units_stacked(present: list[int], members: list[Tensor], weights: list[Tensor]) -> _Units:
+    """Unit norms of gradients of one shape, stacked: one copy and one reduction each."""
+    grad = _stacked_unit_norms(torch.stack(members))
+    with torch.no_grad():  # a stack of parameters would otherwise record a graph
+        weight = _stacked_unit_norms(torch.stack(weights))
+    per_member = grad.numel() // len(members)
+    shape = grad.shape
+
+    def apply(factors: Tensor, marks: list[bool]) -> None:
+        parts = list(factors.reshape(shape).unbind(0))  # each with its member's dimensions
+        torch._foreach_mul_(_marked(members, marks), _marked(parts, marks))
+
+    return _Units(
+        present, members, weight.reshape(-1), grad.reshape(-1), [per_member] * len(members), apply
+    )
+
+
+def _stacked_unit_norms(stacked: Tensor) -> Tensor:
+    """Unit norms of each tensor stacked on dim 0, with kept dims, in fp32 (fp64 for fp64).
+
+    A stacked matrix ``[k, o, i]`` gives ``[k, o, 1]`` (a norm per row), a stacked vector
+    ``[k, n]`` gives ``[k, 1]`` (one per tensor).
+    """
+    dims = tuple(range(2, stacked.ndim)) if stacked.ndim > 2 else (1,)
+    dtype = None if stacked.dtype == torch.float64 else torch.float32
+    return _foreach.vector_norm(stacked, dim=dims, keepdim=True, dtype=dtype)
 
 
 def _marked(items: list[Any], marks: list[bool]) -> list[Any]:
@@ -441,8 +475,14 @@ class AGC:
     ) -> tuple[tuple[Any, ...] | None, ...]:
         """Each included parameter's :func:`_kind`, and each kind's slots, per parameter tuple."""
         if self._kinds_key is not params or self._kinds_excluded is not excluded:
+            shapes = Counter(
+                (p.device, p.dtype, tuple(p.shape))
+                for p, out in zip(params, excluded, strict=True)
+                if not out
+            )
             self._kinds = tuple(
-                None if out else _kind(p) for p, out in zip(params, excluded, strict=True)
+                None if out else _kind(p, shapes[(p.device, p.dtype, tuple(p.shape))] > 1)
+                for p, out in zip(params, excluded, strict=True)
             )
             self._kinds_excluded = excluded
             by_kind: dict[tuple[Any, ...], list[int]] = {}
@@ -452,6 +492,7 @@ class AGC:
             self._slots = {
                 k: _Rows(params, v, k[3]) if k[2] == "rows" else _Vectors(params, v)
                 for k, v in by_kind.items()
+                if k[2] != "shape"
             }
             self._kinds_key = params
         return self._kinds

@@ -2,16 +2,18 @@
 
 torch's ``clip_grad_value_`` clamps every gradient, two fused passes that read and write
 every byte. Here the gradients are read first, in few calls whatever the model: the
-small ones of a dtype land in one scratch buffer by one fused copy, whose extremes are
-one reduction, and each large one is reduced alone. Only when an element lies beyond
-the bound are the gradients of that scratch buffer (or that large gradient) clamped,
-exactly as torch clamps them; the scale reported is the clipped global norm over the
-original, from fp64 sums of squares. Reading a value costs no device sync on the CPU;
+small ones of a dtype land in one scratch buffer (those of a shape shared by several by
+one stack each, the others by one fused copy), whose extremes are one reduction, and
+each large one is reduced alone. Only when an element lies beyond the bound are the
+gradients of that scratch buffer (or that large gradient) clamped, exactly as torch
+clamps them; the scale reported is the clipped global norm over the original, from fp64
+sums of squares. Reading a value costs no device sync on the CPU;
 other devices clamp every gradient in fused calls (:meth:`gradguard.ValueClip.clip_`).
 """
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -57,26 +59,41 @@ def _taker(positions: Sequence[int]) -> Callable[[Sequence[Any]], list[Any]]:
 class _Scratch:
     """The small gradients of one dtype, copied into one persistent buffer each step.
 
-    The views into the buffer are made once per parameter tuple, so a step costs one
-    fused copy call whatever the number and shapes of the gradients.
+    A shape shared by several gradients is stacked into its region by one call; the
+    others are copied by one fused call. Positions are in buffer order.
     """
 
     def __init__(self, params: Sequence[Tensor], positions: Sequence[int]) -> None:
-        self.positions = tuple(positions)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i in positions:
+            by_shape.setdefault(tuple(params[i].shape), []).append(i)
+        stacked = [group for group in by_shape.values() if len(group) > 1]
+        copied = [group[0] for group in by_shape.values() if len(group) == 1]
+        self.positions = tuple(itertools.chain(*stacked, copied))
         first = params[positions[0]]
         self.buffer = torch.empty(
-            sum(params[i].numel() for i in positions), dtype=first.dtype, device=first.device
+            sum(params[i].numel() for i in self.positions), dtype=first.dtype, device=first.device
         )
-        self.views, at = [], 0
-        for i in positions:
-            self.views.append(self.buffer[at : at + params[i].numel()].view(params[i].shape))
+        self.stacks: list[tuple[Callable[[Sequence[Any]], list[Any]], Tensor]] = []
+        at = 0
+        for group in stacked:
+            size = params[group[0]].numel() * len(group)
+            region = self.buffer[at : at + size].view(len(group), *params[group[0]].shape)
+            self.stacks.append((_taker(group), region))
+            at += size
+        self.copy_views = []
+        for i in copied:
+            self.copy_views.append(self.buffer[at : at + params[i].numel()].view(params[i].shape))
             at += params[i].numel()
-        self.take = _taker(positions)
+        self.take_copied = _taker(copied) if copied else None
 
     def fill(self, grads: Sequence[Tensor | None]) -> Tensor | None:
         """Copy the gradients into the buffer; None when one is missing or sparse."""
         try:
-            torch._foreach_copy_(self.views, self.take(grads))
+            for take, region in self.stacks:
+                torch.stack(take(grads), out=region)
+            if self.take_copied is not None:
+                torch._foreach_copy_(self.copy_views, self.take_copied(grads))
         except (RuntimeError, TypeError, NotImplementedError):
             return None
         return self.buffer
