@@ -89,13 +89,8 @@ class _Rows:
         total = sum(params[i].numel() for i in positions)
         self.grads = torch.empty(total, dtype=first.dtype, device=first.device)
         self.weights = torch.empty(total, dtype=first.dtype, device=first.device)
-        self.grad_views, self.weight_views = [], []
-        at = 0
-        for i in positions:
-            shape, size = params[i].shape, params[i].numel()
-            self.grad_views.append(self.grads[at : at + size].view(shape))
-            self.weight_views.append(self.weights[at : at + size].view(shape))
-            at += size
+        self.grad_views = _batched.views_into(self.grads, params, positions)
+        self.weight_views = _batched.views_into(self.weights, params, positions)
 
     def fill(self, members: list[Tensor], weights: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Copy ``members`` and ``weights`` in; return both as ``[rows, length]``."""
@@ -168,7 +163,7 @@ def _units_together(
                 grad = torch.stack(torch._foreach_norm(members, 2.0, dtype=dtype))
                 with torch.no_grad():
                     weight = torch.stack(torch._foreach_norm(weights, 2.0, dtype=dtype))
-                apply = _vectors(members)
+                apply = _rows_in_place(members, [1] * len(members), (-1,))
             return _Units(present, members, weight, grad, [1] * len(members), apply)
         length, ndim = kind[3], kind[4]
         rows_copy = slots if isinstance(slots, _Rows) and slots.positions == present else None
@@ -176,8 +171,10 @@ def _units_together(
             if rows_copy is not None:
                 grad_rows, weight_rows = rows_copy.fill(members, weights)
             else:  # some missing: the present ones, flattened in one call
-                grad_rows = torch._C._nn.flatten_dense_tensors(members).view(-1, length)
-                weight_rows = torch._C._nn.flatten_dense_tensors(weights).view(-1, length)
+                grad_flat, weight_flat = _batched.flat_copy(members), _batched.flat_copy(weights)
+                if grad_flat is None or weight_flat is None:  # a sparse gradient
+                    return None
+                grad_rows, weight_rows = grad_flat.view(-1, length), weight_flat.view(-1, length)
             weight = _foreach.vector_norm(weight_rows, dim=(1,), dtype=dtype)
     except (RuntimeError, NotImplementedError):  # a sparse gradient
         return None
@@ -237,20 +234,14 @@ def _rows_copied_back(
 def _rows_in_place(
     members: list[Tensor], rows: list[int], broadcast: tuple[int, ...]
 ) -> Callable[[Tensor, list[bool]], None]:
-    """Multiply each marked member by its rows' factors (some gradients were missing)."""
+    """Multiply each marked member by its rows' factors, views shaped to broadcast.
+
+    For when some gradients were missing; a vector is one row, its factor a ``(1,)``
+    view (a 0-d one would take a bf16 vector's dtype).
+    """
 
     def apply(factors: Tensor, marks: list[bool]) -> None:
         parts = list(torch.split(factors.view(broadcast), rows))
-        torch._foreach_mul_(_marked(members, marks), _marked(parts, marks))
-
-    return apply
-
-
-def _vectors(members: list[Tensor]) -> Callable[[Tensor, list[bool]], None]:
-    """Multiply each marked vector by its factor, a ``(1,)`` view (some were missing)."""
-
-    def apply(factors: Tensor, marks: list[bool]) -> None:
-        parts = list(torch.split(factors, 1))
         torch._foreach_mul_(_marked(members, marks), _marked(parts, marks))
 
     return apply

@@ -79,6 +79,29 @@ def stack_dense(tensors: list[Tensor]) -> Tensor | None:
     return None if stacked.is_sparse else stacked
 
 
+def views_into(buffer: Tensor, params: Sequence[Tensor], positions: Sequence[int]) -> list[Tensor]:
+    """Views into ``buffer`` shaped as ``params[i]`` for each of ``positions``, end to end."""
+    views, at = [], 0
+    for i in positions:
+        size = params[i].numel()
+        views.append(buffer[at : at + size].view(params[i].shape))
+        at += size
+    return views
+
+
+def flat_copy(tensors: list[Tensor]) -> Tensor | None:
+    """``tensors`` (one dtype, any shapes) copied end to end into one 1-d tensor, one call.
+
+    None when there are none, or a sparse one among them.
+    """
+    if not tensors:
+        return None
+    try:
+        return torch._C._nn.flatten_dense_tensors(tensors)
+    except RuntimeError:  # a sparse tensor
+        return None
+
+
 def ratio(after: Tensor, total: Tensor) -> Tensor:
     """``after / total`` in [0, 1] as fp32; 1 when ``total`` is 0 or not finite."""
     ratio = torch.clamp(after / total, 0.0, 1.0)

@@ -35,7 +35,8 @@ def vector_norm(
     return out
 
 
-def _one_norm(t: Tensor, ord: float, dtype: torch.dtype | None) -> Tensor:
+def norm_of(t: Tensor, ord: float = 2.0, dtype: torch.dtype | None = None) -> Tensor:
+    """The ``ord``-norm of one tensor; of a sparse one, the norm of its coalesced values."""
     return vector_norm(t.coalesce()._values() if t.is_sparse else t, ord, dtype=dtype)
 
 
@@ -50,7 +51,7 @@ def stacked_norms(tensors: list[Tensor], ord: float = 2.0) -> Tensor:
     try:
         norms = list(torch._foreach_norm(tensors, ord, dtype=out_dtype))
     except (RuntimeError, NotImplementedError):
-        norms = [_one_norm(t, ord, out_dtype) for t in tensors]
+        norms = [norm_of(t, ord, out_dtype) for t in tensors]
     return torch.stack(norms).float()
 
 

@@ -30,13 +30,9 @@ def _values(grad: Tensor) -> Tensor:
 
 
 def _squares(t: Tensor) -> Tensor:
-    """The squared 2-norm of ``t`` (a sparse one's values) as 0-d fp64, accumulated in fp32.
-
-    fp64 tensors accumulate in fp64.
-    """
-    values = _values(t)
-    accumulate = torch.float64 if values.dtype == torch.float64 else torch.float32
-    return _foreach.vector_norm(values, dtype=accumulate).double().square()
+    """The squared 2-norm of ``t`` as 0-d fp64, accumulated in fp32 (fp64 for fp64)."""
+    accumulate = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return _foreach.norm_of(t, dtype=accumulate).double().square()
 
 
 def _within(t: Tensor, bound: float) -> bool:
@@ -81,10 +77,7 @@ class _Scratch:
             region = self.buffer[at : at + size].view(len(group), *params[group[0]].shape)
             self.stacks.append((_taker(group), region))
             at += size
-        self.copy_views = []
-        for i in copied:
-            self.copy_views.append(self.buffer[at : at + params[i].numel()].view(params[i].shape))
-            at += params[i].numel()
+        self.copy_views = _batched.views_into(self.buffer[at:], params, copied)
         self.take_copied = _taker(copied) if copied else None
 
     def fill(self, grads: Sequence[Tensor | None]) -> Tensor | None:
@@ -138,7 +131,7 @@ class HostValueClip:
             copy, positions = scratch.fill(grads), list(scratch.positions)
             if copy is None:  # some missing: the present ones, flattened in one call
                 positions = [i for i in positions if grads[i] is not None]
-                copy = _flat_copy([_present(grads, i) for i in positions])
+                copy = _batched.flat_copy([_present(grads, i) for i in positions])
             if copy is None:  # a sparse one among them: each is read alone
                 alone += positions
             else:
@@ -147,19 +140,6 @@ class HostValueClip:
         if not any(c[2] for c in copies) and not any(over for _, over in singles):
             return torch.ones(())  # nothing to clamp: the clipped norm is the norm
         return _clamp_and_scale(grads, bound, before, total, copies, singles)
-
-
-def _flat_copy(tensors: list[Tensor]) -> Tensor | None:
-    """``tensors`` (one dtype, any shapes) copied into one flat tensor in one call.
-
-    None when there are none, or a sparse one among them.
-    """
-    if not tensors:
-        return None
-    try:
-        return torch._C._nn.flatten_dense_tensors(tensors)
-    except RuntimeError:  # a sparse gradient
-        return None
 
 
 def _present(grads: Sequence[Tensor | None], i: int) -> Tensor:

@@ -507,9 +507,7 @@ def group_norms(tensors: list[Tensor], ord: float = 2.0, wide: bool = False) -> 
     try:
         norms = list(torch._foreach_norm(tensors, ord))
     except (RuntimeError, NotImplementedError):  # sparse: the norm of the coalesced values
-        norms = [
-            _foreach.vector_norm(t.coalesce()._values() if t.is_sparse else t, ord) for t in tensors
-        ]
+        norms = [_foreach.norm_of(t, ord) for t in tensors]
     return torch.stack(norms)
 
 

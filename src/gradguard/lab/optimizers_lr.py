@@ -297,7 +297,7 @@ def _warmup_claims(r: BySeed[Run]) -> list[Claim]:
             f"1, BN net, warm-up + cosine to LR {BN_LR:g}, {n}",
             values=tuple(x.transition_peak for x in warmed),
             criterion=Criterion(high=1.5),
-            note="added after the first version: steps 1-50 end halfway up the ramp (LR "
+            note="steps 1-50 end halfway up the ramp (LR "
             f"{BN_LR * SPIKE_STEPS / WARMUP:g}), before the transition the paper's spike is about",
         ),
         Claim(
